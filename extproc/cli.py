@@ -1,0 +1,173 @@
+"""``extproc serve | check | envoy-config | dev``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from extproc.config import ConfigError, LoadedConfig, load_config
+
+__all__ = ["envoy_spec_for", "main"]
+
+DEFAULT_DEV_CONFIG = Path(__file__).resolve().parent / "defaults" / "local.yaml"
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def envoy_spec_for(
+    loaded: LoadedConfig,
+    *,
+    listener_port: int = 10000,
+    upstream: str = "127.0.0.1:8080",
+    sidecar: Sequence[str] | None = None,
+    admin_port: int = 9901,
+    failure_mode_allow: bool = False,
+) -> object:
+    """The Envoy bootstrap spec matching a sidecar configuration: the processing mode is the
+    union of the phases the enabled plugins declare; attributes and metadata namespaces are the
+    ones they use."""
+    from extproc.envoy_config import (
+        BootstrapSpec,
+        ExtProcSpec,
+        ListenerSpec,
+        SidecarSpec,
+        UpstreamCluster,
+        processing_mode_for,
+    )
+
+    plugins = [(entry, cls) for entry, cls, _ in loaded.plugins if entry.enabled]
+    settings = loaded.config.server
+    attributes: list[str] = []
+    for _, cls in plugins:
+        for attr in cls.attributes:
+            if attr not in attributes:
+                attributes.append(attr)
+    host, _, port = upstream.rpartition(":")
+    return BootstrapSpec(
+        listener=ListenerSpec(port=listener_port),
+        upstream=UpstreamCluster(host=host or "127.0.0.1", port=int(port)),
+        sidecar=SidecarSpec(endpoints=tuple(sidecar or (settings.listen,))),
+        ext_proc=ExtProcSpec(
+            processing_mode=processing_mode_for(cls.needs for _, cls in plugins),
+            message_timeout_ms=settings.message_timeout_ms,
+            max_message_timeout_ms=settings.max_message_timeout_ms,
+            failure_mode_allow=failure_mode_allow,
+            allow_mode_override=settings.allow_mode_override,
+            request_attributes=tuple(attributes),
+            receiving_namespaces=tuple(f"extproc.{entry.instance}" for entry, _ in plugins),
+        ),
+        admin_port=admin_port,
+    )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
+    names = ", ".join(f"{e.instance} ({c.name} {c.version})" for e, c, _ in loaded.plugins)
+    print(f"{args.config}: OK - plugins: {names or 'none'}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.server import serve
+
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
+    _run(serve(args.config, listen=args.listen, admin=args.admin, watch=not args.no_watch))
+    return 0
+
+
+def _cmd_envoy_config(args: argparse.Namespace) -> int:
+    from extproc.envoy_config import render_yaml
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
+    spec = envoy_spec_for(
+        loaded,
+        listener_port=args.port,
+        upstream=args.upstream,
+        sidecar=args.sidecar or None,
+        admin_port=args.admin_port,
+        failure_mode_allow=args.failure_mode_allow,
+    )
+    text = render_yaml(spec)  # type: ignore[arg-type]
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from extproc.dev import run_local_stack
+
+    return run_local_stack(args.config, port=args.port, upstream_port=args.upstream_port,
+                           duration=args.duration)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the sidecar")
+    p.add_argument("--config", required=True)
+    p.add_argument("--listen", help="override server.listen (host:port or unix:/path)")
+    p.add_argument("--admin", help="override server.admin (host:port; '' disables)")
+    p.add_argument("--no-watch", action="store_true", help="do not watch the config file")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check", help="validate a configuration without serving")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("envoy-config", help="render the Envoy bootstrap for a configuration")
+    p.add_argument("--config", required=True)
+    p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
+    p.add_argument("--upstream", default="127.0.0.1:8080", help="upstream host:port")
+    p.add_argument("--sidecar", action="append", help="sidecar endpoint (repeatable)")
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--failure-mode-allow", action="store_true")
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=_cmd_envoy_config)
+
+    p = sub.add_parser("dev", help="run the local stack: Envoy + sidecar + demo upstream")
+    p.add_argument("--config", default=str(DEFAULT_DEV_CONFIG))
+    p.add_argument("--port", type=int, default=10000)
+    p.add_argument("--upstream-port", type=int, default=8080)
+    p.add_argument("--duration", type=float, default=0.0, help="stop after N s (0: Ctrl-C)")
+    p.set_defaults(func=_cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

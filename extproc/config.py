@@ -1,0 +1,300 @@
+"""The sidecar's YAML configuration: one file, each plugin section checked by its own schema.
+
+Errors name the file, the line, the key and the reason, all of them at once::
+
+    extproc.yaml:14: plugins[1].config.providers.main.issuer: Field required
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from extproc.plugin import Plugin, PluginConfig
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LoadedConfig",
+    "LoggingSettings",
+    "PluginEntry",
+    "RedisSettings",
+    "ServerSettings",
+    "TracingSettings",
+    "load_config",
+    "parse_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    listen: str = Field(
+        "127.0.0.1:50051", description="gRPC address: host:port or unix:/path/to.sock"
+    )
+    admin: str | None = Field(
+        "127.0.0.1:9180", description="admin HTTP address (/healthz /readyz /metrics /status)"
+    )
+    message_timeout_ms: int = Field(
+        200, ge=10, le=60_000, description="Envoy's ext_proc message_timeout"
+    )
+    budget_margin_ms: int = Field(
+        20, ge=0, le=10_000, description="kept back from message_timeout for transport and Envoy"
+    )
+    max_message_timeout_ms: int | None = Field(
+        None, ge=10, le=600_000, description="Envoy's max_message_timeout, if set there"
+    )
+    allow_mode_override: bool = Field(False, description="Envoy's allow_mode_override")
+    max_concurrent_streams: int = Field(
+        10_000, ge=1, le=1_000_000, description="streams served at once per worker"
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="largest gRPC message"
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=0, description="largest body buffered for a plugin (413 beyond)"
+    )
+    stream_idle_timeout_s: float = Field(
+        300.0, gt=0, description="a stream with no message for this long is closed"
+    )
+    shutdown_grace_s: float = Field(
+        15.0, ge=0, le=600, description="time in-flight streams get to finish on SIGTERM"
+    )
+    drain_delay_s: float = Field(
+        0.0, ge=0, le=120, description="NOT_SERVING is reported this long before draining"
+    )
+    loop_lag_threshold_ms: float = Field(
+        50.0, gt=0, description="an event-loop stall longer than this is reported"
+    )
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> ServerSettings:
+        if self.budget_margin_ms >= self.message_timeout_ms:
+            raise ValueError("budget_margin_ms must be smaller than message_timeout_ms")
+        return self
+
+    @property
+    def budget_s(self) -> float:
+        """Time a message may spend in the plugin chain."""
+        return (self.message_timeout_ms - self.budget_margin_ms) / 1000
+
+
+class RedisSettings(_Strict):
+    url: str = Field(description="redis://host:port/db, rediss://... or unix:///path.sock")
+    username: str | None = Field(None, description="ACL user")
+    password: str | None = Field(None, description="secret reference: env:NAME or file:/path")
+    timeout_ms: int = Field(50, ge=1, le=10_000, description="connect and command timeout")
+    max_connections: int = Field(64, ge=1, le=10_000, description="pool size per worker")
+    tls_ca_file: str | None = Field(None, description="CA bundle for rediss://")
+    tls_cert_file: str | None = Field(None, description="client certificate for rediss://")
+    tls_key_file: str | None = Field(None, description="client key for rediss://")
+
+
+class LoggingSettings(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    sensitive_headers: tuple[str, ...] = Field(
+        ("authorization", "cookie", "set-cookie", "proxy-authorization", "x-api-key"),
+        description="header values never logged",
+    )
+
+
+class TracingSettings(_Strict):
+    exporter: Literal["none", "console", "otlp"] = "none"
+    sample_ratio: float = Field(0.01, ge=0.0, le=1.0, description="share of streams traced")
+    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC collector address")
+    service_name: str = "extproc"
+
+
+class PluginEntry(_Strict):
+    plugin: str = Field(description="registered plugin name (entry point in extproc.plugins)")
+    name: str | None = Field(None, description="instance name, defaults to the plugin name")
+    enabled: bool = True
+    priority: int | None = Field(None, description="overrides the plugin's own priority")
+    timeout_ms: int = Field(50, ge=1, le=600_000, description="deadline per call")
+    fail: Literal["open", "closed"] = Field(
+        "closed", description="on error or timeout: continue (open) or answer 5xx (closed)"
+    )
+    shadow: bool = Field(False, description="report-only: decisions are logged, not applied")
+    breaker_failures: int = Field(
+        20, ge=1, description="consecutive failures that open the plugin's breaker"
+    )
+    breaker_reset_s: float = Field(5.0, gt=0, description="time before a trial call")
+    config: dict[str, Any] = Field(default_factory=dict, description="the plugin's own section")
+
+    @property
+    def instance(self) -> str:
+        return self.name or self.plugin
+
+
+class Config(_Strict):
+    version: Literal[1] = 1
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    redis: RedisSettings | None = None
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    plugins: tuple[PluginEntry, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_instances(self) -> Config:
+        seen: set[str] = set()
+        for entry in self.plugins:
+            if entry.instance in seen:
+                raise ValueError(f"two plugins are named {entry.instance!r}: give one a name")
+            seen.add(entry.instance)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A fully validated configuration: the settings plus each plugin's class and config."""
+
+    config: Config
+    plugins: tuple[tuple[PluginEntry, type[Plugin], PluginConfig], ...]
+    source: str
+    digest: str
+
+    def section_digest(self, index: int) -> str:
+        """Identity of one plugin section, to decide whether state can be handed over."""
+        entry, cls, cfg = self.plugins[index]
+        payload = f"{cls.__module__}.{cls.__qualname__}:{cls.version}:{cfg.model_dump_json()}"
+        payload += f":{self.config.redis.model_dump_json() if self.config.redis else ''}"
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class ConfigError(Exception):
+    """The configuration is not valid. ``problems`` holds one line per problem."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ---------------------------------------------------------------- line numbers
+
+
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path of the YAML document to its 1-based line."""
+    out: dict[tuple[str | int, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        out.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                k = key.value if isinstance(key, yaml.ScalarNode) else str(key)
+                out[(*path, k)] = key.start_mark.line + 1
+                walk(value, (*path, k))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _where(lines: dict[tuple[str | int, ...], int], path: Iterable[str | int]) -> int:
+    p = tuple(path)
+    while p and p not in lines:
+        p = p[:-1]
+    return lines.get(p, 1)
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _problems(
+    exc: ValidationError, source: str, lines: dict[tuple[str | int, ...], int], prefix: tuple[str | int, ...]
+) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = (*prefix, *(p for p in err["loc"] if not (isinstance(p, str) and "[" in p)))
+        out.append(f"{source}:{_where(lines, loc)}: {_dotted(loc)}: {err['msg']}")
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_config(
+    text: str, source: str = "<config>", resolve: Any = None
+) -> LoadedConfig:
+    """Validate a configuration text. ``resolve(name) -> type[Plugin]`` finds plugin classes
+    (the registry's by default). Raises :class:`ConfigError` listing every problem."""
+    if resolve is None:
+        from extproc.registry import resolve_plugin
+
+        resolve = resolve_plugin
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{source}:{line}: YAML syntax error: {reason}"]) from None
+    if data is None:
+        data = {}
+    lines = _line_index(text)
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"{source}:1: the top level must be a mapping"])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc, source, lines, ())) from None
+    problems: list[str] = []
+    loaded: list[tuple[PluginEntry, type[Plugin], PluginConfig]] = []
+    budget_ms = config.server.message_timeout_ms - config.server.budget_margin_ms
+    for i, entry in enumerate(config.plugins):
+        where = ("plugins", i)
+        try:
+            cls = resolve(entry.plugin)
+        except LookupError as exc:
+            line = _where(lines, (*where, "plugin"))
+            problems.append(f"{source}:{line}: {_dotted((*where, 'plugin'))}: {exc}")
+            continue
+        try:
+            plugin_config = cls.Config.model_validate(entry.config)
+        except ValidationError as exc:
+            problems.extend(_problems(exc, source, lines, (*where, "config")))
+            continue
+        if entry.timeout_ms > budget_ms:
+            line = _where(lines, (*where, "timeout_ms"))
+            problems.append(
+                f"{source}:{line}: {_dotted((*where, 'timeout_ms'))}: {entry.timeout_ms} ms "
+                f"cannot fit the message budget of {budget_ms} ms (message_timeout_ms "
+                f"{config.server.message_timeout_ms} - budget_margin_ms "
+                f"{config.server.budget_margin_ms})"
+            )
+            continue
+        loaded.append((entry, cls, plugin_config))
+    if problems:
+        raise ConfigError(source, problems)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return LoadedConfig(config, tuple(loaded), source, digest)
+
+
+def load_config(path: str | Path, resolve: Any = None) -> LoadedConfig:
+    """Read and validate a configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), [f"{p}: cannot read: {exc}"]) from None
+    return parse_config(text, str(p), resolve)

@@ -1,0 +1,78 @@
+"""Plugin discovery through the packaging entry-point group ``extproc.plugins``.
+
+Built-in plugins register the same way a third-party package does (see ``pyproject.toml``);
+nothing is found through import side effects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+
+from extproc.plugin import API_VERSION, Plugin, PluginConfig
+
+__all__ = ["ENTRY_POINT_GROUP", "PluginLoadError", "available_plugins", "resolve_plugin",
+           "validate_plugin_class"]
+
+ENTRY_POINT_GROUP = "extproc.plugins"
+
+
+class PluginLoadError(LookupError):
+    """A plugin cannot be found or does not follow the plugin API."""
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_plugins() -> list[str]:
+    return sorted(_entry_points())
+
+
+def validate_plugin_class(cls: object, name: str) -> type[Plugin]:
+    """Check the class against the plugin API and say how to fix what is wrong."""
+    if not (inspect.isclass(cls) and issubclass(cls, Plugin)):
+        raise PluginLoadError(
+            f"plugin {name!r}: the entry point must name a class derived from "
+            f"extproc.plugin.Plugin, got {cls!r}"
+        )
+    major = API_VERSION.split(".")[0]
+    if str(cls.api_version).split(".")[0] != major:
+        raise PluginLoadError(
+            f"plugin {name!r} was written for plugin API {cls.api_version}, this extproc "
+            f"provides {API_VERSION}: upgrade the plugin or pin a matching extproc"
+        )
+    if not (inspect.isclass(cls.Config) and issubclass(cls.Config, PluginConfig)):
+        raise PluginLoadError(
+            f"plugin {name!r}: Config must be a subclass of extproc.plugin.PluginConfig"
+        )
+    for hook in ("initialize", "on_request", "on_response", "on_error", "health_check",
+                 "shutdown"):
+        if not inspect.iscoroutinefunction(getattr(cls, hook)):
+            raise PluginLoadError(
+                f"plugin {name!r}: {hook} must be declared 'async def' (it is awaited)"
+            )
+    if cls.needs.phases() == frozenset():
+        raise PluginLoadError(
+            f"plugin {name!r} declares no phase: set `needs = Needs(...)` on the class"
+        )
+    return cls
+
+
+@cache
+def resolve_plugin(name: str) -> type[Plugin]:
+    """The plugin class registered under ``name``."""
+    eps = _entry_points()
+    ep = eps.get(name)
+    if ep is None:
+        known = ", ".join(sorted(eps)) or "none"
+        raise PluginLoadError(
+            f"no plugin named {name!r} is installed (installed: {known}); a plugin registers "
+            f"in the entry-point group {ENTRY_POINT_GROUP!r}"
+        )
+    try:
+        cls = ep.load()
+    except Exception as exc:
+        raise PluginLoadError(f"plugin {name!r} failed to import: {exc!r}") from exc
+    return validate_plugin_class(cls, name)

@@ -1,0 +1,41 @@
+"""Watch the configuration file and reload when its content changes.
+
+Editors and Kubernetes ConfigMaps replace files by rename or by swapping a symlink, so the
+directory is watched (not the file), the path is resolved on every change, and a reload happens
+only when the content's hash differs from the last one seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from watchfiles import awatch
+
+__all__ = ["content_hash", "watch_config"]
+
+log = logging.getLogger("extproc.reload")
+
+
+def content_hash(path: str | Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).resolve().read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def watch_config(
+    path: str, reload: Callable[[], Awaitable[bool]], *, debounce_ms: int = 100
+) -> None:
+    """Run until cancelled: call ``reload()`` after each change of the file's content."""
+    target = Path(path).absolute()
+    last = content_hash(target)
+    async for _changes in awatch(target.parent, debounce=debounce_ms, recursive=False):
+        current = content_hash(target)
+        if current is None or current == last:
+            continue
+        last = current
+        log.info("configuration file changed", extra={"path": str(target)})
+        await reload()

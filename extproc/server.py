@@ -1,0 +1,270 @@
+"""The grpc.aio transport: read a ProcessingRequest, let the stream processor decide, write
+the reply. Everything else lives in :mod:`extproc.stream`, :mod:`extproc.chain` and
+:mod:`extproc.protocol`.
+
+Explicit ``context.read()`` / ``context.write()`` measured cheaper than an async-generator
+``Process`` on grpc.aio, so the servicer uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.config import Config, ConfigError, LoadedConfig, load_config
+from extproc.observability.metrics import Registry
+from extproc.plugin import HealthState
+from extproc.protocol import codec
+from extproc.protocol.state import LocalProtocolError, RemoteProtocolError
+from extproc.runtime import Runtime, Services
+from extproc.stream import StreamMetrics, StreamProcessor
+
+__all__ = ["ExtProcServicer", "Server", "grpc_address"]
+
+log = logging.getLogger("extproc.server")
+
+HEALTH_SERVICE = "extproc"
+
+
+def grpc_address(listen: str) -> str:
+    """``unix:/path`` stays as it is; ``host:port`` too (grpc's own syntax)."""
+    return listen
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime, config: Config, registry: Registry) -> None:
+        self.runtime = runtime
+        self.settings = config.server
+        self.metrics = StreamMetrics(registry)
+        streams = registry.counter("extproc_streams_total", "ext_proc streams by end", ("end",))
+        self._ended = {k: streams.labels(k) for k in ("ok", "remote_error", "local_error",
+                                                       "idle", "cancelled")}
+        errors = registry.counter(
+            "extproc_protocol_errors_total", "protocol errors by guilty side", ("side",)
+        )
+        self._remote = errors.labels("remote")
+        self._local = errors.labels("local")
+        self.open_streams = 0
+
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        gen = self.runtime.current
+        if gen is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not ready")
+            return
+        gen.pin()
+        self.open_streams += 1
+        settings = self.settings
+        stream = StreamProcessor(
+            gen.chain,
+            self.metrics,
+            allow_mode_override=settings.allow_mode_override,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        loop = asyncio.get_running_loop()
+        idle = settings.stream_idle_timeout_s
+        end = "ok"
+        try:
+            async with asyncio.timeout(idle) as idle_timer:
+                while True:
+                    request = await context.read()
+                    if request is grpc.aio.EOF:
+                        break
+                    started = loop.time()
+                    idle_timer.reschedule(started + idle)
+                    msg = codec.decode(request)
+                    reply = await stream.handle(msg, started)
+                    if reply is not None:
+                        await context.write(codec.encode(msg.phase, reply))
+                    if stream.closed:
+                        break
+        except TimeoutError:
+            end = "idle"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle")
+        except (RemoteProtocolError, codec.DecodeError) as exc:
+            end = "remote_error"
+            self._remote.inc()
+            log.warning("unexpected message from Envoy", extra={"error": str(exc)})
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "protocol error")
+        except LocalProtocolError as exc:
+            end = "local_error"
+            self._local.inc()
+            log.error("no valid reply could be sent", extra={"error": str(exc)})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except asyncio.CancelledError:
+            end = "cancelled"
+            raise
+        finally:
+            self._ended[end].inc()
+            self.open_streams -= 1
+            gen.release()
+
+
+class Server:
+    """The sidecar process: gRPC server, health, admin endpoints, reload and shutdown."""
+
+    def __init__(self, loaded: LoadedConfig, *, config_path: str | None = None,
+                 listen: str | None = None, admin: str | None = None,
+                 services: Services | None = None) -> None:
+        self.loaded = loaded
+        self.config_path = config_path
+        settings = loaded.config.server
+        self.listen = listen or settings.listen
+        self.admin_address = admin if admin is not None else settings.admin
+        self.services = services or Services()
+        self.runtime = Runtime(self.services)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._admin: Any = None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.bound_port = 0
+        self.servicer: ExtProcServicer | None = None
+        self.shutting_down = False
+
+    async def start(self) -> None:
+        from extproc.admin import AdminServer
+        from extproc.observability.watchdog import LoopLagWatchdog
+
+        settings = self.loaded.config.server
+        await self._connect_redis(self.loaded.config)
+        await self.runtime.start(self.loaded)
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
+        self.servicer = ExtProcServicer(self.runtime, self.loaded.config, self.services.registry)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.bound_port = server.add_insecure_port(grpc_address(self.listen))
+        if not self.listen.startswith("unix:") and self.bound_port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        await server.start()
+        self._server = server
+        await self._set_health()
+        watchdog = LoopLagWatchdog(self.services.registry, settings.loop_lag_threshold_ms / 1000)
+        self._tasks.append(asyncio.ensure_future(watchdog.run()))
+        self._tasks.append(asyncio.ensure_future(self._health_loop()))
+        if self.admin_address:
+            self._admin = AdminServer(self, self.admin_address)
+            await self._admin.start()
+        log.info("serving", extra={"listen": self.listen, "admin": self.admin_address,
+                                   "generation": 1, "plugins": [s.name for s in self.runtime.current.chain.slots] if self.runtime.current else []})
+
+    async def _connect_redis(self, config: Config) -> None:
+        if config.redis is None or self.services.redis is not None:
+            return
+        from extproc.services.redis import make_redis
+
+        self.services.redis = make_redis(config.redis, secrets=self.services.secrets)
+        self.services.redis_key = config.redis.model_dump_json()
+
+    async def _set_health(self) -> None:
+        state, _ = await self.runtime.health()
+        serving = state is not HealthState.UNHEALTHY and not self.shutting_down
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", status)
+        await self.health.set(HEALTH_SERVICE, status)
+
+    async def _health_loop(self) -> None:
+        while not self.shutting_down:
+            await asyncio.sleep(1.0)
+            try:
+                await self._set_health()
+            except Exception:
+                log.exception("health update failed")
+
+    async def reload(self) -> bool:
+        """Re-read the config file and swap it in; keep the running one on any error."""
+        if not self.config_path:
+            return False
+        try:
+            loaded = load_config(self.config_path)
+            if self.runtime.current and loaded.digest == self.runtime.current.loaded.digest:
+                return True
+            await self.runtime.reload(loaded, self.loaded.config.server.shutdown_grace_s)
+        except ConfigError as exc:
+            self.runtime.reloads_failed += 1
+            self.runtime.last_error = str(exc)
+            self.runtime._reload_counter.labels("failed").inc()
+            log.error("configuration refused; the running one stays",
+                      extra={"problems": list(exc.problems)})
+            return False
+        except Exception as exc:
+            log.error("configuration failed to start; the running one stays",
+                      extra={"error": str(exc)})
+            return False
+        self.loaded = loaded
+        log.info("configuration reloaded",
+                 extra={"generation": self.runtime.current.number if self.runtime.current else 0})
+        return True
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING first, let Envoy notice, finish in-flight streams,
+        then shut the plugins down."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        settings = self.loaded.config.server
+        await self.health.enter_graceful_shutdown()
+        open_streams = self.servicer.open_streams if self.servicer else 0
+        log.info("shutting down", extra={"open_streams": open_streams})
+        if settings.drain_delay_s:
+            await asyncio.sleep(settings.drain_delay_s)
+        if self._server is not None:
+            await self._server.stop(settings.shutdown_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._admin is not None:
+            await self._admin.stop()
+        await self.runtime.shutdown(settings.shutdown_grace_s)
+        await self.services.aclose()
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    def install_signal_handlers(self, on_reload: Callable[[], Any] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(
+            signal.SIGHUP, on_reload or (lambda: asyncio.ensure_future(self.reload()))
+        )
+
+
+async def serve(config_path: str, *, listen: str | None = None, admin: str | None = None,
+                watch: bool = True) -> None:
+    from extproc.observability.logging import configure_logging
+
+    loaded = load_config(config_path)
+    configure_logging(loaded.config.logging)
+    server = Server(loaded, config_path=config_path, listen=listen, admin=admin)
+    await server.start()
+    server.install_signal_handlers()
+    watcher = None
+    if watch:
+        from extproc.reload import watch_config
+
+        watcher = asyncio.ensure_future(watch_config(config_path, server.reload))
+    await server.wait()
+    if watcher is not None:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+_ = pb  # the generated module is imported for its descriptors

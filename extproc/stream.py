@@ -1,0 +1,258 @@
+"""One ext_proc stream (one HTTP request): protocol state + plugin chain -> replies.
+
+Transport-free: :class:`StreamProcessor.handle` takes a decoded message and returns the reply
+to send (or ``None`` in observability mode). ``server.py`` only moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from extproc.chain import Chain, Outcome, Slot
+from extproc.context import RequestContext
+from extproc.observability.metrics import BoundCounter, Registry
+from extproc.plugin import (
+    BodyMode,
+    Event,
+    Headers,
+    HttpRequest,
+    Phase,
+    Reject,
+    RequestBody,
+    RequestHeaders,
+    RequestTrailers,
+    ResponseBody,
+    ResponseHeaders,
+    ResponseTrailers,
+)
+from extproc.protocol.events import (
+    BodySendMode,
+    ImmediateReply,
+    Message,
+    Reply,
+)
+from extproc.protocol.mutations import body_reply, header_mutation, immediate_reply
+from extproc.protocol.state import StreamState
+
+__all__ = ["StreamMetrics", "StreamProcessor"]
+
+log = logging.getLogger("extproc.stream")
+
+_EMPTY_REPLY: Final = Reply()
+_WHOLE_BODY_MODES: Final = frozenset(
+    {BodySendMode.BUFFERED, BodySendMode.BUFFERED_PARTIAL, BodySendMode.GRPC}
+)
+_TOO_LARGE: Final = Reject(413, "payload_too_large", "The request body is too large.",
+                           details="extproc_body_too_large")
+
+
+class StreamMetrics:
+    """Core counters, bound once per process."""
+
+    def __init__(self, registry: Registry) -> None:
+        messages = registry.counter(
+            "extproc_messages_total", "ext_proc messages received", ("phase",)
+        )
+        self.messages = {p: messages.labels(p.value) for p in Phase}
+        dropped = registry.counter(
+            "extproc_mutations_dropped_total", "header mutations refused before sending",
+            ("reason",),
+        )  # fmt: skip
+        self.dropped = dropped
+        self.immediate: BoundCounter = registry.counter(
+            "extproc_immediate_responses_total", "requests answered by a plugin"
+        ).labels()
+
+
+def _status(headers: Headers) -> int:
+    try:
+        return int(headers.get(":status", "0"))
+    except ValueError:
+        return 0
+
+
+class StreamProcessor:
+    """The per-stream state: protocol state machine, request context and body buffers."""
+
+    __slots__ = (
+        "_buffers",
+        "chain",
+        "context",
+        "max_body_bytes",
+        "metrics",
+        "request",
+        "state",
+        "status",
+    )
+
+    def __init__(
+        self,
+        chain: Chain,
+        metrics: StreamMetrics,
+        *,
+        allow_mode_override: bool = False,
+        max_body_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.chain = chain
+        self.metrics = metrics
+        self.state = StreamState(allow_mode_override=allow_mode_override)
+        self.context = RequestContext()
+        self.request = HttpRequest()
+        self.status = 0
+        self.max_body_bytes = max_body_bytes
+        self._buffers: dict[Phase, bytearray] = {}
+
+    @property
+    def closed(self) -> bool:
+        return self.state.closed
+
+    async def handle(self, msg: Message, started: float | None = None) -> Reply | ImmediateReply | None:
+        """Process one message; the reply to send, or ``None`` when none may be sent.
+
+        Raises :class:`~extproc.protocol.state.RemoteProtocolError` for a message out of order
+        and :class:`~extproc.protocol.state.LocalProtocolError` when no valid reply exists.
+        """
+        self.state.receive(msg)
+        self.metrics.messages[msg.phase].inc()
+        phase = msg.phase
+        if phase in (Phase.REQUEST_BODY, Phase.RESPONSE_BODY):
+            outcome = await self._body(msg, started)
+        else:
+            event = self._event(msg)
+            outcome = await self.chain.run(event, started=started) if self.chain.wants(
+                phase
+            ) else None
+        if self.state.observability_mode:
+            return None
+        reply = self._reply(msg, outcome)
+        return self.state.check_reply(reply)
+
+    # ------------------------------------------------------------ events
+
+    def _event(self, msg: Message) -> Event:
+        phase = msg.phase
+        headers = msg.headers or Headers()
+        if phase is Phase.REQUEST_HEADERS:
+            self.request = HttpRequest(
+                method=headers.get(":method", ""),
+                path=headers.get(":path", ""),
+                authority=headers.get(":authority", ""),
+                scheme=headers.get(":scheme", ""),
+                request_id=headers.get("x-request-id", ""),
+                headers=headers,
+                attributes=msg.attributes or {},
+                metadata=msg.metadata or {},
+            )
+            return RequestHeaders(self.request, self.context, msg.end_of_stream)
+        if phase is Phase.RESPONSE_HEADERS:
+            self.status = _status(headers)
+            return ResponseHeaders(
+                self.request, self.context, self.status, headers, msg.end_of_stream
+            )
+        if phase is Phase.REQUEST_TRAILERS:
+            return RequestTrailers(self.request, self.context, headers)
+        return ResponseTrailers(self.request, self.context, headers)
+
+    def _body_event(self, phase: Phase, body: bytes, eos: bool) -> Event:
+        if phase is Phase.REQUEST_BODY:
+            return RequestBody(self.request, self.context, body, eos)
+        return ResponseBody(self.request, self.context, body, eos)
+
+    async def _body(self, msg: Message, started: float | None) -> Outcome | None:
+        phase = msg.phase
+        slots = self.chain.by_phase[phase]
+        if not slots:
+            return None
+        mode = self.state.body_mode(phase)
+        if mode in _WHOLE_BODY_MODES:
+            # Envoy already gathered the body: every plugin gets it as one event
+            return await self.chain.run(
+                self._body_event(phase, msg.body, msg.end_of_stream), started=started
+            )
+        # STREAMED / FULL_DUPLEX_STREAMED: chunks to streaming plugins, the gathered body to
+        # buffering plugins at the end of the stream
+        streaming = tuple(s for s in slots if _body_mode(s, phase) is BodyMode.STREAMED)
+        buffering = tuple(s for s in slots if _body_mode(s, phase) is BodyMode.BUFFERED)
+        outcome: Outcome | None = None
+        if streaming:
+            outcome = await self.chain.run(
+                self._body_event(phase, msg.body, msg.end_of_stream), streaming, started
+            )
+            if outcome.respond is not None:
+                return outcome
+        if buffering:
+            buf = self._buffers.setdefault(phase, bytearray())
+            buf += msg.body
+            if len(buf) > self.max_body_bytes:
+                self._buffers.pop(phase, None)
+                return _reject_outcome(_TOO_LARGE)
+            if msg.end_of_stream:
+                whole = bytes(self._buffers.pop(phase))
+                later = await self.chain.run(
+                    self._body_event(phase, whole, True), buffering, started
+                )
+                if later.respond is not None or outcome is None:
+                    return later
+                later.body = None  # the earlier chunks are gone: a buffered plugin cannot
+                # replace a streamed body; it may only inspect it
+                outcome.set_headers.update(later.set_headers)
+                outcome.metadata.update(later.metadata)
+        return outcome
+
+    # ------------------------------------------------------------ replies
+
+    def _reply(self, msg: Message, outcome: Outcome | None) -> Reply | ImmediateReply:
+        phase = msg.phase
+        mode = self.state.body_mode(phase)
+        is_body = phase in (Phase.REQUEST_BODY, Phase.RESPONSE_BODY)
+        if outcome is None or outcome.is_noop:
+            if is_body and mode is BodySendMode.FULL_DUPLEX_STREAMED:
+                return body_reply(phase, mode, msg.body, msg.end_of_stream)
+            return _EMPTY_REPLY
+        if outcome.respond is not None:
+            self.metrics.immediate.inc()
+            reply = immediate_reply(outcome.respond, self._drop)
+            if self.state.response_started:
+                log.error(
+                    "a plugin answered after the response started; the stream is reset",
+                    extra={"plugin": outcome.responder, "phase": phase.value},
+                )
+            return reply
+        mutation = header_mutation(
+            is_request=phase.is_request,
+            set_headers=outcome.set_headers,
+            append_headers=outcome.append_headers,
+            remove_headers=outcome.remove_headers,
+            report=self._drop,
+        )
+        metadata = outcome.metadata or None
+        if phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS):
+            return Reply(trailers_mutation=mutation, dynamic_metadata=metadata)
+        if is_body:
+            new_body = outcome.body
+            if new_body is None and mode is BodySendMode.FULL_DUPLEX_STREAMED:
+                new_body = msg.body
+            base = body_reply(phase, mode, new_body, msg.end_of_stream, mutation)
+            if metadata:
+                return Reply(
+                    header_mutation=base.header_mutation,
+                    body=base.body,
+                    clear_body=base.clear_body,
+                    streamed_body=base.streamed_body,
+                    dynamic_metadata=metadata,
+                )
+            return base
+        return Reply(header_mutation=mutation, dynamic_metadata=metadata)
+
+    def _drop(self, key: str, reason: str) -> None:
+        self.metrics.dropped.labels(reason).inc()
+        log.warning("header mutation dropped", extra={"header": key, "reason": reason})
+
+
+def _body_mode(slot: Slot, phase: Phase) -> BodyMode:
+    return slot.request_body if phase is Phase.REQUEST_BODY else slot.response_body
+
+
+def _reject_outcome(reject: Reject) -> Outcome:
+    return Outcome(respond=reject.to_respond(), responder="extproc")

@@ -1,0 +1,476 @@
+"""FakeEnvoy: plays Envoy's side of the ext_proc protocol, for tests.
+
+It sends exactly the messages Envoy would send for a processing mode (no phase the mode skips,
+bodies as one message when BUFFERED, in chunks when STREAMED or FULL_DUPLEX_STREAMED), checks
+every answer the way Envoy does (one reply per message, of the matching type or an immediate
+response; anything else is *spurious* and fails the exchange, as it would fail the request with
+a 500 in Envoy), and applies the mutations, so a test sees what the upstream and the client
+would see.
+
+Two ways to drive it:
+
+* ``FakeEnvoy.for_plugins([plugin, ...])`` - in process, no sockets: the plugins run in a real
+  :class:`~extproc.chain.Chain` behind the real protocol code, messages go through protobuf
+  bytes both ways;
+* ``FakeEnvoy.connect("127.0.0.1:50051")`` - over gRPC against a running sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc.chain import Chain, Slot
+from extproc.observability.metrics import Registry
+from extproc.plugin import Phase, Plugin
+from extproc.protocol import codec
+from extproc.protocol.events import AppendAction, BodySendMode
+from extproc.services.breaker import CircuitBreaker
+from extproc.stream import StreamMetrics, StreamProcessor
+
+__all__ = ["EnvoyMode", "Exchange", "FakeEnvoy", "SpuriousResponseError"]
+
+
+class SpuriousResponseError(AssertionError):
+    """The sidecar answered something Envoy would reject (it would answer the client 500)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyMode:
+    """The processing mode Envoy is configured with (``processing_mode`` in the filter)."""
+
+    request_headers: bool = True
+    response_headers: bool = False
+    request_body: BodySendMode = BodySendMode.NONE
+    response_body: BodySendMode = BodySendMode.NONE
+    request_trailers: bool = False
+    response_trailers: bool = False
+    observability_mode: bool = False
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one HTTP request.
+
+    ``status``/``response_headers``/``response_body`` are what the client got;
+    ``upstream_headers``/``upstream_body`` what the upstream got (``None`` when the request
+    was answered before reaching it).
+    """
+
+    status: int = 0
+    response_headers: dict[str, list[str]] = field(default_factory=dict)
+    response_body: bytes = b""
+    upstream_headers: dict[str, list[str]] | None = None
+    upstream_body: bytes | None = None
+    upstream_trailers: dict[str, list[str]] | None = None
+    immediate: bool = False
+    details: str = ""
+    dynamic_metadata: dict[str, Any] = field(default_factory=dict)
+    messages_sent: list[Phase] = field(default_factory=list)
+    mode_override: pb.ProcessingResponse | None = None
+
+    def header(self, name: str) -> str | None:
+        values = self.response_headers.get(name.lower())
+        return values[0] if values else None
+
+    def upstream_header(self, name: str) -> str | None:
+        values = (self.upstream_headers or {}).get(name.lower())
+        return values[0] if values else None
+
+
+Headers = dict[str, list[str]]
+
+
+def _to_map(headers: Mapping[str, str] | Sequence[tuple[str, str]]) -> Headers:
+    out: Headers = {}
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for k, v in items:
+        out.setdefault(k.lower(), []).append(v)
+    return out
+
+
+def _fill(target: Any, headers: Headers) -> None:
+    for key, values in headers.items():
+        for value in values:
+            hv = target.headers.add()
+            hv.key = key
+            hv.raw_value = value.encode("utf-8", "surrogateescape")
+
+
+def _apply(headers: Headers, mutation: Any) -> None:
+    """Apply a HeaderMutation the way Envoy does: removes first, then sets."""
+    for key in mutation.remove_headers:
+        headers.pop(key.lower(), None)
+    for opt in mutation.set_headers:
+        key = opt.header.key.lower()
+        value = (opt.header.raw_value or opt.header.value.encode()).decode(
+            "utf-8", "surrogateescape"
+        )
+        action = opt.append_action
+        if action == AppendAction.APPEND_IF_EXISTS_OR_ADD:
+            headers.setdefault(key, []).append(value)
+        elif action == AppendAction.ADD_IF_ABSENT:
+            headers.setdefault(key, [value])
+        elif action == AppendAction.OVERWRITE_IF_EXISTS_OR_ADD:
+            headers[key] = [value]
+        elif action == AppendAction.OVERWRITE_IF_EXISTS and key in headers:
+            headers[key] = [value]
+
+
+_EXPECTED = {
+    Phase.REQUEST_HEADERS: "request_headers",
+    Phase.RESPONSE_HEADERS: "response_headers",
+    Phase.REQUEST_BODY: "request_body",
+    Phase.RESPONSE_BODY: "response_body",
+    Phase.REQUEST_TRAILERS: "request_trailers",
+    Phase.RESPONSE_TRAILERS: "response_trailers",
+}
+
+
+class _Transport:
+    async def open(self) -> None: ...
+    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None: ...
+    async def close(self) -> None: ...
+
+
+class _InProcess(_Transport):
+    def __init__(self, chain: Chain, metrics: StreamMetrics, allow_mode_override: bool) -> None:
+        self.chain = chain
+        self.metrics = metrics
+        self.allow = allow_mode_override
+        self.stream: StreamProcessor | None = None
+
+    async def open(self) -> None:
+        self.stream = StreamProcessor(self.chain, self.metrics,
+                                      allow_mode_override=self.allow)
+
+    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+        assert self.stream is not None
+        wire = pb.ProcessingRequest.FromString(req.SerializeToString())
+        msg = codec.decode(wire)
+        reply = await self.stream.handle(msg)
+        if reply is None:
+            return None
+        out = codec.encode(msg.phase, reply)
+        return pb.ProcessingResponse.FromString(out.SerializeToString())
+
+
+class _Grpc(_Transport):
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel: Any = None
+        self.call: Any = None
+
+    async def open(self) -> None:
+        import grpc
+
+        from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as g
+
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(self.target)
+        self.call = g.ExternalProcessorStub(self.channel).Process()
+
+    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+        await self.call.write(req)
+        if req.observability_mode:
+            return None
+        import grpc
+
+        resp = await self.call.read()
+        if resp is grpc.aio.EOF:
+            raise SpuriousResponseError("the sidecar closed the stream without answering")
+        assert isinstance(resp, pb.ProcessingResponse)
+        return resp
+
+    async def close(self) -> None:
+        if self.call is not None:
+            await self.call.done_writing()
+            self.call = None
+
+    async def aclose(self) -> None:
+        await self.close()
+        if self.channel is not None:
+            await self.channel.close()
+
+
+class FakeEnvoy:
+    """Sends HTTP exchanges through the ext_proc protocol like Envoy would."""
+
+    def __init__(self, transport: _Transport, mode: EnvoyMode, chunk_size: int = 16384) -> None:
+        self.transport = transport
+        self.mode = mode
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def for_plugins(
+        cls,
+        plugins: Sequence[Plugin],
+        mode: EnvoyMode | None = None,
+        *,
+        timeout: float = 1.0,
+        fail_open: bool = False,
+        budget: float = 0.18,
+        registry: Registry | None = None,
+        allow_mode_override: bool = False,
+    ) -> FakeEnvoy:
+        """In process: the given (already initialized) plugins in a real chain."""
+        registry = registry or Registry()
+        slots = [
+            Slot(
+                plugin=p,
+                name=p.name or type(p).__name__,
+                priority=p.priority,
+                timeout=timeout,
+                fail_open=fail_open,
+                breaker=CircuitBreaker(f"plugin:{p.name}", failure_threshold=1000),
+                phases=p.needs.phases(),
+            )
+            for p in plugins
+        ]
+        if mode is None:
+            mode = mode_for(plugins)
+        chain = Chain(slots, budget=budget, registry=registry)
+        return cls(_InProcess(chain, StreamMetrics(registry), allow_mode_override), mode)
+
+    @classmethod
+    def connect(cls, target: str, mode: EnvoyMode | None = None) -> FakeEnvoy:
+        """Over gRPC, against a running sidecar."""
+        return cls(_Grpc(target), mode or EnvoyMode())
+
+    async def aclose(self) -> None:
+        if isinstance(self.transport, _Grpc):
+            await self.transport.aclose()
+
+    def _chunks(self, body: bytes, mode: BodySendMode) -> list[bytes]:
+        if mode in (BodySendMode.BUFFERED, BodySendMode.BUFFERED_PARTIAL, BodySendMode.GRPC):
+            return [body]
+        size = self.chunk_size
+        return [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+
+    async def request(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        trailers: Mapping[str, str] | None = None,
+        *,
+        authority: str = "example.com",
+        attributes: Mapping[str, Any] | None = None,
+        upstream_status: int = 200,
+        upstream_headers: Mapping[str, str] | None = None,
+        upstream_body: bytes = b"ok",
+        upstream_trailers: Mapping[str, str] | None = None,
+    ) -> Exchange:
+        """One HTTP request through the filter; the upstream answers with ``upstream_*``."""
+        await self.transport.open()
+        try:
+            return await self._exchange(
+                method, path, headers, body, trailers, authority, attributes,
+                upstream_status, upstream_headers, upstream_body, upstream_trailers,
+            )  # fmt: skip
+        finally:
+            await self.transport.close()
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]],
+        body: bytes,
+        trailers: Mapping[str, str] | None,
+        authority: str,
+        attributes: Mapping[str, Any] | None,
+        upstream_status: int,
+        upstream_headers: Mapping[str, str] | None,
+        upstream_body: bytes,
+        upstream_trailers: Mapping[str, str] | None,
+    ) -> Exchange:
+        mode = self.mode
+        ex = Exchange()
+        req_headers = {
+            ":method": [method], ":path": [path], ":authority": [authority], ":scheme": ["http"],
+            **_to_map(headers),
+        }  # fmt: skip
+        if body and "content-length" not in req_headers:
+            req_headers["content-length"] = [str(len(body))]
+        first = True
+
+        def new(phase: Phase) -> pb.ProcessingRequest:
+            nonlocal first
+            r = pb.ProcessingRequest()
+            if first:
+                r.protocol_config.request_body_mode = mode.request_body
+                r.protocol_config.response_body_mode = mode.response_body
+                if attributes:
+                    r.attributes["envoy.filters.http.ext_proc"].update(dict(attributes))
+                first = False
+            r.observability_mode = mode.observability_mode
+            ex.messages_sent.append(phase)
+            return r
+
+        async def send(phase: Phase, r: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+            resp = await self.transport.send(r)
+            if resp is None:
+                return None
+            kind = resp.WhichOneof("response")
+            if kind == "immediate_response":
+                ir = resp.immediate_response
+                ex.immediate = True
+                ex.status = ir.status.code or 200
+                ex.response_headers = {}
+                _apply(ex.response_headers, ir.headers)
+                ex.response_body = ir.body
+                ex.details = ir.details
+                return resp
+            if kind != _EXPECTED[phase]:
+                raise SpuriousResponseError(f"answered {phase.value} with {kind}")
+            if resp.HasField("mode_override") and phase not in (
+                Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS
+            ):
+                raise SpuriousResponseError(f"mode_override on a {phase.value} reply")
+            if resp.HasField("mode_override"):
+                ex.mode_override = resp
+            if resp.HasField("dynamic_metadata"):
+                ex.dynamic_metadata.update(codec.struct_to_dict(resp.dynamic_metadata))
+            return resp
+
+        has_body = bool(body) or trailers is not None
+        # ---- request headers
+        if mode.request_headers:
+            r = new(Phase.REQUEST_HEADERS)
+            _fill(r.request_headers.headers, req_headers)
+            r.request_headers.end_of_stream = not has_body
+            resp = await send(Phase.REQUEST_HEADERS, r)
+            if ex.immediate:
+                return ex
+            if resp is not None:
+                _apply(req_headers, resp.request_headers.response.header_mutation)
+        # ---- request body
+        sent_body = body
+        if body and mode.request_body is not BodySendMode.NONE:
+            out = bytearray()
+            chunks = self._chunks(body, mode.request_body)
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1 and trailers is None
+                r = new(Phase.REQUEST_BODY)
+                r.request_body.body = chunk
+                r.request_body.end_of_stream = last
+                resp = await send(Phase.REQUEST_BODY, r)
+                if ex.immediate:
+                    return ex
+                out += _body_after(chunk, resp, mode.request_body, req_headers,
+                                   lambda p: p.request_body.response)
+            sent_body = bytes(out)
+        # ---- request trailers
+        up_trailers = _to_map(trailers) if trailers is not None else None
+        if trailers is not None and mode.request_trailers:
+            r = new(Phase.REQUEST_TRAILERS)
+            _fill(r.request_trailers.trailers, up_trailers or {})
+            resp = await send(Phase.REQUEST_TRAILERS, r)
+            if ex.immediate:
+                return ex
+            if resp is not None and up_trailers is not None:
+                _apply(up_trailers, resp.request_trailers.header_mutation)
+        ex.upstream_headers = req_headers
+        ex.upstream_body = sent_body
+        ex.upstream_trailers = up_trailers
+        # ---- response
+        resp_headers = {":status": [str(upstream_status)], **_to_map(upstream_headers or {})}
+        has_resp_body = bool(upstream_body) or upstream_trailers is not None
+        if mode.response_headers:
+            r = new(Phase.RESPONSE_HEADERS)
+            _fill(r.response_headers.headers, resp_headers)
+            r.response_headers.end_of_stream = not has_resp_body
+            resp = await send(Phase.RESPONSE_HEADERS, r)
+            if ex.immediate:
+                return ex
+            if resp is not None:
+                _apply(resp_headers, resp.response_headers.response.header_mutation)
+        client_body = upstream_body
+        if upstream_body and mode.response_body is not BodySendMode.NONE:
+            out = bytearray()
+            chunks = self._chunks(upstream_body, mode.response_body)
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1 and upstream_trailers is None
+                r = new(Phase.RESPONSE_BODY)
+                r.response_body.body = chunk
+                r.response_body.end_of_stream = last
+                resp = await send(Phase.RESPONSE_BODY, r)
+                if ex.immediate:
+                    return ex
+                out += _body_after(chunk, resp, mode.response_body, resp_headers,
+                                   lambda p: p.response_body.response)
+            client_body = bytes(out)
+        if upstream_trailers is not None and mode.response_trailers:
+            r = new(Phase.RESPONSE_TRAILERS)
+            _fill(r.response_trailers.trailers, _to_map(upstream_trailers))
+            resp = await send(Phase.RESPONSE_TRAILERS, r)
+            if ex.immediate:
+                return ex
+        ex.status = int(resp_headers.get(":status", ["0"])[0])
+        ex.response_headers = {k: v for k, v in resp_headers.items() if not k.startswith(":")}
+        ex.response_body = client_body
+        return ex
+
+    async def requests(self, n: int, **kwargs: Any) -> AsyncIterator[Exchange]:
+        for _ in range(n):
+            yield await self.request(**kwargs)
+
+
+def _body_after(
+    chunk: bytes, resp: pb.ProcessingResponse | None, mode: BodySendMode, headers: Headers,
+    common_of: Any,
+) -> bytes:
+    if resp is None:
+        return chunk
+    common = common_of(resp)
+    _apply(headers, common.header_mutation)
+    mutation = common.body_mutation
+    which = mutation.WhichOneof("mutation")
+    if mode is BodySendMode.FULL_DUPLEX_STREAMED:
+        if which != "streamed_response":
+            raise SpuriousResponseError(
+                "FULL_DUPLEX_STREAMED body answered without streamed_response: the upstream "
+                "would get an empty body"
+            )
+        return bytes(mutation.streamed_response.body)
+    if which == "streamed_response":
+        raise SpuriousResponseError("streamed_response outside FULL_DUPLEX_STREAMED")
+    if which == "body":
+        if mode is BodySendMode.BUFFERED and "content-length" in headers:
+            if headers["content-length"] != [str(len(mutation.body))]:
+                raise SpuriousResponseError("changed BUFFERED body without matching content-length")
+        return bytes(mutation.body)
+    if which == "clear_body":
+        return b""
+    return chunk
+
+
+def mode_for(plugins: Sequence[Plugin]) -> EnvoyMode:
+    """The mode ``extproc envoy-config`` would generate for these plugins."""
+    from extproc.plugin import BodyMode
+
+    def body(modes: list[BodyMode]) -> BodySendMode:
+        if BodyMode.BUFFERED in modes:
+            return BodySendMode.BUFFERED
+        if BodyMode.STREAMED in modes:
+            return BodySendMode.STREAMED
+        return BodySendMode.NONE
+
+    needs = [p.needs for p in plugins]
+    req_body = body([n.request_body for n in needs])
+    resp_body = body([n.response_body for n in needs])
+    return EnvoyMode(
+        request_headers=True,
+        response_headers=any(n.response_headers for n in needs) or resp_body is not BodySendMode.NONE,
+        request_body=req_body,
+        response_body=resp_body,
+        request_trailers=any(n.request_trailers for n in needs),
+        response_trailers=any(n.response_trailers for n in needs),
+    )
+
+
