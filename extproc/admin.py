@@ -86,7 +86,9 @@ class AdminServer:
         return ready, {
             "ready": ready,
             "state": state.value,
-            "plugins": {n: {"state": h.state.value, "detail": h.detail} for n, h in plugins.items()},
+            "plugins": {
+                n: {"state": h.state.value, "detail": h.detail} for n, h in plugins.items()
+            },
         }
 
     async def status(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from extproc.config import ConfigError, LoadedConfig, load_config
+from extproc.config import ConfigError, LoadedConfig, instance_name, load_config
 
 __all__ = ["envoy_spec_for", "main"]
 
@@ -65,7 +65,9 @@ def envoy_spec_for(
             failure_mode_allow=failure_mode_allow,
             allow_mode_override=settings.allow_mode_override,
             request_attributes=tuple(attributes),
-            receiving_namespaces=tuple(f"extproc.{entry.instance}" for entry, _ in plugins),
+            receiving_namespaces=tuple(
+                f"extproc.{instance_name(entry, cls)}" for entry, cls in plugins
+            ),
         ),
         admin_port=admin_port,
     )
@@ -78,7 +80,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 1
-    names = ", ".join(f"{e.instance} ({c.name} {c.version})" for e, c, _ in loaded.plugins)
+    names = ", ".join(f"{instance_name(e, c)} ({c.name} {c.version})" for e, c, _ in loaded.plugins)
     print(f"{args.config}: OK - plugins: {names or 'none'}")
     return 0
 
@@ -124,8 +126,9 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 def _cmd_dev(args: argparse.Namespace) -> int:
     from extproc.dev import run_local_stack
 
-    return run_local_stack(args.config, port=args.port, upstream_port=args.upstream_port,
-                           duration=args.duration)
+    return run_local_stack(
+        args.config, port=args.port, upstream_port=args.upstream_port, duration=args.duration
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

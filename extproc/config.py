@@ -27,6 +27,7 @@ __all__ = [
     "RedisSettings",
     "ServerSettings",
     "TracingSettings",
+    "instance_name",
     "load_config",
     "parse_config",
 ]
@@ -69,7 +70,11 @@ class ServerSettings(_Strict):
         15.0, ge=0, le=600, description="time in-flight streams get to finish on SIGTERM"
     )
     drain_delay_s: float = Field(
-        0.0, ge=0, le=120, description="NOT_SERVING is reported this long before draining"
+        2.0,
+        ge=0,
+        le=120,
+        description="on SIGTERM, NOT_SERVING is reported this long (so Envoy's health check "
+        "moves new streams elsewhere) before the listener closes",
     )
     loop_lag_threshold_ms: float = Field(
         50.0, gt=0, description="an event-loop stall longer than this is reported"
@@ -89,7 +94,9 @@ class ServerSettings(_Strict):
 
 class RedisSettings(_Strict):
     url: str = Field(description="redis://host:port/db, rediss://... or unix:///path.sock")
-    username: str | None = Field(None, description="ACL user")
+    username: str | None = Field(
+        None, description="ACL user: secret reference (env:NAME, file:/path)"
+    )
     password: str | None = Field(None, description="secret reference: env:NAME or file:/path")
     timeout_ms: int = Field(50, ge=1, le=10_000, description="connect and command timeout")
     max_connections: int = Field(64, ge=1, le=10_000, description="pool size per worker")
@@ -132,25 +139,23 @@ class PluginEntry(_Strict):
 
     @property
     def instance(self) -> str:
+        """The instance name before the plugin class is known (``name`` or ``plugin``)."""
         return self.name or self.plugin
+
+
+def instance_name(entry: PluginEntry, cls: type[Plugin]) -> str:
+    """The name an instance is known by in metrics, logs and ``/status``: the configured
+    ``name``, else the plugin's own ``name`` (so ``plugin: pkg.mod:Class`` reads well)."""
+    return entry.name or cls.name or entry.plugin
 
 
 class Config(_Strict):
     version: Literal[1] = 1
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)
     redis: RedisSettings | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     plugins: tuple[PluginEntry, ...] = ()
-
-    @model_validator(mode="after")
-    def _unique_instances(self) -> Config:
-        seen: set[str] = set()
-        for entry in self.plugins:
-            if entry.instance in seen:
-                raise ValueError(f"two plugins are named {entry.instance!r}: give one a name")
-            seen.add(entry.instance)
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +169,7 @@ class LoadedConfig:
 
     def section_digest(self, index: int) -> str:
         """Identity of one plugin section, to decide whether state can be handed over."""
-        entry, cls, cfg = self.plugins[index]
+        _entry, cls, cfg = self.plugins[index]
         payload = f"{cls.__module__}.{cls.__qualname__}:{cls.version}:{cfg.model_dump_json()}"
         payload += f":{self.config.redis.model_dump_json() if self.config.redis else ''}"
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -221,7 +226,10 @@ def _dotted(path: Iterable[str | int]) -> str:
 
 
 def _problems(
-    exc: ValidationError, source: str, lines: dict[tuple[str | int, ...], int], prefix: tuple[str | int, ...]
+    exc: ValidationError,
+    source: str,
+    lines: dict[tuple[str | int, ...], int],
+    prefix: tuple[str | int, ...],
 ) -> list[str]:
     out = []
     for err in exc.errors(include_url=False, include_input=False):
@@ -233,9 +241,7 @@ def _problems(
 # ---------------------------------------------------------------- loading
 
 
-def parse_config(
-    text: str, source: str = "<config>", resolve: Any = None
-) -> LoadedConfig:
+def parse_config(text: str, source: str = "<config>", resolve: Any = None) -> LoadedConfig:
     """Validate a configuration text. ``resolve(name) -> type[Plugin]`` finds plugin classes
     (the registry's by default). Raises :class:`ConfigError` listing every problem."""
     if resolve is None:
@@ -261,6 +267,7 @@ def parse_config(
     problems: list[str] = []
     loaded: list[tuple[PluginEntry, type[Plugin], PluginConfig]] = []
     budget_ms = config.server.message_timeout_ms - config.server.budget_margin_ms
+    seen: set[str] = set()
     for i, entry in enumerate(config.plugins):
         where = ("plugins", i)
         try:
@@ -283,6 +290,15 @@ def parse_config(
                 f"{config.server.budget_margin_ms})"
             )
             continue
+        name = instance_name(entry, cls)
+        if name in seen:
+            line = _where(lines, where)
+            problems.append(
+                f"{source}:{line}: {_dotted(where)}: two plugins are named {name!r}: give one "
+                f"a distinct `name`"
+            )
+            continue
+        seen.add(name)
         loaded.append((entry, cls, plugin_config))
     if problems:
         raise ConfigError(source, problems)

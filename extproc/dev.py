@@ -54,8 +54,12 @@ async def _run(config_path: str, port: int, upstream_port: int, duration: float)
     envoy: EnvoyProcess | None = None
     try:
         await server.start()
-        spec = envoy_spec_for(loaded, listener_port=port, upstream=f"127.0.0.1:{upstream.port}",
-                              sidecar=[server.listen])
+        spec = envoy_spec_for(
+            loaded,
+            listener_port=port,
+            upstream=f"127.0.0.1:{upstream.port}",
+            sidecar=[server.listen],
+        )
         bootstrap = await asyncio.to_thread(render, spec)  # type: ignore[arg-type]
         envoy = EnvoyProcess(bootstrap, log_level="warning")
         await asyncio.to_thread(envoy.start)
@@ -88,12 +92,12 @@ def _demo_tokens(loaded: Any, port: int) -> tuple[dict[str, Any], list[str]] | N
     return None
 
 
-def run_local_stack(config: str, *, port: int = 10000, upstream_port: int = 8080,
-                    duration: float = 0.0) -> int:
+def run_local_stack(
+    config: str, *, port: int = 10000, upstream_port: int = 8080, duration: float = 0.0
+) -> int:
     try:
         import uvloop
 
         return uvloop.run(_run(config, port, upstream_port, duration))
     except KeyboardInterrupt:  # pragma: no cover
         return 0
-

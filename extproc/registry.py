@@ -6,14 +6,20 @@ nothing is found through import side effects.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 
 from extproc.plugin import API_VERSION, Plugin, PluginConfig
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginLoadError", "available_plugins", "resolve_plugin",
-           "validate_plugin_class"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginLoadError",
+    "available_plugins",
+    "resolve_plugin",
+    "validate_plugin_class",
+]
 
 ENTRY_POINT_GROUP = "extproc.plugins"
 
@@ -47,8 +53,7 @@ def validate_plugin_class(cls: object, name: str) -> type[Plugin]:
         raise PluginLoadError(
             f"plugin {name!r}: Config must be a subclass of extproc.plugin.PluginConfig"
         )
-    for hook in ("initialize", "on_request", "on_response", "on_error", "health_check",
-                 "shutdown"):
+    for hook in ("initialize", "on_request", "on_response", "on_error", "health_check", "shutdown"):
         if not inspect.iscoroutinefunction(getattr(cls, hook)):
             raise PluginLoadError(
                 f"plugin {name!r}: {hook} must be declared 'async def' (it is awaited)"
@@ -60,9 +65,25 @@ def validate_plugin_class(cls: object, name: str) -> type[Plugin]:
     return cls
 
 
+def _import_path(name: str) -> type[Plugin]:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, attr)
+    except Exception as exc:
+        raise PluginLoadError(f"plugin {name!r} cannot be imported: {exc!r}") from exc
+    return validate_plugin_class(cls, name)
+
+
 @cache
 def resolve_plugin(name: str) -> type[Plugin]:
-    """The plugin class registered under ``name``."""
+    """The plugin class registered under ``name``.
+
+    ``module.path:ClassName`` names a class directly, without packaging: meant for a plugin
+    under development and for tests; deployed plugins register an entry point.
+    """
+    if ":" in name:
+        return _import_path(name)
     eps = _entry_points()
     ep = eps.get(name)
     if ep is None:

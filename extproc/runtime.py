@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from extproc.chain import Chain, Slot
-from extproc.config import LoadedConfig
+from extproc.config import LoadedConfig, instance_name
 from extproc.context import PluginContext
 from extproc.observability.metrics import PluginMetrics, Registry
 from extproc.plugin import HealthState, HealthStatus, Plugin
@@ -80,7 +80,9 @@ class Generation:
                 async with asyncio.timeout(1.0):
                     out[slot.name] = await slot.plugin.health_check()
             except Exception as exc:
-                out[slot.name] = HealthStatus.unhealthy(f"health check failed: {type(exc).__name__}")
+                out[slot.name] = HealthStatus.unhealthy(
+                    f"health check failed: {type(exc).__name__}"
+                )
         return out
 
     async def shutdown(self, grace: float) -> None:
@@ -122,7 +124,7 @@ async def build_generation(
     for index, (entry, cls, plugin_config) in enumerate(loaded.plugins):
         if not entry.enabled:
             continue
-        name = entry.instance
+        name = instance_name(entry, cls)
         digest = loaded.section_digest(index)
         digests[name] = digest
         plugin = cls(plugin_config)
@@ -152,7 +154,9 @@ async def build_generation(
                     await done.shutdown()
                 except Exception:
                     log.exception("shutdown after a failed build")
-            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            reason = (
+                "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            )
             raise GenerationBuildError(
                 f"plugin {name!r} ({entry.plugin}) failed to initialize: {reason}"
             ) from exc
@@ -224,9 +228,7 @@ class Runtime:
         running generation stays and the error is raised."""
         async with self._lock:
             try:
-                gen = await build_generation(
-                    loaded, self._next_number, self.services, self.current
-                )
+                gen = await build_generation(loaded, self._next_number, self.services, self.current)
             except Exception as exc:
                 self.reloads_failed += 1
                 self.last_error = str(exc)

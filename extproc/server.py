@@ -39,14 +39,15 @@ def grpc_address(listen: str) -> str:
     return listen
 
 
-class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, runtime: Runtime, config: Config, registry: Registry) -> None:
         self.runtime = runtime
         self.settings = config.server
         self.metrics = StreamMetrics(registry)
         streams = registry.counter("extproc_streams_total", "ext_proc streams by end", ("end",))
-        self._ended = {k: streams.labels(k) for k in ("ok", "remote_error", "local_error",
-                                                       "idle", "cancelled")}
+        self._ended = {
+            k: streams.labels(k) for k in ("ok", "remote_error", "local_error", "idle", "cancelled")
+        }
         errors = registry.counter(
             "extproc_protocol_errors_total", "protocol errors by guilty side", ("side",)
         )
@@ -110,9 +111,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 class Server:
     """The sidecar process: gRPC server, health, admin endpoints, reload and shutdown."""
 
-    def __init__(self, loaded: LoadedConfig, *, config_path: str | None = None,
-                 listen: str | None = None, admin: str | None = None,
-                 services: Services | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        config_path: str | None = None,
+        listen: str | None = None,
+        admin: str | None = None,
+        services: Services | None = None,
+    ) -> None:
         self.loaded = loaded
         self.config_path = config_path
         settings = loaded.config.server
@@ -146,7 +153,7 @@ class Server:
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
         self.servicer = ExtProcServicer(self.runtime, self.loaded.config, self.services.registry)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.bound_port = server.add_insecure_port(grpc_address(self.listen))
         if not self.listen.startswith("unix:") and self.bound_port == 0:
@@ -160,22 +167,47 @@ class Server:
         if self.admin_address:
             self._admin = AdminServer(self, self.admin_address)
             await self._admin.start()
-        log.info("serving", extra={"listen": self.listen, "admin": self.admin_address,
-                                   "generation": 1, "plugins": [s.name for s in self.runtime.current.chain.slots] if self.runtime.current else []})
+        log.info(
+            "serving",
+            extra={
+                "listen": self.listen,
+                "admin": self.admin_address,
+                "generation": 1,
+                "plugins": [s.name for s in self.runtime.current.chain.slots]
+                if self.runtime.current
+                else [],
+            },
+        )
 
     async def _connect_redis(self, config: Config) -> None:
         if config.redis is None or self.services.redis is not None:
             return
-        from extproc.services.redis import make_redis
+        from extproc.services.redis import RedisTls, make_redis
 
-        self.services.redis = make_redis(config.redis, secrets=self.services.secrets)
+        settings = config.redis
+        self.services.redis = make_redis(
+            settings.url,
+            secrets=self.services.secrets,
+            username_ref=settings.username,
+            password_ref=settings.password,
+            tls=RedisTls(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+            if settings.tls_ca_file or settings.tls_cert_file
+            else None,
+            socket_timeout=settings.timeout_ms / 1000,
+            connect_timeout=settings.timeout_ms / 1000,
+            max_connections=settings.max_connections,
+            client_name="extproc",
+        )
         self.services.redis_key = config.redis.model_dump_json()
 
     async def _set_health(self) -> None:
         state, _ = await self.runtime.health()
         serving = state is not HealthState.UNHEALTHY and not self.shutting_down
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self.health.set("", status)
         await self.health.set(HEALTH_SERVICE, status)
 
@@ -200,16 +232,21 @@ class Server:
             self.runtime.reloads_failed += 1
             self.runtime.last_error = str(exc)
             self.runtime._reload_counter.labels("failed").inc()
-            log.error("configuration refused; the running one stays",
-                      extra={"problems": list(exc.problems)})
+            log.error(
+                "configuration refused; the running one stays",
+                extra={"problems": list(exc.problems)},
+            )
             return False
         except Exception as exc:
-            log.error("configuration failed to start; the running one stays",
-                      extra={"error": str(exc)})
+            log.error(
+                "configuration failed to start; the running one stays", extra={"error": str(exc)}
+            )
             return False
         self.loaded = loaded
-        log.info("configuration reloaded",
-                 extra={"generation": self.runtime.current.number if self.runtime.current else 0})
+        log.info(
+            "configuration reloaded",
+            extra={"generation": self.runtime.current.number if self.runtime.current else 0},
+        )
         return True
 
     async def stop(self) -> None:
@@ -247,8 +284,9 @@ class Server:
         )
 
 
-async def serve(config_path: str, *, listen: str | None = None, admin: str | None = None,
-                watch: bool = True) -> None:
+async def serve(
+    config_path: str, *, listen: str | None = None, admin: str | None = None, watch: bool = True
+) -> None:
     from extproc.observability.logging import configure_logging
 
     loaded = load_config(config_path)

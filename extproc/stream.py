@@ -43,8 +43,9 @@ _EMPTY_REPLY: Final = Reply()
 _WHOLE_BODY_MODES: Final = frozenset(
     {BodySendMode.BUFFERED, BodySendMode.BUFFERED_PARTIAL, BodySendMode.GRPC}
 )
-_TOO_LARGE: Final = Reject(413, "payload_too_large", "The request body is too large.",
-                           details="extproc_body_too_large")
+_TOO_LARGE: Final = Reject(
+    413, "payload_too_large", "The request body is too large.", details="extproc_body_too_large"
+)
 
 
 class StreamMetrics:
@@ -107,7 +108,9 @@ class StreamProcessor:
     def closed(self) -> bool:
         return self.state.closed
 
-    async def handle(self, msg: Message, started: float | None = None) -> Reply | ImmediateReply | None:
+    async def handle(
+        self, msg: Message, started: float | None = None
+    ) -> Reply | ImmediateReply | None:
         """Process one message; the reply to send, or ``None`` when none may be sent.
 
         Raises :class:`~extproc.protocol.state.RemoteProtocolError` for a message out of order
@@ -120,9 +123,9 @@ class StreamProcessor:
             outcome = await self._body(msg, started)
         else:
             event = self._event(msg)
-            outcome = await self.chain.run(event, started=started) if self.chain.wants(
-                phase
-            ) else None
+            outcome = (
+                await self.chain.run(event, started=started) if self.chain.wants(phase) else None
+            )
         if self.state.observability_mode:
             return None
         reply = self._reply(msg, outcome)

@@ -146,7 +146,7 @@ class Registry:
         return _Family(name, description, tuple(labels), kind)
 
     def counter(self, name: str, description: str, labels: Sequence[str] = ()) -> Counter:
-        return self._get(name, description, labels, "counter", lambda f: Counter(f))  # type: ignore[return-value]
+        return self._get(name, description, labels, "counter", Counter)  # type: ignore[return-value]
 
     def histogram(
         self,

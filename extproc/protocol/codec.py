@@ -88,9 +88,7 @@ def decode(req: pb.ProcessingRequest) -> Message:
     attributes = _attributes(req) if req.attributes else None
     metadata = None
     if req.HasField("metadata_context"):
-        metadata = {
-            ns: struct_to_dict(s) for ns, s in req.metadata_context.filter_metadata.items()
-        }
+        metadata = {ns: struct_to_dict(s) for ns, s in req.metadata_context.filter_metadata.items()}
     config = None
     if req.HasField("protocol_config"):
         pc = req.protocol_config
@@ -99,7 +97,7 @@ def decode(req: pb.ProcessingRequest) -> Message:
             BodySendMode(pc.response_body_mode),
             pc.send_body_without_waiting_for_header_response,
         )
-    inner = getattr(req, kind)  # type: ignore[arg-type]
+    inner = getattr(req, kind)
     if phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS):
         return Message(
             phase,

@@ -121,7 +121,9 @@ class StreamState:
         side = self.request if is_request else self.response
         step = _TRANSITIONS.get((side, msg.phase))
         if step is None:
-            raise RemoteProtocolError(f"{msg.phase.value} not allowed when that side is {side.value}")
+            raise RemoteProtocolError(
+                f"{msg.phase.value} not allowed when that side is {side.value}"
+            )
         end = msg.end_of_stream or msg.phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS)
         new = step[1] if end else step[0]
         if is_request:

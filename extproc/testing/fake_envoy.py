@@ -17,7 +17,6 @@ Two ways to drive it:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,9 +113,9 @@ def _apply(headers: Headers, mutation: Any) -> None:
             headers.setdefault(key, []).append(value)
         elif action == AppendAction.ADD_IF_ABSENT:
             headers.setdefault(key, [value])
-        elif action == AppendAction.OVERWRITE_IF_EXISTS_OR_ADD:
-            headers[key] = [value]
-        elif action == AppendAction.OVERWRITE_IF_EXISTS and key in headers:
+        elif action == AppendAction.OVERWRITE_IF_EXISTS_OR_ADD or (
+            action == AppendAction.OVERWRITE_IF_EXISTS and key in headers
+        ):
             headers[key] = [value]
 
 
@@ -144,8 +143,7 @@ class _InProcess(_Transport):
         self.stream: StreamProcessor | None = None
 
     async def open(self) -> None:
-        self.stream = StreamProcessor(self.chain, self.metrics,
-                                      allow_mode_override=self.allow)
+        self.stream = StreamProcessor(self.chain, self.metrics, allow_mode_override=self.allow)
 
     async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         assert self.stream is not None
@@ -155,7 +153,8 @@ class _InProcess(_Transport):
         if reply is None:
             return None
         out = codec.encode(msg.phase, reply)
-        return pb.ProcessingResponse.FromString(out.SerializeToString())
+        parsed: pb.ProcessingResponse = pb.ProcessingResponse.FromString(out.SerializeToString())
+        return parsed
 
 
 class _Grpc(_Transport):
@@ -171,7 +170,7 @@ class _Grpc(_Transport):
 
         if self.channel is None:
             self.channel = grpc.aio.insecure_channel(self.target)
-        self.call = g.ExternalProcessorStub(self.channel).Process()
+        self.call = g.ExternalProcessorStub(self.channel).Process()  # type: ignore[no-untyped-call]
 
     async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         await self.call.write(req)
@@ -303,8 +302,8 @@ class FakeEnvoy:
             nonlocal first
             r = pb.ProcessingRequest()
             if first:
-                r.protocol_config.request_body_mode = mode.request_body
-                r.protocol_config.response_body_mode = mode.response_body
+                r.protocol_config.request_body_mode = mode.request_body  # type: ignore[assignment]
+                r.protocol_config.response_body_mode = mode.response_body  # type: ignore[assignment]
                 if attributes:
                     r.attributes["envoy.filters.http.ext_proc"].update(dict(attributes))
                 first = False
@@ -329,7 +328,8 @@ class FakeEnvoy:
             if kind != _EXPECTED[phase]:
                 raise SpuriousResponseError(f"answered {phase.value} with {kind}")
             if resp.HasField("mode_override") and phase not in (
-                Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS
+                Phase.REQUEST_HEADERS,
+                Phase.RESPONSE_HEADERS,
             ):
                 raise SpuriousResponseError(f"mode_override on a {phase.value} reply")
             if resp.HasField("mode_override"):
@@ -362,8 +362,9 @@ class FakeEnvoy:
                 resp = await send(Phase.REQUEST_BODY, r)
                 if ex.immediate:
                     return ex
-                out += _body_after(chunk, resp, mode.request_body, req_headers,
-                                   lambda p: p.request_body.response)
+                out += _body_after(
+                    chunk, resp, mode.request_body, req_headers, lambda p: p.request_body.response
+                )
             sent_body = bytes(out)
         # ---- request trailers
         up_trailers = _to_map(trailers) if trailers is not None else None
@@ -402,8 +403,13 @@ class FakeEnvoy:
                 resp = await send(Phase.RESPONSE_BODY, r)
                 if ex.immediate:
                     return ex
-                out += _body_after(chunk, resp, mode.response_body, resp_headers,
-                                   lambda p: p.response_body.response)
+                out += _body_after(
+                    chunk,
+                    resp,
+                    mode.response_body,
+                    resp_headers,
+                    lambda p: p.response_body.response,
+                )
             client_body = bytes(out)
         if upstream_trailers is not None and mode.response_trailers:
             r = new(Phase.RESPONSE_TRAILERS)
@@ -422,7 +428,10 @@ class FakeEnvoy:
 
 
 def _body_after(
-    chunk: bytes, resp: pb.ProcessingResponse | None, mode: BodySendMode, headers: Headers,
+    chunk: bytes,
+    resp: pb.ProcessingResponse | None,
+    mode: BodySendMode,
+    headers: Headers,
     common_of: Any,
 ) -> bytes:
     if resp is None:
@@ -441,9 +450,9 @@ def _body_after(
     if which == "streamed_response":
         raise SpuriousResponseError("streamed_response outside FULL_DUPLEX_STREAMED")
     if which == "body":
-        if mode is BodySendMode.BUFFERED and "content-length" in headers:
-            if headers["content-length"] != [str(len(mutation.body))]:
-                raise SpuriousResponseError("changed BUFFERED body without matching content-length")
+        length = [str(len(mutation.body))]
+        if mode is BodySendMode.BUFFERED and headers.get("content-length", length) != length:
+            raise SpuriousResponseError("changed BUFFERED body without matching content-length")
         return bytes(mutation.body)
     if which == "clear_body":
         return b""
@@ -466,11 +475,10 @@ def mode_for(plugins: Sequence[Plugin]) -> EnvoyMode:
     resp_body = body([n.response_body for n in needs])
     return EnvoyMode(
         request_headers=True,
-        response_headers=any(n.response_headers for n in needs) or resp_body is not BodySendMode.NONE,
+        response_headers=any(n.response_headers for n in needs)
+        or resp_body is not BodySendMode.NONE,
         request_body=req_body,
         response_body=resp_body,
         request_trailers=any(n.request_trailers for n in needs),
         response_trailers=any(n.response_trailers for n in needs),
     )
-
-

@@ -1,0 +1,106 @@
+"""End to end: client -> real Envoy -> sidecar process -> echo upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from extproc.testing.stack import LocalStack
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+version: 1
+server: {message_timeout_ms: 300, drain_delay_s: 0}
+plugins:
+  - plugin: headers
+    config:
+      request_id_header: x-rid
+      rules:
+        - {path_prefix: /, request_set: {x-added: "yes"}, response_set: {x-out: "1"}}
+  - plugin: tests.support.plugins:HangPlugin
+    timeout_ms: 100
+    fail: closed
+    config: {path: /hang-closed, seconds: 5}
+  - plugin: tests.support.plugins:HangPlugin
+    name: hang_open
+    timeout_ms: 100
+    fail: open
+    config: {path: /hang-open, seconds: 5}
+  - plugin: tests.support.plugins:RaisePlugin
+    fail: closed
+    config: {path: /raise}
+  - plugin: tests.support.plugins:TeapotPlugin
+    config: {path: /teapot}
+  - plugin: tests.support.plugins:DenyPlugin
+    config: {path: /deny}
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "extproc.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+async def test_plugins_at_work_through_real_envoy(config: Path) -> None:
+    async with LocalStack(config) as stack:
+        http = stack.http
+        ok = await http.get("/hello?x=1", headers={"x-added": "forged"})
+        assert ok.status_code == 200
+        echoed = ok.json()
+        assert echoed["headers"]["x-added"] == "yes"  # set by the plugin, overwriting the client
+        assert echoed["path"] == "/hello?x=1"
+        assert ok.headers["x-out"] == "1"
+        assert ok.headers["x-rid"] == ok.headers["x-request-id"]
+
+        teapot = await http.get("/teapot")
+        assert teapot.status_code == 418
+        assert teapot.text == "short and stout\n"
+        assert teapot.headers["x-teapot"] == "yes"
+
+        deny = await http.get("/deny/x")
+        assert deny.status_code == 403
+        assert deny.json() == {"error": "forbidden", "message": "Not on this path."}
+
+        t0 = time.monotonic()
+        hang = await http.get("/hang-closed")
+        assert hang.status_code == 503
+        assert time.monotonic() - t0 < 2.0
+        assert (await http.get("/hang-open")).status_code == 200
+
+        boom = await http.get("/raise")
+        assert boom.status_code == 500
+        assert "hunter2" not in boom.text
+        assert json.loads(boom.text)["error"] == "internal_error"
+
+        # every request reached the upstream only when allowed
+        paths = [r["path"] for r in stack.upstream.requests]
+        assert paths == ["/hello?x=1", "/hang-open"]
+        assert stack.envoy is not None
+        stats = stack.envoy.stats("http.extproc")
+        failed = {k: v for k, v in stats.items() if k.endswith("streams_failed")}
+        assert all(v == 0 for v in failed.values()), failed
+
+
+@pytest.mark.parametrize(("allow", "expected"), [(False, 500), (True, 200)])
+async def test_sidecar_stopped_follows_failure_mode_allow(
+    config: Path, allow: bool, expected: int
+) -> None:
+    async with LocalStack(config, failure_mode_allow=allow) as stack:
+        assert (await stack.http.get("/before")).status_code == 200
+        await asyncio.to_thread(stack.sidecar.kill)
+        statuses = []
+        t0 = time.monotonic()
+        for _ in range(5):
+            statuses.append((await stack.http.get("/after")).status_code)
+        assert time.monotonic() - t0 < 10.0  # fail fast, never hang
+        # the first request may meet the connection being torn down; the rest follow policy
+        assert statuses[1:] == [expected] * 4, statuses
+        if not allow:
+            assert all(500 <= s < 600 for s in statuses)

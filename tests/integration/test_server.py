@@ -1,0 +1,248 @@
+"""The real grpc.aio server on a free port, driven by FakeEnvoy over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.config import load_config
+from extproc.protocol.events import BodySendMode
+from extproc.server import Server
+from extproc.testing.fake_envoy import EnvoyMode, FakeEnvoy
+from extproc.testing.processes import free_port
+
+HEADERS_CONFIG = """
+version: 1
+server: {{listen: "127.0.0.1:0", admin: "127.0.0.1:0", message_timeout_ms: 200,
+         drain_delay_s: 0.5}}
+plugins:
+  - plugin: headers
+    config:
+      request_id_header: x-rid
+      rules: [{{path_prefix: /, request_set: {{x-added: "{value}"}}, response_set: {{x-out: "1"}}}}]
+  - plugin: tests.support.plugins:HangPlugin
+    timeout_ms: 50
+    fail: {hang_fail}
+    config: {{path: /hang, seconds: 5}}
+  - plugin: tests.support.plugins:RaisePlugin
+    fail: closed
+    config: {{path: /raise}}
+  - plugin: tests.support.plugins:TeapotPlugin
+    config: {{path: /teapot}}
+"""
+
+
+def write_config(path: Path, value: str = "one", hang_fail: str = "closed") -> Path:
+    path.write_text(HEADERS_CONFIG.format(value=value, hang_fail=hang_fail))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running(config: Path) -> AsyncIterator[tuple[Server, str]]:
+    port = free_port()
+    server = Server(
+        load_config(config),
+        config_path=str(config),
+        listen=f"127.0.0.1:{port}",
+        admin="127.0.0.1:0",
+    )
+    await server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        await server.stop()
+
+
+MODE = EnvoyMode(response_headers=True)
+
+
+async def test_headers_added_and_response_mutated_over_grpc(tmp_path: Path) -> None:
+    async with running(write_config(tmp_path / "c.yaml")) as (_, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        try:
+            ex = await envoy.request(path="/x", headers={"x-request-id": "r-1"})
+        finally:
+            await envoy.aclose()
+    assert ex.status == 200
+    assert ex.upstream_header("x-added") == "one"
+    assert ex.header("x-out") == "1"
+    assert ex.header("x-rid") == "r-1"
+
+
+async def test_respond_reaches_the_client_and_stops_the_chain(tmp_path: Path) -> None:
+    async with running(write_config(tmp_path / "c.yaml")) as (_, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        try:
+            ex = await envoy.request(path="/teapot")
+        finally:
+            await envoy.aclose()
+    assert ex.immediate and ex.status == 418
+    assert ex.response_body == b"short and stout\n"
+    assert ex.header("x-teapot") == "yes"
+    assert ex.details == "teapot"
+    assert ex.upstream_headers is None
+
+
+@pytest.mark.parametrize(("policy", "status"), [("closed", 503), ("open", 200)])
+async def test_hanging_plugin_gets_its_failure_policy_within_the_budget(
+    tmp_path: Path, policy: str, status: int
+) -> None:
+    async with running(write_config(tmp_path / "c.yaml", hang_fail=policy)) as (_, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            ex = await envoy.request(path="/hang")
+            elapsed = loop.time() - t0
+        finally:
+            await envoy.aclose()
+    assert ex.status == status
+    assert elapsed < 1.0  # 50 ms deadline, generous ceiling for a noisy machine
+
+
+async def test_raising_plugin_answers_500_without_internals(tmp_path: Path) -> None:
+    async with running(write_config(tmp_path / "c.yaml")) as (server, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        try:
+            ex = await envoy.request(path="/raise")
+            ok = await envoy.request(path="/fine")
+        finally:
+            await envoy.aclose()
+        metrics = server.services.registry.render_prometheus()
+    assert ex.status == 500
+    body = json.loads(ex.response_body)
+    assert body == {"error": "internal_error", "message": "The request could not be processed."}
+    assert b"hunter2" not in ex.response_body
+    assert ok.status == 200  # other requests are unaffected
+    assert 'extproc_plugin_errors_total{plugin="raise",kind="exception"} 1' in metrics
+
+
+async def test_health_admin_and_status(tmp_path: Path) -> None:
+    async with running(write_config(tmp_path / "c.yaml")) as (server, target):
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "extproc"):
+                resp = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        assert server._admin is not None
+        base = f"http://127.0.0.1:{server._admin.port}"
+        async with httpx.AsyncClient(trust_env=False) as client:
+            assert (await client.get(f"{base}/healthz")).status_code == 200
+            ready = await client.get(f"{base}/readyz")
+            assert ready.status_code == 200 and ready.json()["ready"] is True
+            status = (await client.get(f"{base}/status")).json()
+            assert status["generation"] == 1
+            assert [p["name"] for p in status["plugins"]] == ["hang", "raise", "teapot", "headers"]
+            metrics = (await client.get(f"{base}/metrics")).text
+            assert "extproc_config_generation 1" in metrics
+            assert (await client.get(f"{base}/nope")).status_code == 404
+
+
+async def test_reload_swaps_generation_and_refuses_a_bad_file(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", value="one")
+    async with running(cfg) as (server, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        try:
+            write_config(cfg, value="two")
+            assert await server.reload() is True
+            ex = await envoy.request(path="/x")
+            assert ex.upstream_header("x-added") == "two"
+            cfg.write_text("plugins: [\n")  # broken
+            assert await server.reload() is False
+            ex = await envoy.request(path="/x")
+            assert ex.upstream_header("x-added") == "two"  # the running config stays
+        finally:
+            await envoy.aclose()
+        status = server.runtime.status()
+    assert status["generation"] == 2
+    assert status["reloads"] == {"ok": 1, "failed": 1}
+    assert "YAML syntax error" in status["last_reload_error"]
+
+
+async def test_in_flight_stream_finishes_on_its_generation(tmp_path: Path) -> None:
+    """A stream that started before a reload keeps the plugins it started with."""
+    from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as g
+
+    cfg = write_config(tmp_path / "c.yaml", value="one")
+    async with running(cfg) as (server, target), grpc.aio.insecure_channel(target) as channel:
+        call = g.ExternalProcessorStub(channel).Process()
+        req = pb.ProcessingRequest()
+        for k, v in ((":method", "GET"), (":path", "/x")):
+            h = req.request_headers.headers.headers.add()
+            h.key, h.raw_value = k, v.encode()
+        await call.write(req)
+        first = await call.read()
+        sets = first.request_headers.response.header_mutation.set_headers
+        assert {o.header.key: o.header.raw_value for o in sets}["x-added"] == b"one"
+        write_config(cfg, value="two")
+        assert await server.reload()
+        old = server.runtime._old[0]
+        assert old.active == 1  # still pinned by our stream
+        resp = pb.ProcessingRequest()
+        h = resp.response_headers.headers.headers.add()
+        h.key, h.raw_value = ":status", b"200"
+        await call.write(resp)
+        second = await call.read()
+        assert second.HasField("response_headers")
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        await asyncio.wait_for(old.drained.wait(), 5)
+        assert old.active == 0
+
+
+async def test_body_modes_over_grpc(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml")
+    async with running(cfg) as (_, target):
+        for mode in (
+            BodySendMode.BUFFERED,
+            BodySendMode.STREAMED,
+            BodySendMode.FULL_DUPLEX_STREAMED,
+        ):
+            envoy = FakeEnvoy.connect(
+                target, EnvoyMode(response_headers=True, request_body=mode, request_trailers=True)
+            )
+            envoy.chunk_size = 5
+            try:
+                ex = await envoy.request("POST", "/x", body=b"0123456789abc", trailers={"x-t": "1"})
+            finally:
+                await envoy.aclose()
+            assert ex.status == 200, mode
+            assert ex.upstream_body == b"0123456789abc", mode
+
+
+async def test_graceful_stop_lets_open_streams_finish(tmp_path: Path) -> None:
+    from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as g
+
+    cfg = write_config(tmp_path / "c.yaml")
+    port = free_port()
+    server = Server(load_config(cfg), listen=f"127.0.0.1:{port}", admin="")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = g.ExternalProcessorStub(channel).Process()
+        req = pb.ProcessingRequest()
+        h = req.request_headers.headers.headers.add()
+        h.key, h.raw_value = ":path", b"/x"
+        await call.write(req)
+        await call.read()
+        stopping = asyncio.ensure_future(server.stop())
+        await asyncio.sleep(0.1)  # inside the 0.5 s drain delay: health says NOT_SERVING
+        health = health_pb2_grpc.HealthStub(channel)
+        status = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        resp = pb.ProcessingRequest()
+        h = resp.response_headers.headers.headers.add()
+        h.key, h.raw_value = ":status", b"200"
+        await call.write(resp)
+        assert (await call.read()).HasField("response_headers")
+        await call.done_writing()
+        await asyncio.wait_for(stopping, 20)

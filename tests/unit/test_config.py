@@ -1,0 +1,81 @@
+"""Configuration loading: every bad file is refused with file, line and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from extproc.config import ConfigError, load_config, parse_config
+
+BAD = Path(__file__).parents[1] / "fixtures" / "configs" / "bad"
+
+# one fixture file per bad case: (file, line, words the reason must contain)
+CASES = {
+    "yaml_syntax": (3, "YAML syntax error"),
+    "unknown_top_level_key": (2, "servr: Extra inputs are not permitted"),
+    "unknown_plugin": (3, "no plugin named 'no_such_plugin' is installed"),
+    "plugin_schema_violation": (6, "plugins[0].config.rules[0]: Value error, path_prefix"),
+    "plugin_unknown_key": (5, "plugins[0].config.colour: Extra inputs are not permitted"),
+    "deadline_cannot_fit": (6, "500 ms cannot fit the message budget of 180 ms"),
+    "margin_not_below_timeout": (2, "budget_margin_ms must be smaller than message_timeout_ms"),
+    "duplicate_instance_names": (4, "plugins[1]: two plugins are named 'headers'"),
+    "top_level_not_mapping": (1, "the top level must be a mapping"),
+    "wrong_type": (3, "server.message_timeout_ms: Input should be a valid integer"),
+    "unsupported_version": (1, "version: Input should be 1"),
+    "bad_failure_policy": (4, "plugins[0].fail: Input should be 'open' or 'closed'"),
+}
+
+
+def test_every_fixture_has_a_case() -> None:
+    assert {p.stem for p in BAD.glob("*.yaml")} == set(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_config_is_refused_with_file_line_and_reason(name: str) -> None:
+    line, reason = CASES[name]
+    path = BAD / f"{name}.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    first = info.value.problems[0]
+    assert first.startswith(f"{path}:{line}: "), first
+    assert reason in first
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    text = "version: 1\nplugins:\n  - plugin: nope\n  - plugin: headers\n    config: {x: 1}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "multi.yaml")
+    assert len(info.value.problems) == 2
+    assert info.value.problems[0].startswith("multi.yaml:3:")
+    assert info.value.problems[1].startswith("multi.yaml:5:")
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.yaml")
+    assert "absent.yaml: cannot read" in str(info.value)
+
+
+def test_empty_file_is_a_valid_config_with_no_plugins() -> None:
+    loaded = parse_config("", "empty.yaml")
+    assert loaded.plugins == ()
+    assert loaded.config.server.budget_s == pytest.approx(0.18)
+
+
+def test_plugin_by_import_path_and_section_digest_tracks_changes() -> None:
+    base = "plugins:\n  - plugin: headers\n    config: {request_id_header: %s}\n"
+    a = parse_config(base % "x-a")
+    b = parse_config(base % "x-a")
+    c = parse_config(base % "x-b")
+    assert a.section_digest(0) == b.section_digest(0)
+    assert a.section_digest(0) != c.section_digest(0)
+    direct = parse_config("plugins:\n  - plugin: tests.support.plugins:HangPlugin\n")
+    assert direct.plugins[0][1].name == "hang"
+
+
+def test_the_shipped_default_config_is_valid() -> None:
+    from extproc.cli import DEFAULT_DEV_CONFIG
+
+    loaded = load_config(DEFAULT_DEV_CONFIG)
+    assert [e.plugin for e, _, _ in loaded.plugins]
