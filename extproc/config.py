@@ -86,10 +86,27 @@ class ServerSettings(_Strict):
             raise ValueError("budget_margin_ms must be smaller than message_timeout_ms")
         return self
 
+    @model_validator(mode="after")
+    def _max_timeout_above(self) -> ServerSettings:
+        if (
+            self.max_message_timeout_ms is not None
+            and self.max_message_timeout_ms <= self.message_timeout_ms
+        ):
+            raise ValueError("max_message_timeout_ms must be larger than message_timeout_ms")
+        return self
+
+    @property
+    def soft_budget_s(self) -> float:
+        """Time a message may take before Envoy's ``message_timeout`` needs extending."""
+        return (self.message_timeout_ms - self.budget_margin_ms) / 1000
+
     @property
     def budget_s(self) -> float:
-        """Time a message may spend in the plugin chain."""
-        return (self.message_timeout_ms - self.budget_margin_ms) / 1000
+        """Time a message may spend in the plugin chain: up to ``max_message_timeout`` when
+        Envoy allows extending it (``override_message_timeout``), else ``message_timeout``,
+        minus the margin."""
+        limit = self.max_message_timeout_ms or self.message_timeout_ms
+        return (limit - self.budget_margin_ms) / 1000
 
 
 class RedisSettings(_Strict):
@@ -266,7 +283,7 @@ def parse_config(text: str, source: str = "<config>", resolve: Any = None) -> Lo
         raise ConfigError(source, _problems(exc, source, lines, ())) from None
     problems: list[str] = []
     loaded: list[tuple[PluginEntry, type[Plugin], PluginConfig]] = []
-    budget_ms = config.server.message_timeout_ms - config.server.budget_margin_ms
+    budget_ms = round(config.server.budget_s * 1000)
     seen: set[str] = set()
     for i, entry in enumerate(config.plugins):
         where = ("plugins", i)
@@ -285,9 +302,8 @@ def parse_config(text: str, source: str = "<config>", resolve: Any = None) -> Lo
             line = _where(lines, (*where, "timeout_ms"))
             problems.append(
                 f"{source}:{line}: {_dotted((*where, 'timeout_ms'))}: {entry.timeout_ms} ms "
-                f"cannot fit the message budget of {budget_ms} ms (message_timeout_ms "
-                f"{config.server.message_timeout_ms} - budget_margin_ms "
-                f"{config.server.budget_margin_ms})"
+                f"cannot fit the message budget of {budget_ms} ms ((max_)message_timeout_ms "
+                f"- budget_margin_ms {config.server.budget_margin_ms})"
             )
             continue
         name = instance_name(entry, cls)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import CodeType
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from extproc.config import Config, ConfigError, LoadedConfig, load_config
 from extproc.observability.metrics import Registry
 from extproc.plugin import HealthState
 from extproc.protocol import codec
+from extproc.protocol.events import ImmediateReply, Message, Reply
 from extproc.protocol.state import LocalProtocolError, RemoteProtocolError
 from extproc.runtime import Runtime, Services
 from extproc.stream import StreamMetrics, StreamProcessor
@@ -51,6 +53,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         errors = registry.counter(
             "extproc_protocol_errors_total", "protocol errors by guilty side", ("side",)
         )
+        self._extended = registry.counter(
+            "extproc_message_timeout_extensions_total",
+            "messages for which Envoy was asked to wait longer (override_message_timeout)",
+        ).labels()
         self._remote = errors.labels("remote")
         self._local = errors.labels("local")
         self.open_streams = 0
@@ -71,6 +77,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         )
         loop = asyncio.get_running_loop()
         idle = settings.stream_idle_timeout_s
+        extend_ms = settings.max_message_timeout_ms
+        soft = settings.soft_budget_s
         end = "ok"
         try:
             async with asyncio.timeout(idle) as idle_timer:
@@ -81,7 +89,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     started = loop.time()
                     idle_timer.reschedule(started + idle)
                     msg = codec.decode(request)
-                    reply = await stream.handle(msg, started)
+                    if extend_ms is None or msg.observability_mode:
+                        reply = await stream.handle(msg, started)
+                    else:
+                        reply = await self._handle_extending(
+                            stream, msg, started, soft, extend_ms, context
+                        )
                     if reply is not None:
                         await context.write(codec.encode(msg.phase, reply))
                     if stream.closed:
@@ -106,6 +119,26 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self._ended[end].inc()
             self.open_streams -= 1
             gen.release()
+
+    async def _handle_extending(
+        self,
+        stream: StreamProcessor,
+        msg: Message,
+        started: float,
+        soft: float,
+        extend_ms: int,
+        context: grpc.aio.ServicerContext,
+    ) -> Reply | ImmediateReply | None:
+        """Run the chain; if it is still busy when Envoy's ``message_timeout`` is about to
+        expire, send ``override_message_timeout`` once so Envoy waits for the answer."""
+        work = asyncio.ensure_future(stream.handle(msg, started))
+        done, _ = await asyncio.wait(
+            (work,), timeout=max(0.0, started + soft - asyncio.get_running_loop().time())
+        )
+        if not done:
+            self._extended.inc()
+            await context.write(codec.encode_timeout_extension(extend_ms))
+        return await work
 
 
 class Server:
@@ -135,10 +168,25 @@ class Server:
         self.bound_port = 0
         self.servicer: ExtProcServicer | None = None
         self.shutting_down = False
+        self.watchdog: Any = None
+        self._hook_codes: Callable[[], Mapping[CodeType, str]] = dict
 
     async def start(self) -> None:
         from extproc.admin import AdminServer
-        from extproc.observability.watchdog import LoopLagWatchdog
+        from extproc.observability.watchdog import LoopLagWatchdog, plugin_hook_codes
+
+        codes_for: dict[int, Mapping[CodeType, str]] = {}
+
+        def hook_codes() -> Mapping[CodeType, str]:
+            gen = self.runtime.current
+            if gen is None:
+                return {}
+            if gen.number not in codes_for:
+                codes_for.clear()
+                codes_for[gen.number] = plugin_hook_codes(gen.chain.plugins())
+            return codes_for[gen.number]
+
+        self._hook_codes = hook_codes
 
         settings = self.loaded.config.server
         await self._connect_redis(self.loaded.config)
@@ -161,8 +209,10 @@ class Server:
         await server.start()
         self._server = server
         await self._set_health()
-        watchdog = LoopLagWatchdog(self.services.registry, settings.loop_lag_threshold_ms / 1000)
-        self._tasks.append(asyncio.ensure_future(watchdog.run()))
+        self.watchdog = LoopLagWatchdog(
+            self.services.registry, settings.loop_lag_threshold_ms / 1000, self._hook_codes
+        )
+        self.watchdog.start()
         self._tasks.append(asyncio.ensure_future(self._health_loop()))
         if self.admin_address:
             self._admin = AdminServer(self, self.admin_address)
@@ -263,6 +313,8 @@ class Server:
             await asyncio.sleep(settings.drain_delay_s)
         if self._server is not None:
             await self._server.stop(settings.shutdown_grace_s)
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -24,7 +24,7 @@ from extproc.protocol.events import (
     Reply,
 )
 
-__all__ = ["DecodeError", "decode", "encode", "struct_to_dict"]
+__all__ = ["DecodeError", "decode", "encode", "encode_timeout_extension", "struct_to_dict"]
 
 
 class DecodeError(ValueError):
@@ -208,6 +208,16 @@ def _fill_mode(target: Any, mode: ModeOverride) -> None:
         target.request_trailer_mode = mode.request_trailer_mode
     if mode.response_trailer_mode is not None:
         target.response_trailer_mode = mode.response_trailer_mode
+
+
+def encode_timeout_extension(ms: int) -> pb.ProcessingResponse:
+    """A response carrying only ``override_message_timeout``: asks Envoy to wait up to ``ms``
+    for the reply to the message being processed (once per message; Envoy honours it only up
+    to its ``max_message_timeout``)."""
+    resp = pb.ProcessingResponse()
+    resp.override_message_timeout.seconds = ms // 1000
+    resp.override_message_timeout.nanos = (ms % 1000) * 1_000_000
+    return resp
 
 
 def _encode_immediate(reply: ImmediateReply) -> pb.ProcessingResponse:

@@ -162,6 +162,7 @@ class _Grpc(_Transport):
         self.target = target
         self.channel: Any = None
         self.call: Any = None
+        self.extensions = 0
 
     async def open(self) -> None:
         import grpc
@@ -173,12 +174,17 @@ class _Grpc(_Transport):
         self.call = g.ExternalProcessorStub(self.channel).Process()  # type: ignore[no-untyped-call]
 
     async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+        import grpc
+
         await self.call.write(req)
         if req.observability_mode:
             return None
-        import grpc
-
         resp = await self.call.read()
+        if resp is not grpc.aio.EOF and resp.WhichOneof("response") is None:
+            if not resp.HasField("override_message_timeout"):
+                raise SpuriousResponseError("a response with neither a reply nor a timeout")
+            self.extensions += 1  # Envoy takes one per message, then waits longer
+            resp = await self.call.read()
         if resp is grpc.aio.EOF:
             raise SpuriousResponseError("the sidecar closed the stream without answering")
         assert isinstance(resp, pb.ProcessingResponse)

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.config import load_config
+from extproc.config import ConfigError, load_config
 from extproc.protocol.events import BodySendMode
 from extproc.server import Server
-from extproc.testing.fake_envoy import EnvoyMode, FakeEnvoy
+from extproc.testing.fake_envoy import EnvoyMode, FakeEnvoy, _Grpc
 from extproc.testing.processes import free_port
 
 HEADERS_CONFIG = """
@@ -246,3 +246,57 @@ async def test_graceful_stop_lets_open_streams_finish(tmp_path: Path) -> None:
         assert (await call.read()).HasField("response_headers")
         await call.done_writing()
         await asyncio.wait_for(stopping, 20)
+
+
+async def test_watchdog_names_the_plugin_that_blocks_the_loop(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "server: {loop_lag_threshold_ms: 100}\n"
+        "plugins:\n"
+        "  - plugin: tests.support.plugins:BlockPlugin\n"
+        "    timeout_ms: 100\n"
+        "    fail: open\n"
+        "    config: {path: /block, seconds: 0.5}\n"
+    )
+    async with running(cfg) as (server, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        try:
+            await envoy.request(path="/block")
+        finally:
+            await envoy.aclose()
+        for _ in range(50):
+            if server.watchdog.last_stall is not None:
+                break
+            await asyncio.sleep(0.02)
+        metrics = server.services.registry.render_prometheus()
+    assert server.watchdog.last_stall is not None
+    assert server.watchdog.last_stall[0] == "block"
+    assert 'extproc_loop_stalls_total{plugin="block"} 1' in metrics
+
+
+async def test_slow_plugin_gets_override_message_timeout_only_when_envoy_allows(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    body = (
+        "plugins:\n"
+        "  - plugin: tests.support.plugins:HangPlugin\n"
+        "    timeout_ms: 400\n"
+        "    fail: open\n"
+        "    config: {path: /slow, seconds: 0.3}\n"
+    )
+    cfg.write_text("server: {message_timeout_ms: 200, max_message_timeout_ms: 1000}\n" + body)
+    async with running(cfg) as (_, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        try:
+            ex = await envoy.request(path="/slow")
+            fast = await envoy.request(path="/fast")
+        finally:
+            await envoy.aclose()
+    assert ex.status == 200 and fast.status == 200
+    assert isinstance(envoy.transport, _Grpc)
+    assert envoy.transport.extensions == 1  # the slow message only, once
+    # without max_message_timeout_ms the same plugin cannot fit the budget at all
+    cfg.write_text("server: {message_timeout_ms: 200}\n" + body)
+    with pytest.raises(ConfigError, match="cannot fit the message budget of 180 ms"):
+        load_config(cfg)
