@@ -1,0 +1,215 @@
+"""Adaptive batching of store calls.
+
+* Idle (no round trip in flight): a request is sent at once, alone: light load never waits.
+* Busy: requests gather in a bounded queue until a round trip returns, the batch is full
+  (``max_batch``) or the oldest has waited ``max_wait`` - whichever comes first - but never more
+  than ``max_in_flight`` round trips run at once.
+* A full queue refuses the request (:class:`QueueFullError`, counted in ``dropped``) instead of
+  growing: the caller applies its failure policy.
+* ``flush`` / ``close`` wait (bounded) for queued and in-flight batches.
+
+Each caller gets its own future and may stop waiting for it (cancel it) at its own deadline;
+a cancelled entry that has not been sent yet is dropped from its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["Batcher", "BatcherClosedError", "QueueFullError"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFullError(Exception):
+    """The batcher's queue is full."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher was closed before the item was decided."""
+
+
+@dataclass(slots=True)
+class _Entry(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    deadline: float  # loop time
+    enqueued: float
+
+
+Send = Callable[[Sequence[T], float], Awaitable[Sequence[R]]]
+
+
+class Batcher(Generic[T, R]):
+    """``send(items, deadline)`` decides a batch (one round trip) and returns one result per
+    item, in order; ``deadline`` (loop time) is the latest deadline of the batch's items."""
+
+    def __init__(
+        self,
+        send: Send[T, R],
+        *,
+        max_batch: int = 100,
+        max_wait: float = 0.001,
+        max_in_flight: int = 2,
+        max_queue: int = 10_000,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch < 1 or max_in_flight < 1 or max_queue < 1 or max_wait < 0:
+            raise ValueError("batcher bounds must be positive")
+        self._send = send
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._queue: collections.deque[_Entry[T, R]] = collections.deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._flushing = False
+        self._closed = False
+        #: counters (read by metrics)
+        self.dropped = 0
+        self.batches = 0
+        self.sent = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, item: T, deadline: float) -> asyncio.Future[R]:
+        """Queue ``item``; its result arrives on the returned future. Raises
+        :class:`QueueFullError` or :class:`BatcherClosedError` at once instead of waiting."""
+        if self._closed:
+            raise BatcherClosedError("batcher is closed")
+        if len(self._queue) >= self.max_queue:
+            self._purge_cancelled()
+            if len(self._queue) >= self.max_queue:
+                self.dropped += 1
+                raise QueueFullError("rate-limit queue is full")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.append(_Entry(item, future, deadline, loop.time()))
+        self._idle.clear()
+        self._pump()
+        return future
+
+    def _purge_cancelled(self) -> None:
+        self._queue = collections.deque(e for e in self._queue if not e.future.done())
+
+    def _pump(self) -> None:
+        """Start round trips while allowed; otherwise make sure a timer will come back."""
+        loop = asyncio.get_running_loop()
+        while self._queue and self._in_flight < self.max_in_flight:
+            if (
+                self._in_flight
+                and not self._flushing
+                and len(self._queue) < self.max_batch
+                and loop.time() - self._queue[0].enqueued < self.max_wait
+            ):
+                self._arm_timer(self._queue[0].enqueued + self.max_wait)
+                return
+            if not self._dispatch():
+                break
+        if not self._queue:
+            self._cancel_timer()
+            if not self._in_flight:
+                self._idle.set()
+
+    def _arm_timer(self, when: float) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _dispatch(self) -> bool:
+        entries: list[_Entry[T, R]] = []
+        while self._queue and len(entries) < self.max_batch:
+            entry = self._queue.popleft()
+            if not entry.future.done():  # its caller gave up: do not count it
+                entries.append(entry)
+        if not entries:
+            return False
+        self._cancel_timer()
+        self._in_flight += 1
+        self.batches += 1
+        self.sent += len(entries)
+        if self._on_batch is not None:
+            self._on_batch(len(entries))
+        task = asyncio.get_running_loop().create_task(self._run(entries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _run(self, entries: list[_Entry[T, R]]) -> None:
+        try:
+            deadline = max(e.deadline for e in entries)
+            results = await self._send([e.item for e in entries], deadline)
+            for entry, result in zip(entries, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        except asyncio.CancelledError:
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(BatcherClosedError("batcher was closed"))
+            raise
+        except Exception as exc:
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+        finally:
+            self._in_flight -= 1
+            if not self._closed or self._flushing:
+                self._pump()
+            if not self._queue and not self._in_flight:
+                self._idle.set()
+
+    async def flush(self, within: float) -> bool:
+        """Send everything queued now (no gathering) and wait for every round trip, at most
+        ``within`` seconds. True when all finished."""
+        self._flushing = True
+        try:
+            self._pump()
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._flushing = False
+
+    async def close(self, within: float) -> bool:
+        """Refuse new items, flush (bounded), then fail whatever is left. True when all
+        finished within ``within`` seconds."""
+        self._closed = True
+        done = await self.flush(within)
+        self._cancel_timer()
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(BatcherClosedError("batcher was closed"))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._idle.set()
+        return done

@@ -1,0 +1,496 @@
+"""The ``rate_limit`` plugin: descriptors from the request, exact counters in Redis (batched), an
+in-process store when there is no Redis or as a fallback, and 429s with RateLimit headers.
+
+Envoy side of ``headers.on_allow``: allowed requests carry their RateLimit values as dynamic
+metadata in the namespace ``extproc.rate_limit`` (keys ``limit``, ``remaining``, ``reset``).
+Turn them into response headers with the route's or listener's ``response_headers_to_add``::
+
+    response_headers_to_add:
+      - header: {key: RateLimit-Remaining,
+                 value: "%DYNAMIC_METADATA(extproc.rate_limit:remaining)%"}
+        keep_empty_value: false
+
+(likewise ``RateLimit-Limit`` / ``RateLimit-Reset``). That costs no response-headers phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from extproc.context import (
+    AUTH_CLAIMS,
+    AUTH_SUBJECT,
+    Clock,
+    PluginContext,
+    RequestContext,
+    time_left,
+)
+from extproc.plugin import (
+    CONTINUE,
+    Continue,
+    HealthStatus,
+    Needs,
+    Plugin,
+    Reject,
+    RequestEvent,
+    RequestHeaders,
+    Result,
+)
+from extproc.services.breaker import BreakerState, CircuitBreaker
+from plugins.rate_limit.batcher import Batcher, BatcherClosedError, QueueFullError
+from plugins.rate_limit.config import FailPolicy, MissingPart, RateLimitConfig, Rule, parse_part
+from plugins.rate_limit.keys import (
+    GRANTED,
+    OVER_LIMIT,
+    Hit,
+    Outcome,
+    client_address,
+    encode_value,
+    redis_key,
+    route_matches,
+)
+from plugins.rate_limit.store import LocalStore, RedisStore, StoreUnavailableError
+
+__all__ = ["RateLimitPlugin"]
+
+_UNKNOWN: Final = "unknown"
+_BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+_BREAKER_VALUE: Final = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0,
+                         BreakerState.OPEN: 2.0}  # fmt: skip
+
+Part = tuple[str, str]
+Limits = tuple[tuple[int, int], ...]  # (requests, period_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """A rule compiled once per generation."""
+
+    index: int
+    rule: Rule
+    parts: tuple[Part, ...]
+    limits: Limits
+    overrides: tuple[tuple[tuple[tuple[Part, str], ...], Limits | None], ...]  # None: unlimited
+    gcra: bool
+    shadow: bool
+
+
+def _limits(items: Iterable[Any]) -> Limits:
+    return tuple((lim.requests, lim.period) for lim in items)
+
+
+def _compile(config: RateLimitConfig) -> tuple[_Rule, ...]:
+    out = []
+    for i, rule in enumerate(config.rules):
+        overrides = tuple(
+            (
+                tuple((parse_part(spec), value) for spec, value in o.when.items()),
+                None if o.unlimited else _limits(o.limits),
+            )
+            for o in rule.overrides
+        )
+        out.append(
+            _Rule(
+                index=i,
+                rule=rule,
+                parts=tuple(parse_part(p) for p in rule.key),
+                limits=_limits(rule.limits),
+                overrides=overrides,
+                gcra=rule.algorithm.value == "gcra",
+                shadow=rule.shadow or config.shadow,
+            )
+        )
+    return tuple(out)
+
+
+class _Parts:
+    """Values of key parts for one request, each computed at most once."""
+
+    __slots__ = ("_cache", "_event", "_hops")
+
+    def __init__(self, event: RequestHeaders, hops: int) -> None:
+        self._event = event
+        self._hops = hops
+        self._cache: dict[Part, str | None] = {}
+
+    def get(self, part: Part) -> str | None:
+        try:
+            return self._cache[part]
+        except KeyError:
+            value = self._cache[part] = self._compute(part)
+            return value
+
+    def _compute(self, part: Part) -> str | None:
+        kind, name = part
+        request = self._event.request
+        if kind == "header":
+            return request.headers.get(name)
+        if kind == "claim":
+            claims = self._event.context.get(AUTH_CLAIMS)
+            value = claims.get(name) if isinstance(claims, Mapping) else None
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            return str(value) if isinstance(value, str | int | float) else None
+        if kind == "subject":
+            subject = self._event.context.get(AUTH_SUBJECT)
+            return subject if isinstance(subject, str) and subject else None
+        if kind == "client_address":
+            return client_address(
+                request.attributes, request.headers.get_all("x-forwarded-for"), self._hops
+            )
+        if kind == "path":
+            return request.route_path
+        if kind == "method":
+            return request.method
+        return None
+
+
+class _BadCostError(Exception):
+    pass
+
+
+class RateLimitPlugin(Plugin):
+    """Rate limiting by descriptors; see :mod:`plugins.rate_limit.config`."""
+
+    name: ClassVar[str] = "rate_limit"
+    version: ClassVar[str] = "0.1.0"
+    priority: ClassVar[int] = 900
+    needs: ClassVar[Needs] = Needs(request_headers=True)
+    attributes: ClassVar[tuple[str, ...]] = ("source.address",)
+    Config = RateLimitConfig
+
+    def __init__(self, config: RateLimitConfig) -> None:
+        super().__init__(config)
+        self.config: RateLimitConfig = config
+        self._rules = _compile(config)
+        self._local: LocalStore | None = None
+        self._over: dict[str, tuple[float, int]] = {}  # key -> (until monotonic, limit)
+        self._redis: RedisStore | None = None
+        self._batcher: Batcher[Sequence[Hit], list[Outcome]] | None = None
+        self._breaker: CircuitBreaker | None = None
+        self._clock: Clock = time.monotonic  # replaced by the context's in initialize
+        self._margin = config.fallback_margin_ms / 1000.0
+        self._redis_timeout = config.redis_timeout_ms / 1000.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def take_over(self, previous: Plugin) -> None:
+        if isinstance(previous, RateLimitPlugin):
+            self._local = previous._local
+            self._over = previous._over
+
+    async def initialize(self, context: PluginContext) -> None:
+        if context.redis is None and context.workers > 1:
+            raise ValueError(
+                f"rate_limit: {context.workers} workers without Redis would each count alone "
+                "and allow every limit that many times; configure Redis or run one worker"
+            )
+        cfg = self.config
+        self._clock = context.clock
+        wall = context.wall_clock
+        if self._local is None:
+            self._local = LocalStore(lambda: int(wall() * 1000), cfg.local_max_keys)
+        self._bind_metrics(context)
+        if context.redis is not None:
+            self._breaker = CircuitBreaker(
+                "redis:rate_limit",
+                failure_threshold=cfg.breaker.failure_threshold,
+                reset_timeout=cfg.breaker.reset_timeout_s,
+                clock=context.clock,
+            )
+            self._redis = RedisStore(context.redis, self._breaker, on_round_trip=self._round_trip)
+            store = self._redis
+
+            async def send(batch: Sequence[Sequence[Hit]], deadline: float) -> list[list[Outcome]]:
+                left = deadline - asyncio.get_running_loop().time()
+                return await store.acquire(batch, min(left, self._redis_timeout))
+
+            self._batcher = Batcher(
+                send,
+                max_batch=cfg.batch.max_batch,
+                max_wait=cfg.batch.max_wait_ms / 1000.0,
+                max_in_flight=cfg.batch.max_in_flight,
+                max_queue=cfg.batch.max_queue,
+                on_batch=self._batch_size.observe,
+            )
+        context.logger.info(
+            "rate_limit ready: %d rules, store=%s",
+            len(self._rules),
+            "redis" if self._redis else "local",
+        )
+
+    def _bind_metrics(self, context: PluginContext) -> None:
+        m = context.metrics
+        decisions = m.counter("decisions_total", "rate-limit decisions", ("rule", "result"))
+        results = ("ok", "over_limit", "shadow_over_limit", "cached_over_limit")
+        self._m_decisions = [
+            {r: decisions.labels(rule.rule.name, r) for r in results} for rule in self._rules
+        ]
+        near = m.counter("near_limit_total", "granted with >= 80% of a limit used", ("rule",))
+        self._m_near = [near.labels(r.rule.name) for r in self._rules]
+        shadow = m.counter(
+            "shadow_denials_total", "denials a shadow rule did not enforce", ("rule",)
+        )
+        self._m_shadow = [shadow.labels(r.rule.name) for r in self._rules]
+        fallback = m.counter("fallback_total", "decisions by fail policy", ("rule", "policy"))
+        self._m_fallback = [
+            {p: fallback.labels(r.rule.name, p.value) for p in FailPolicy} for r in self._rules
+        ]
+        trips = m.counter("redis_round_trips_total", "Redis round trips", ("outcome",))
+        self._m_trips = {o: trips.labels(o) for o in ("ok", "timeout", "error", "cancelled")}
+        self._batch_size = m.histogram(
+            "batch_size", "requests per Redis round trip", buckets=_BATCH_BUCKETS
+        ).labels()
+        self._m_dropped = m.counter("queue_full_total", "requests refused by a full queue").labels()
+        m.gauge("breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open", self._gauge)
+
+    def _gauge(self) -> list[tuple[tuple[str, ...], float]]:
+        if self._breaker is None:
+            return []
+        return [((), _BREAKER_VALUE[self._breaker.state])]
+
+    def _round_trip(self, outcome: str, size: int) -> None:
+        self._m_trips[outcome].inc()
+
+    async def health_check(self) -> HealthStatus:
+        if self._breaker is not None and self._breaker.state is not BreakerState.CLOSED:
+            return HealthStatus.degraded("redis breaker open: rules apply their fail policy")
+        return HealthStatus.healthy()
+
+    def metrics(self) -> Mapping[str, float]:
+        out = {"over_limit_cache_keys": float(len(self._over))}
+        if self._local is not None:
+            out["local_keys"] = float(len(self._local))
+        if self._batcher is not None:
+            out["queued"] = float(self._batcher.queued)
+            out["in_flight"] = float(self._batcher.in_flight)
+            out["queue_full"] = float(self._batcher.dropped)
+        return out
+
+    async def shutdown(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close(within=2 * self._redis_timeout + 0.1)
+
+    # ------------------------------------------------------------ hot path
+
+    async def on_request(self, event: RequestEvent) -> Result:
+        if not isinstance(event, RequestHeaders):
+            return CONTINUE
+        try:
+            hits, owners = self._hits(event)
+        except _BadCostError:
+            return Reject(400, "bad_request", "invalid request cost", details="rate_limit:cost")
+        if not hits:
+            return CONTINUE
+        started = self._clock()
+        if self._over:
+            cached = self._cached_denial(hits, owners, started)
+            if cached is not None:
+                return cached
+        outcomes = await self._decide(hits, owners)
+        if isinstance(outcomes, Reject):
+            return outcomes
+        return self._result(hits, owners, outcomes, started, event.context)
+
+    def _hits(self, event: RequestHeaders) -> tuple[list[Hit], list[_Rule]]:
+        request = event.request
+        path, method = request.route_path, request.method
+        parts = _Parts(event, self.config.trusted_xff_hops)
+        hits: list[Hit] = []
+        owners: list[_Rule] = []
+        prefix = self.config.key_prefix
+        for r in self._rules:
+            m = r.rule.match
+            if not route_matches(
+                path, method, prefix=m.path_prefix, exact=m.path_exact, methods=m.methods
+            ):
+                continue
+            descriptor = []
+            for part in r.parts:
+                value = parts.get(part)
+                if value is None:
+                    if r.rule.on_missing is MissingPart.SKIP:
+                        break
+                    value = _UNKNOWN
+                descriptor.append(encode_value(value))
+            else:
+                limits: Limits | None = r.limits
+                for when, override in r.overrides:
+                    if all(parts.get(p) == v for p, v in when):
+                        limits = override
+                        break
+                if limits is None:
+                    continue
+                cost = self._cost(r.rule, event)
+                for requests, period in limits:
+                    key = redis_key(
+                        prefix,
+                        r.rule.name,
+                        descriptor,
+                        gcra=r.gcra,
+                        limit=requests,
+                        period_ms=period,
+                    )
+                    hits.append(Hit(key, r.gcra, requests, period, cost, r.shadow))
+                    owners.append(r)
+        return hits, owners
+
+    @staticmethod
+    def _cost(rule: Rule, event: RequestHeaders) -> int:
+        if rule.cost_header is None:
+            return rule.cost
+        raw = event.request.headers.get(rule.cost_header)
+        if raw is None:
+            return rule.cost
+        raw = raw.strip()
+        if not raw.isdigit() or not 1 <= int(raw) <= rule.max_cost:
+            raise _BadCostError
+        return int(raw)
+
+    def _cached_denial(self, hits: list[Hit], owners: list[_Rule], now: float) -> Reject | None:
+        for h, owner in zip(hits, owners, strict=True):
+            if h.shadow:
+                continue
+            entry = self._over.get(h.key)
+            if entry is None:
+                continue
+            until, limit = entry
+            if until <= now:
+                del self._over[h.key]
+                continue
+            self._m_decisions[owner.index]["cached_over_limit"].inc()
+            wait_ms = math.ceil((until - now) * 1000)
+            return self._reject(owner, limit, 0, wait_ms, wait_ms)
+        return None
+
+    async def _decide(self, hits: list[Hit], owners: list[_Rule]) -> list[Outcome] | Reject:
+        batcher = self._batcher
+        assert self._local is not None
+        if batcher is None:
+            return self._local.decide((hits,))[0]
+        budget = min(self._redis_timeout, time_left() - self._margin)
+        assert self._breaker is not None
+        if budget <= 0 or self._breaker.state is BreakerState.OPEN:
+            return self._fallback(hits, owners)
+        loop = asyncio.get_running_loop()
+        try:
+            future = batcher.submit(hits, loop.time() + budget)
+        except (QueueFullError, BatcherClosedError):
+            self._m_dropped.inc()
+            return self._fallback(hits, owners)
+        try:
+            async with asyncio.timeout(budget):
+                return await future
+        except (TimeoutError, StoreUnavailableError, BatcherClosedError):
+            return self._fallback(hits, owners)
+
+    def _fallback(self, hits: list[Hit], owners: list[_Rule]) -> list[Outcome] | Reject:
+        """The store could not decide in time: each rule's fail policy answers."""
+        assert self._local is not None
+        local: list[int] = []
+        out: list[Outcome | None] = [None] * len(hits)
+        counted: set[int] = set()
+        for i, (h, owner) in enumerate(zip(hits, owners, strict=True)):
+            policy = owner.rule.fail
+            if owner.index not in counted:
+                counted.add(owner.index)
+                self._m_fallback[owner.index][policy].inc()
+            if policy is FailPolicy.CLOSED and not h.shadow:
+                return Reject(
+                    owner.rule.fail_status,
+                    "rate_limit_unavailable",
+                    "rate limiting is unavailable",
+                    details=f"rate_limit_unavailable:{owner.rule.name}",
+                )
+            if policy is FailPolicy.LOCAL:
+                local.append(i)
+            else:
+                out[i] = Outcome(GRANTED, h.limit, 0, 0, 0)
+        if local:
+            decided = self._local.decide(([hits[i] for i in local],))[0]
+            for i, o in zip(local, decided, strict=True):
+                out[i] = o
+        return [o for o in out if o is not None]
+
+    def _result(
+        self,
+        hits: list[Hit],
+        owners: list[_Rule],
+        outcomes: list[Outcome],
+        started: float,
+        context: RequestContext,
+    ) -> Result:
+        worst: tuple[Hit, Outcome, _Rule] | None = None  # the denial with the longest wait
+        tightest: tuple[Hit, Outcome] | None = None  # the enforced hit with the least left
+        seen: dict[int, str] = {}
+        for h, owner, o in zip(hits, owners, outcomes, strict=True):
+            idx = owner.index
+            if o.status == OVER_LIMIT:
+                if h.shadow:
+                    self._m_shadow[idx].inc()
+                    seen[idx] = "shadow_over_limit"
+                    continue
+                seen[idx] = "over_limit"
+                if worst is None or o.retry_ms > worst[1].retry_ms:
+                    worst = (h, o, owner)
+                if o.block_ms and self.config.over_limit_cache:
+                    self._remember(h, started + o.block_ms / 1000.0)
+                continue
+            seen.setdefault(idx, "ok")
+            if o.status == GRANTED and o.remaining * 5 <= h.limit:
+                self._m_near[idx].inc()
+            if not h.shadow and (tightest is None or o.remaining < tightest[1].remaining):
+                tightest = (h, o)
+        for idx, result in seen.items():
+            self._m_decisions[idx][result].inc()
+        if worst is not None:
+            h, o, owner = worst
+            return self._reject(owner, h.limit, o.remaining, o.reset_ms, o.retry_ms or o.reset_ms)
+        if self.config.headers.on_allow and tightest is not None:
+            h, o = tightest
+            return Continue(
+                metadata={
+                    "limit": h.limit,
+                    "remaining": o.remaining,
+                    "reset": math.ceil(o.reset_ms / 1000),
+                }
+            )
+        return CONTINUE
+
+    def _remember(self, hit: Hit, until: float) -> None:
+        over = self._over
+        if hit.key not in over and len(over) >= self.config.over_limit_cache_size:
+            now = self._clock()
+            for k in [k for k, (u, _) in over.items() if u <= now]:
+                del over[k]
+            if len(over) >= self.config.over_limit_cache_size:
+                return
+        over[hit.key] = (until, hit.limit)
+
+    def _reject(
+        self, owner: _Rule, limit: int, remaining: int, reset_ms: int, retry_ms: int
+    ) -> Reject:
+        headers: dict[str, str] = {}
+        hc = self.config.headers
+        if hc.on_reject:
+            reset = str(max(1, math.ceil(reset_ms / 1000)))
+            headers["retry-after"] = str(max(1, math.ceil(retry_ms / 1000)))
+            headers["ratelimit-limit"] = str(limit)
+            headers["ratelimit-remaining"] = str(remaining)
+            headers["ratelimit-reset"] = reset
+            if hc.legacy_names:
+                headers["x-ratelimit-limit"] = str(limit)
+                headers["x-ratelimit-remaining"] = str(remaining)
+                headers["x-ratelimit-reset"] = reset
+        return Reject(
+            429,
+            "rate_limited",
+            "Too many requests",
+            headers=headers,
+            details=f"rate_limited:{owner.rule.name}",
+        )

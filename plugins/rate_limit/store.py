@@ -1,0 +1,294 @@
+"""Where counters live: :class:`RedisStore` (one Lua script per batch) and :class:`LocalStore`
+(the same decisions in this process). Both implement :class:`Store`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final, Protocol
+
+from redis.exceptions import NoScriptError, RedisError
+
+from extproc.services.breaker import CircuitBreaker
+from plugins.rate_limit.keys import Hit, Outcome, current, evaluate, next_state
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "SCRIPT",
+    "SCRIPT_SHA",
+    "LocalStore",
+    "RedisStore",
+    "Store",
+    "StoreUnavailableError",
+]
+
+
+class StoreUnavailableError(Exception):
+    """The store could not decide (timeout, connection error, breaker open)."""
+
+
+class Store(Protocol):
+    async def acquire(self, batch: Sequence[Sequence[Hit]], budget: float) -> list[list[Outcome]]:
+        """Decide a batch of requests (each a sequence of hits) in order, within ``budget``
+        seconds, or raise :class:`StoreUnavailableError`."""
+        ...
+
+
+# The script mirrors keys.evaluate step for step (see there for the rules). Integer division is
+# corrected after the double division so that results stay exact for large operands.
+SCRIPT: Final = r"""
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
+  return q
+end
+local function cdiv(a, b) return -idiv(-a, b) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + idiv(tonumber(t[2]), 1000)
+local nk = #KEYS
+local kind, lim, per, cur, dirty = {}, {}, {}, {}, {}
+for i = 1, nk do
+  local j = (i - 1) * 3
+  kind[i] = tonumber(ARGV[j + 1])
+  lim[i] = tonumber(ARGV[j + 2])
+  per[i] = tonumber(ARGV[j + 3])
+  local s = redis.call('HMGET', KEYS[i], 'a', 'b')
+  local c = 0
+  if s[1] and s[2] then
+    local a, b = tonumber(s[1]), tonumber(s[2])
+    if kind[i] == 1 then
+      c = b - (now - a) * lim[i]
+      if c < 0 then c = 0 end
+    elseif a == idiv(now, per[i]) then
+      c = b
+    end
+  end
+  cur[i] = c
+end
+local out = {}
+local p = nk * 3 + 1
+local nargs = #ARGV
+while p <= nargs do
+  local n = tonumber(ARGV[p])
+  p = p + 1
+  local idx, cost, shadow, fits = {}, {}, {}, {}
+  local ok = true
+  for h = 1, n do
+    local i = tonumber(ARGV[p])
+    idx[h] = i
+    cost[h] = tonumber(ARGV[p + 1])
+    shadow[h] = ARGV[p + 2] == '1'
+    p = p + 3
+    if kind[i] == 1 then
+      fits[h] = cur[i] + cost[h] * per[i] <= per[i] * lim[i]
+    else
+      fits[h] = cur[i] + cost[h] <= lim[i]
+    end
+    if not fits[h] and not shadow[h] then ok = false end
+  end
+  local st = {}
+  for h = 1, n do
+    local i = idx[h]
+    if not fits[h] then
+      st[h] = 0
+    elseif shadow[h] or ok then
+      if kind[i] == 1 then cur[i] = cur[i] + cost[h] * per[i] else cur[i] = cur[i] + cost[h] end
+      dirty[i] = true
+      st[h] = 1
+    else
+      st[h] = 2
+    end
+  end
+  for h = 1, n do
+    local i = idx[h]
+    local L, P, c = lim[i], per[i], cur[i]
+    local rem, reset, retry, block = 0, 0, 0, 0
+    if kind[i] == 1 then
+      local cap = P * L
+      rem = idiv(cap - c, P)
+      reset = cdiv(c, L)
+      if st[h] == 0 then retry = cdiv(c + cost[h] * P - cap, L) end
+      if c + P > cap then block = cdiv(c + P - cap, L) end
+    else
+      reset = (idiv(now, P) + 1) * P - now
+      rem = L - c
+      if rem < 0 then rem = 0 end
+      if st[h] == 0 then retry = reset end
+      if c >= L then block = reset end
+    end
+    local k = #out
+    out[k + 1] = st[h]
+    out[k + 2] = rem
+    out[k + 3] = reset
+    out[k + 4] = retry
+    out[k + 5] = block
+  end
+end
+for i = 1, nk do
+  if dirty[i] then
+    local a, ttl
+    if kind[i] == 1 then
+      a = now
+      ttl = cdiv(cur[i], lim[i])
+    else
+      a = idiv(now, per[i])
+      ttl = (a + 1) * per[i] - now
+    end
+    if ttl > 0 then
+      redis.call('HSET', KEYS[i], 'a', string.format('%d', a), 'b', string.format('%d', cur[i]))
+      redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+    end
+  end
+end
+return out
+"""
+
+SCRIPT_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
+_FIELDS: Final = 5
+
+
+def _script_args(batch: Sequence[Sequence[Hit]]) -> tuple[list[str], list[int]]:
+    """KEYS (each distinct key once) and ARGV (per key: kind, limit, period; per request: the
+    number of hits, then key index, cost and shadow flag of each)."""
+    index: dict[str, int] = {}
+    keys: list[str] = []
+    specs: list[int] = []
+    tail: list[int] = []
+    for hits in batch:
+        tail.append(len(hits))
+        for h in hits:
+            i = index.get(h.key)
+            if i is None:
+                i = index[h.key] = len(keys) + 1
+                keys.append(h.key)
+                specs += (1 if h.gcra else 0, h.limit, h.period_ms)
+            tail += (i, h.cost, 1 if h.shadow else 0)
+    return keys, specs + tail
+
+
+def _parse(batch: Sequence[Sequence[Hit]], raw: Sequence[int]) -> list[list[Outcome]]:
+    out: list[list[Outcome]] = []
+    p = 0
+    for hits in batch:
+        decided = []
+        for _ in hits:
+            s, rem, reset, retry, block = raw[p : p + _FIELDS]
+            decided.append(Outcome(int(s), int(rem), int(reset), int(retry), int(block)))
+            p += _FIELDS
+        out.append(decided)
+    if p != len(raw):
+        raise StoreUnavailableError("unexpected script reply length")
+    return out
+
+
+class RedisStore:
+    """Counters in Redis: a whole batch is one ``EVALSHA`` (``EVAL`` after ``NOSCRIPT``), the
+    time is Redis' own (``TIME`` in the script), every call is bounded by ``budget`` and goes
+    through ``breaker``. A cancelled call makes redis-py drop its connection (it disconnects on
+    any exception while sending or reading), so a late reply is never read by the next call.
+
+    A batch must live on one node: with Redis Cluster, group it by the keys' hash-tag slot first
+    (not done yet: the sidecar talks to one Redis).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        breaker: CircuitBreaker,
+        *,
+        on_round_trip: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self._redis = redis
+        self.breaker = breaker
+        self._on_round_trip = on_round_trip
+
+    async def acquire(self, batch: Sequence[Sequence[Hit]], budget: float) -> list[list[Outcome]]:
+        if not batch:
+            return []
+        if budget <= 0 or not self.breaker.allow():
+            raise StoreUnavailableError("redis breaker open" if budget > 0 else "no time left")
+        keys, args = _script_args(batch)
+        outcome = "error"
+        try:
+            async with asyncio.timeout(budget):
+                try:
+                    raw = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                        "EVALSHA", SCRIPT_SHA, len(keys), *keys, *args
+                    )
+                except NoScriptError:
+                    evaluate_script = self._redis.execute_command
+                    raw = await evaluate_script(  # type: ignore[no-untyped-call]
+                        "EVAL", SCRIPT, len(keys), *keys, *args
+                    )
+            result = _parse(batch, raw)
+            outcome = "ok"
+        except TimeoutError as exc:
+            outcome = "timeout"
+            self.breaker.record_failure()
+            raise StoreUnavailableError("redis timed out") from exc
+        except (RedisError, OSError, ValueError, TypeError) as exc:
+            self.breaker.record_failure()
+            raise StoreUnavailableError(f"redis failed: {type(exc).__name__}") from exc
+        except BaseException:
+            outcome = "cancelled"
+            self.breaker.record_failure()  # never leave a half-open trial pending
+            raise
+        finally:
+            if self._on_round_trip is not None:
+                self._on_round_trip(outcome, len(batch))
+        self.breaker.record_success()
+        return result
+
+
+class LocalStore:
+    """The same decisions in this process (one worker): counters in a bounded dict.
+
+    ``clock_ms`` gives Unix milliseconds (fixed windows align to the epoch as in Redis). When
+    ``max_keys`` is reached, expired keys are swept; if that is not enough the oldest keys are
+    dropped (their counts are lost: those clients may get extra permits).
+    """
+
+    def __init__(self, clock_ms: Callable[[], int], max_keys: int = 1_000_000) -> None:
+        self._clock_ms = clock_ms
+        self._max_keys = max_keys
+        self._states: dict[str, tuple[int, int, int]] = {}  # key -> (a, b, expires_at_ms)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    async def acquire(self, batch: Sequence[Sequence[Hit]], budget: float) -> list[list[Outcome]]:
+        return self.decide(batch)
+
+    def decide(self, batch: Sequence[Sequence[Hit]]) -> list[list[Outcome]]:
+        now = self._clock_ms()
+        counters: dict[str, int] = {}
+        specs: dict[str, Hit] = {}
+        for hits in batch:
+            for h in hits:
+                if h.key in counters:
+                    continue
+                st = self._states.get(h.key)
+                state = None if st is None or st[2] <= now else (st[0], st[1])
+                counters[h.key] = current(h, state, now)
+                specs[h.key] = h
+        before = dict(counters)
+        result = evaluate(batch, now, counters)
+        for key, value in counters.items():
+            if value != before[key]:
+                (a, b), ttl = next_state(specs[key], value, now)
+                if ttl > 0:
+                    self._put(key, (a, b, now + ttl), now)
+        return result
+
+    def _put(self, key: str, value: tuple[int, int, int], now: int) -> None:
+        states = self._states
+        if key not in states and len(states) >= self._max_keys:
+            for k in [k for k, v in states.items() if v[2] <= now]:
+                del states[k]
+            if len(states) >= self._max_keys:
+                for k in list(states)[: max(1, self._max_keys // 10)]:
+                    del states[k]
+        states[key] = value

@@ -1,0 +1,313 @@
+"""The rate limiter against a real redis-server (its own, on a free port; never 6379)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.context import PluginContext, RequestContext, _deadline
+from extproc.observability.metrics import Registry
+from extproc.plugin import Continue, Headers, HealthState, HttpRequest, Reject, RequestHeaders
+from extproc.services.redis import make_redis
+from extproc.testing.context import make_plugin_context
+from extproc.testing.redis_server import RedisServer
+from plugins.rate_limit import RateLimitConfig, RateLimitPlugin
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+def config(
+    algorithm: str = "fixed_window",
+    limit: int = 100,
+    per: str = "day",  # a window boundary inside a test run is then (almost) impossible
+    fail: str = "open",
+    **extra: Any,
+) -> RateLimitConfig:
+    rule = {
+        "name": "k",
+        "key": ["header:x-api-key"],
+        "algorithm": algorithm,
+        "limits": [{"requests": limit, "per": per}],
+        "fail": fail,
+    }
+    return RateLimitConfig.model_validate({"rules": [rule], **extra})
+
+
+def event(key: str = "client") -> RequestHeaders:
+    request = HttpRequest(method="GET", path="/api/x", headers=Headers.of({"x-api-key": key}))
+    return RequestHeaders(request, RequestContext())
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.made: list[tuple[RateLimitPlugin, PluginContext]] = []
+        self.clients: list[Any] = []
+
+    async def plugin(
+        self,
+        server: RedisServer,
+        cfg: RateLimitConfig,
+        *,
+        registry: Registry | None = None,
+        previous: RateLimitPlugin | None = None,
+    ) -> RateLimitPlugin:
+        redis = make_redis(server.url, socket_timeout=1.0, connect_timeout=1.0)
+        self.clients.append(redis)
+        ctx = make_plugin_context("rate_limit", cfg, redis=redis, registry=registry)
+        plugin = RateLimitPlugin(cfg)
+        if previous is not None:
+            plugin.take_over(previous)
+        await plugin.initialize(ctx)
+        self.made.append((plugin, ctx))
+        return plugin
+
+    async def close(self) -> None:
+        for plugin, ctx in self.made:
+            await plugin.shutdown()
+            await ctx.http.aclose()
+        for client in self.clients:
+            await client.aclose()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = Harness()
+    yield h
+    await h.close()
+
+
+async def call(plugin: RateLimitPlugin, budget: float = 0.2, key: str = "client") -> Any:
+    """One request under a chain deadline of ``budget`` seconds; (result, seconds taken)."""
+    loop = asyncio.get_running_loop()
+    token = _deadline.set(loop.time() + budget)
+    started = loop.time()
+    try:
+        result = await plugin.on_request(event(key))
+    finally:
+        _deadline.reset(token)
+    return result, loop.time() - started
+
+
+def granted(results: list[Any]) -> int:
+    return sum(isinstance(r, Continue) for r, _ in results)
+
+
+def round_trips(server: RedisServer) -> int:
+    return server.calls("evalsha") + server.calls("eval")
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "gcra"])
+async def test_exact_under_concurrency_in_few_round_trips(
+    server: RedisServer, harness: Harness, algorithm: str
+) -> None:
+    # fail closed and a long Redis timeout: a fallback would show as a 503, never as a grant
+    cfg = config(algorithm, limit=100, fail="closed", redis_timeout_ms=1000)
+    plugin = await harness.plugin(server, cfg)
+    server.reset_stats()
+    results = await asyncio.gather(*(call(plugin, budget=5.0) for _ in range(500)))
+    assert granted(results) == 100
+    denied = [r for r, _ in results if isinstance(r, Reject)]
+    assert len(denied) == 400 and all(r.status == 429 for r in denied)
+    assert round_trips(server) <= 0.1 * 500, server.command_stats()
+
+
+async def test_two_sidecar_processes_share_one_redis_exactly(server: RedisServer) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, json, sys
+        from extproc.context import RequestContext
+        from extproc.plugin import Continue, Headers, HttpRequest, RequestHeaders
+        from extproc.services.redis import make_redis
+        from extproc.testing.context import make_plugin_context
+        from plugins.rate_limit import RateLimitConfig, RateLimitPlugin
+
+        async def main(url, algorithm):
+            cfg = RateLimitConfig.model_validate({"rules": [{
+                "name": "k", "key": ["header:x-api-key"], "algorithm": algorithm,
+                "limits": [{"requests": 150, "per": "day"}], "fail": "closed"}],
+                "redis_timeout_ms": 1000})
+            redis = make_redis(url, socket_timeout=2.0, connect_timeout=2.0)
+            ctx = make_plugin_context("rate_limit", cfg, redis=redis)
+            plugin = RateLimitPlugin(cfg)
+            await plugin.initialize(ctx)
+            req = HttpRequest(method="GET", path="/", headers=Headers.of({"x-api-key": "shared"}))
+            grants = 0
+            statuses = set()
+            for _ in range(4):  # waves, so that the two processes overlap
+                results = await asyncio.gather(
+                    *(plugin.on_request(RequestHeaders(req, RequestContext())) for _ in range(100))
+                )
+                grants += sum(isinstance(r, Continue) for r in results)
+                statuses |= {getattr(r, "status", 200) for r in results}
+            await plugin.shutdown()
+            await ctx.http.aclose()
+            await redis.aclose()
+            print(json.dumps({"grants": grants, "statuses": sorted(statuses)}))
+
+        asyncio.run(main(sys.argv[1], sys.argv[2]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for algorithm in ("fixed_window", "gcra"):
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                script,
+                server.url,
+                algorithm,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+            for _ in range(2)
+        ]
+        outputs = []
+        for proc in procs:
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()[-2000:]
+            outputs.append(json.loads(out.decode().strip().splitlines()[-1]))
+        assert sum(o["grants"] for o in outputs) == 150, outputs  # 800 requests, limit 150
+        assert all(503 not in o["statuses"] for o in outputs)  # Redis never failed
+
+
+async def test_over_limit_cache_avoids_redis(server: RedisServer, harness: Harness) -> None:
+    plugin = await harness.plugin(server, config(limit=5))
+    for _ in range(6):
+        await call(plugin)
+    server.reset_stats()
+    results = [await call(plugin) for _ in range(50)]
+    assert granted(results) == 0
+    assert round_trips(server) == 0
+    other = await call(plugin, key="someone-else")
+    assert isinstance(other[0], Continue)
+    assert round_trips(server) == 1
+
+
+async def test_redis_killed_mid_load_applies_policy_within_budget(
+    server: RedisServer, harness: Harness
+) -> None:
+    budget = 0.1
+    breaker = {"failure_threshold": 2}
+    closed = await harness.plugin(server, config(limit=10**6, fail="closed", breaker=breaker))
+    local = await harness.plugin(server, config(limit=10**6, fail="local", breaker=breaker))
+    load = [asyncio.create_task(call(closed, budget)) for _ in range(200)]
+    await asyncio.sleep(0)  # the first round trips are on their way
+    server.kill()
+    during = await asyncio.gather(*load)
+    assert all(isinstance(r, Continue | Reject) for r, _ in during)
+    assert max(t for _, t in during) < budget + 0.5
+    for plugin, expect_allowed in ((closed, False), (local, True)):
+        results = await asyncio.gather(*(call(plugin, budget) for _ in range(200)))
+        assert all(isinstance(r, Continue) is expect_allowed for r, _ in results)
+        if not expect_allowed:
+            assert {r.status for r, _ in results} == {503}
+        assert max(t for _, t in results) < budget + 0.5  # generous ceiling on 2 noisy cores
+    assert (await closed.health_check()).state is HealthState.DEGRADED
+
+
+async def test_paused_redis_never_holds_a_request_past_its_budget(
+    server: RedisServer, harness: Harness
+) -> None:
+    budget = 0.08
+    cfg = config(
+        limit=1000, fail="open", breaker={"failure_threshold": 1000}, headers={"on_allow": True}
+    )
+    plugin = await harness.plugin(server, cfg)
+    warm = [await call(plugin, budget) for _ in range(10)]
+    assert granted(warm) == 10
+    server.pause()
+    try:
+        results = await asyncio.gather(*(call(plugin, budget) for _ in range(300)))
+    finally:
+        server.resume()
+    assert granted(results) == 300  # fail open
+    assert max(t for _, t in results) < budget + 0.5
+    # Batches already written to the paused server still run when it resumes (their requests
+    # were answered by the fail policy meanwhile). The connections that carried them were
+    # dropped, so every later reply belongs to its own request: the counts line up exactly.
+    after = [await call(plugin, 5.0) for _ in range(5)]
+    remaining = [r.metadata["remaining"] for r, _ in after]
+    assert remaining == list(range(remaining[0], remaining[0] - 5, -1))
+    stored = server.command("HGET", "rl:{k|client}:f1000/86400000", "b").decode()
+    assert int(stored.split("\r\n")[1]) == 1000 - remaining[-1]
+
+
+async def test_timed_out_connection_is_not_reused(server: RedisServer) -> None:
+    client = make_redis(server.url, socket_timeout=2.0, max_connections=1)
+    try:
+        await client.set("x", "stale")
+        server.pause()
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await client.get("x")
+        finally:
+            server.resume()
+        assert await client.ping() is True  # not the late "stale" reply
+        assert await client.get("missing") is None
+    finally:
+        await client.aclose()
+
+
+async def test_redis_restart_recovers_without_restarting_the_plugin(
+    server: RedisServer, harness: Harness
+) -> None:
+    cfg = config(
+        limit=10**6,
+        fail="closed",
+        breaker={"failure_threshold": 2, "reset_timeout_s": 0.05},
+    )
+    plugin = await harness.plugin(server, cfg)
+    assert isinstance((await call(plugin))[0], Continue)
+    server.stop()
+    down = [await call(plugin) for _ in range(5)]
+    assert all(isinstance(r, Reject) and r.status == 503 for r, _ in down)
+    assert (await plugin.health_check()).state is HealthState.DEGRADED
+    server.start()  # same port, empty: the script must be loaded again (NOSCRIPT -> EVAL)
+    recovered = False
+    async with asyncio.timeout(10):
+        while not recovered:
+            await asyncio.sleep(0.06)
+            recovered = isinstance((await call(plugin))[0], Continue)
+    assert (await plugin.health_check()).state is HealthState.HEALTHY
+    assert server.calls("eval") >= 1
+
+
+async def test_take_over_keeps_counters_and_cache(server: RedisServer, harness: Harness) -> None:
+    cfg = config(limit=5, fail="local")
+    old = await harness.plugin(server, cfg)
+    assert granted([await call(old) for _ in range(7)]) == 5
+    new = await harness.plugin(server, cfg, previous=old)
+    server.reset_stats()
+    assert granted([await call(new) for _ in range(3)]) == 0
+    assert round_trips(server) == 0  # the over-limit cache came along
+
+
+async def test_shutdown_flushes_the_batcher(server: RedisServer, harness: Harness) -> None:
+    registry = Registry()
+    cfg = config(limit=100, fail="closed", redis_timeout_ms=1000)
+    plugin = await harness.plugin(server, cfg, registry=registry)
+    tasks = [asyncio.create_task(call(plugin, budget=5.0)) for _ in range(400)]
+    await asyncio.sleep(0)  # all queued or in flight
+    await plugin.shutdown()
+    results = await asyncio.gather(*tasks)
+    assert granted(results) == 100  # every request got a Redis decision
+    text = registry.render_prometheus()
+    assert 'extproc_rate_limit_fallback_total{rule="k",policy="closed"} 0' in text

@@ -1,0 +1,180 @@
+"""The adaptive batcher against a fake store whose round trips the test releases by hand."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from plugins.rate_limit.batcher import Batcher, BatcherClosedError, QueueFullError
+
+FAR = 1e12  # a deadline that never matters
+
+
+class GatedStore:
+    """Records each batch; a round trip finishes only when the test opens its gate."""
+
+    def __init__(self, *, auto: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+        self.started = asyncio.Event()
+        self.second = asyncio.Event()  # set when a second round trip starts
+        self.auto = auto
+        self.fail: Exception | None = None
+
+    async def send(self, items: Sequence[int], deadline: float) -> list[int]:
+        self.batches.append(list(items))
+        gate = asyncio.Event()
+        if self.auto:
+            gate.set()
+        self.gates.append(gate)
+        self.started.set()
+        if len(self.batches) >= 2:
+            self.second.set()
+        await gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [i * 10 for i in items]
+
+    def release(self, index: int) -> None:
+        self.gates[index].set()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_idle_sends_at_once_alone() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    assert await b.submit(1, FAR) == 10
+    assert store.batches == [[1]]  # no waiting for company when idle
+
+
+async def test_gathers_while_in_flight_and_sends_on_return() -> None:
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    first = b.submit(0, FAR)
+    await settle()
+    rest = [b.submit(i, FAR) for i in range(1, 6)]
+    await settle()
+    assert store.batches == [[0]]  # the others wait for the round trip in flight
+    store.release(0)
+    assert await first == 0
+    await settle()
+    assert store.batches == [[0], [1, 2, 3, 4, 5]]  # one round trip for all of them
+    store.release(1)
+    assert await asyncio.gather(*rest) == [10, 20, 30, 40, 50]
+
+
+async def test_full_batch_goes_while_another_is_in_flight() -> None:
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(store.send, max_batch=3, max_wait=10.0, max_in_flight=2)
+    futures = [b.submit(0, FAR)]
+    await settle()
+    futures += [b.submit(i, FAR) for i in range(1, 8)]
+    await settle()
+    # the first alone; then a full batch of 3 as the second round trip; the rest wait
+    assert store.batches == [[0], [1, 2, 3]]
+    assert b.queued == 4
+    store.release(0)
+    await settle()
+    assert store.batches[2] == [4, 5, 6]  # a slot freed: the next full batch
+    for i in range(1, 4):
+        store.release(i)
+        await settle()
+    assert await asyncio.gather(*futures) == [i * 10 for i in range(8)]
+    assert store.batches[3] == [7]
+
+
+async def test_max_wait_sends_a_partial_batch_when_a_slot_is_free() -> None:
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=0.005, max_in_flight=2)
+    b.submit(0, FAR)
+    await settle()
+    second = b.submit(1, FAR)
+    await settle()
+    assert store.batches == [[0]]  # gathering
+    async with asyncio.timeout(5):
+        await store.second.wait()  # the max_wait timer fires (no release needed)
+    assert store.batches == [[0], [1]]
+    store.release(1)
+    assert await second == 10
+    store.release(0)
+    await b.close(within=1.0)
+
+
+async def test_bounded_queue_refuses_and_counts() -> None:
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(
+        store.send, max_batch=10, max_wait=10.0, max_in_flight=1, max_queue=3
+    )
+    b.submit(0, FAR)
+    await settle()
+    for i in range(3):
+        b.submit(i + 1, FAR)
+    with pytest.raises(QueueFullError):
+        b.submit(99, FAR)
+    assert b.dropped == 1
+    store.release(0)
+    await settle()
+    store.release(1)
+    assert await b.flush(within=1.0)
+
+
+async def test_cancelled_waiters_are_not_sent() -> None:
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(store.send, max_batch=10, max_wait=10.0, max_in_flight=1)
+    b.submit(0, FAR)
+    await settle()
+    gone = b.submit(1, FAR)
+    kept = b.submit(2, FAR)
+    gone.cancel()  # its caller hit its deadline
+    store.release(0)
+    await settle()
+    assert store.batches[1] == [2]
+    store.release(1)
+    assert await kept == 20
+
+
+async def test_store_error_reaches_every_waiter_of_the_batch() -> None:
+    store = GatedStore(auto=True)
+    store.fail = RuntimeError("down")
+    b: Batcher[int, int] = Batcher(store.send, max_batch=10, max_wait=10.0, max_in_flight=1)
+    with pytest.raises(RuntimeError):
+        await b.submit(1, FAR)
+
+
+async def test_flush_sends_gathered_items_and_waits() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    futures = [b.submit(i, FAR) for i in range(5)]
+    assert await b.flush(within=1.0)
+    assert all(f.done() for f in futures)
+    assert b.in_flight == 0 and b.queued == 0
+
+
+async def test_close_is_bounded_and_fails_what_is_left() -> None:
+    store = GatedStore()  # never released: the round trip hangs
+    b: Batcher[int, int] = Batcher(store.send, max_batch=1, max_wait=10.0, max_in_flight=1)
+    hung = b.submit(1, FAR)
+    queued = b.submit(2, FAR)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert not await b.close(within=0.05)
+    assert loop.time() - started < 2.0
+    for future in (hung, queued):
+        with pytest.raises(BatcherClosedError):
+            await future
+    with pytest.raises(BatcherClosedError):
+        b.submit(3, FAR)
+
+
+def test_bounds_are_checked() -> None:
+    async def send(items: Sequence[int], deadline: float) -> list[int]:
+        return list(items)
+
+    with pytest.raises(ValueError, match="positive"):
+        Batcher(send, max_batch=0)
