@@ -8,7 +8,6 @@ only when the content's hash differs from the last one seen.
 from __future__ import annotations
 
 import hashlib
-import os
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,7 +30,9 @@ async def watch_config(
     path: str, reload: Callable[[], Awaitable[bool]], *, debounce_ms: int = 100
 ) -> None:
     """Run until cancelled: call ``reload()`` after each change of the file's content."""
-    target = Path(os.path.abspath(path))
+    target = Path(path)
+    if not target.is_absolute():
+        target = Path.cwd() / target
     last = content_hash(target)
     async for _changes in awatch(target.parent, debounce=debounce_ms, recursive=False):
         current = content_hash(target)
