@@ -1,0 +1,238 @@
+"""Caches for plugins: a bounded in-process LRU with per-entry TTL, and a two-tier cache that
+puts Redis behind it.
+
+:class:`MemoryCache` is synchronous underneath (``*_nowait`` methods, O(1) each) so that a hot
+path can use it without an ``await``; the async :class:`Cache` protocol on top is what plugins
+program against, so a Redis-backed tier can stand in for it. :class:`TieredCache` never lets a
+Redis failure reach its caller: a failed or slow L2 read is a miss, a failed L2 write is dropped
+(and counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from extproc.context import time_left
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["Cache", "MemoryCache", "TieredCache"]
+
+V = TypeVar("V")
+
+
+class Cache(Protocol):
+    """The cache interface plugins program against (``PluginContext.cache``). ``ttl`` is in
+    seconds. Values are whatever the implementation can hold: any object for
+    :class:`MemoryCache`, what its codec accepts for :class:`TieredCache`."""
+
+    async def get(self, key: str) -> Any: ...
+
+    async def set(self, key: str, value: Any, ttl: float) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+
+class MemoryCache(Generic[V]):
+    """A bounded LRU with a TTL per entry and an injected monotonic clock.
+
+    Expired entries are dropped when touched and, past ``max_entries``, the least recently used
+    entry is evicted: every operation is O(1). Not thread-safe (one event loop per process).
+    """
+
+    __slots__ = ("_clock", "_data", "evictions", "max_entries")
+
+    def __init__(self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.monotonic):
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[float, V]] = OrderedDict()
+        self.evictions = 0
+
+    # synchronous core ------------------------------------------------------------
+
+    def get_nowait(self, key: str) -> V | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if self._clock() >= expires:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def set_nowait(self, key: str, value: V, ttl: float) -> None:
+        if ttl <= 0:
+            self._data.pop(key, None)
+            return
+        self._data[key] = (self._clock() + ttl, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+            self.evictions += 1
+
+    def delete_nowait(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    def discard_where(self, predicate: Callable[[V], bool]) -> int:
+        """Drop every entry whose value matches ``predicate``; O(n), for rare events (a key set
+        changed), never per request. Returns how many were dropped."""
+        doomed = [k for k, (_, v) in self._data.items() if predicate(v)]
+        for k in doomed:
+            del self._data[k]
+        return len(doomed)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until ``key`` expires, or ``None`` when absent/expired (does not touch LRU)."""
+        item = self._data.get(key)
+        if item is None:
+            return None
+        left = item[0] - self._clock()
+        return left if left > 0 else None
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.ttl(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys (a snapshot, expired ones included until touched)."""
+        return iter(list(self._data))
+
+    def keys(self) -> Iterator[str]:
+        return iter(self)
+
+    # Cache protocol ---------------------------------------------------------------
+
+    async def get(self, key: str) -> V | None:
+        return self.get_nowait(key)
+
+    async def set(self, key: str, value: V, ttl: float) -> None:
+        self.set_nowait(key, value, ttl)
+
+    async def delete(self, key: str) -> None:
+        self.delete_nowait(key)
+
+
+class TieredCache(Generic[V]):
+    """L1 :class:`MemoryCache` in front of an optional Redis (L2).
+
+    Values cross into Redis through ``encode``/``decode`` (bytes); a value that fails to decode
+    is a miss. L2 calls are bounded by ``l2_timeout`` and by what the running plugin has left;
+    an L2 hit is copied into L1 for the TTL Redis reports (capped by ``l1_max_ttl``).
+    """
+
+    def __init__(
+        self,
+        l1: MemoryCache[V],
+        redis: Redis | None = None,
+        *,
+        encode: Callable[[V], bytes],
+        decode: Callable[[bytes], V],
+        prefix: str = "extproc:cache:",
+        l2_timeout: float = 0.05,
+        l1_max_ttl: float = 300.0,
+    ) -> None:
+        self.l1 = l1
+        self.redis = redis
+        self._encode = encode
+        self._decode = decode
+        self._prefix = prefix
+        self._l2_timeout = l2_timeout
+        self._l1_max_ttl = l1_max_ttl
+        self.l2_errors = 0
+        self.l2_hits = 0
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def get_nowait(self, key: str) -> V | None:
+        return self.l1.get_nowait(key)
+
+    def _budget(self) -> float:
+        return min(self._l2_timeout, time_left())
+
+    async def get(self, key: str) -> V | None:
+        value = self.l1.get_nowait(key)
+        if value is not None or self.redis is None:
+            return value
+        budget = self._budget()
+        if budget <= 0:
+            return None
+        try:
+            async with asyncio.timeout(budget):
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.get(self._prefix + key)
+                pipe.pttl(self._prefix + key)
+                raw, pttl = await pipe.execute()
+        except Exception:  # L2 trouble is a miss, never an error
+            self.l2_errors += 1
+            return None
+        if raw is None:
+            return None
+        try:
+            value = self._decode(raw if isinstance(raw, bytes) else str(raw).encode())
+        except Exception:
+            self.l2_errors += 1
+            return None
+        ttl = pttl / 1000.0 if isinstance(pttl, int) and pttl > 0 else 0.0
+        if ttl > 0:
+            self.l1.set_nowait(key, value, min(ttl, self._l1_max_ttl))
+        self.l2_hits += 1
+        return value
+
+    async def set(self, key: str, value: V, ttl: float) -> None:
+        self.l1.set_nowait(key, value, min(ttl, self._l1_max_ttl))
+        if self.redis is None or ttl <= 0:
+            return
+        budget = self._budget()
+        if budget <= 0:
+            return
+        try:
+            data = self._encode(value)
+            async with asyncio.timeout(budget):
+                await self.redis.set(self._prefix + key, data, px=max(1, int(ttl * 1000)))
+        except Exception:
+            self.l2_errors += 1
+
+    def set_background(self, key: str, value: V, ttl: float) -> None:
+        """L1 now, L2 in a background task (the request does not wait for Redis)."""
+        self.l1.set_nowait(key, value, min(ttl, self._l1_max_ttl))
+        if self.redis is None or ttl <= 0:
+            return
+        task = asyncio.get_running_loop().create_task(self._write_l2(key, value, ttl))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write_l2(self, key: str, value: V, ttl: float) -> None:
+        assert self.redis is not None
+        try:
+            data = self._encode(value)
+            async with asyncio.timeout(self._l2_timeout):
+                await self.redis.set(self._prefix + key, data, px=max(1, int(ttl * 1000)))
+        except Exception:
+            self.l2_errors += 1
+
+    async def delete(self, key: str) -> None:
+        self.l1.delete_nowait(key)
+        if self.redis is None:
+            return
+        try:
+            async with asyncio.timeout(self._budget()):
+                await self.redis.delete(self._prefix + key)
+        except Exception:
+            self.l2_errors += 1
+
+    async def aclose(self) -> None:
+        """Wait (briefly) for background L2 writes."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=self._l2_timeout * 2)

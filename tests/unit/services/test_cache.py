@@ -1,0 +1,176 @@
+"""MemoryCache (bounded LRU + TTL, injected clock) and TieredCache (L2 failures are misses)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from extproc.services.cache import Cache, MemoryCache, TieredCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ttl_and_lru() -> None:
+    clock = Clock()
+    c: MemoryCache[str] = MemoryCache(2, clock=clock)
+    c.set_nowait("a", "1", 10)
+    c.set_nowait("b", "2", 5)
+    assert c.get_nowait("a") == "1"  # a is now most recent
+    c.set_nowait("c", "3", 10)  # evicts b (least recently used)
+    assert c.get_nowait("b") is None and len(c) == 2 and c.evictions == 1
+    clock.now = 9.99
+    assert c.get_nowait("a") == "1"
+    clock.now = 10
+    assert c.get_nowait("a") is None and "a" not in c
+    assert c.ttl("c") is None
+    c.set_nowait("d", "4", 0)  # ttl <= 0: not stored
+    assert c.get_nowait("d") is None
+
+
+def test_discard_where_and_clear() -> None:
+    c: MemoryCache[int] = MemoryCache(10)
+    for i in range(6):
+        c.set_nowait(str(i), i, 60)
+    assert c.discard_where(lambda v: v % 2 == 0) == 3
+    assert sorted(c.keys()) == ["1", "3", "5"]
+    c.clear()
+    assert len(c) == 0
+
+
+def test_bounded_under_load() -> None:
+    c: MemoryCache[int] = MemoryCache(100)
+    for i in range(10_000):
+        c.set_nowait(str(i), i, 60)
+    assert len(c) == 100 and c.get_nowait("9999") == 9999 and c.get_nowait("0") is None
+
+
+async def test_protocol() -> None:
+    cache: Cache = MemoryCache()
+    await cache.set("k", b"v", 5)
+    assert await cache.get("k") == b"v"
+    await cache.delete("k")
+    assert await cache.get("k") is None
+
+
+class FakeRedis:
+    """Just enough of redis.asyncio for TieredCache, with failure switches."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, tuple[bytes, int]] = {}
+        self.fail = False
+        self.hang = False
+
+    async def _maybe_fail(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.fail:
+            raise ConnectionError("redis down")
+
+    async def set(self, key: str, value: bytes, px: int) -> None:
+        await self._maybe_fail()
+        self.data[key] = (value, px)
+
+    async def delete(self, key: str) -> None:
+        await self._maybe_fail()
+        self.data.pop(key, None)
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        redis = self
+
+        class Pipe:
+            def __init__(self) -> None:
+                self.ops: list[tuple[str, str]] = []
+
+            def get(self, key: str) -> None:
+                self.ops.append(("get", key))
+
+            def pttl(self, key: str) -> None:
+                self.ops.append(("pttl", key))
+
+            async def execute(self) -> list[Any]:
+                await redis._maybe_fail()
+                out: list[Any] = []
+                for op, key in self.ops:
+                    item = redis.data.get(key)
+                    if op == "get":
+                        out.append(item[0] if item else None)
+                    else:
+                        out.append(item[1] if item else -2)
+                return out
+
+        return Pipe()
+
+
+def tiered(redis: FakeRedis | None, clock: Clock | None = None) -> TieredCache[str]:
+    return TieredCache(
+        MemoryCache(10, clock=clock or Clock()),
+        redis,  # type: ignore[arg-type]
+        encode=str.encode,
+        decode=bytes.decode,
+        prefix="t:",
+        l2_timeout=0.05,
+    )
+
+
+async def test_l2_round_trip_fills_l1() -> None:
+    redis = FakeRedis()
+    writer = tiered(redis)
+    await writer.set("k", "v", 30)
+    assert redis.data["t:k"] == (b"v", 30_000)
+    reader = tiered(redis)  # another process: empty L1
+    assert reader.get_nowait("k") is None
+    assert await reader.get("k") == "v"
+    assert reader.get_nowait("k") == "v" and reader.l2_hits == 1
+    assert reader.l1.ttl("k") == pytest.approx(30)
+
+
+async def test_l2_failures_are_misses_never_errors() -> None:
+    redis = FakeRedis()
+    c = tiered(redis)
+    redis.fail = True
+    await c.set("k", "v", 30)  # L1 still written
+    assert c.get_nowait("k") == "v"
+    c.l1.clear()
+    assert await c.get("k") is None
+    await c.delete("k")
+    assert c.l2_errors == 3
+
+
+async def test_slow_l2_is_bounded() -> None:
+    redis = FakeRedis()
+    redis.hang = True
+    c = tiered(redis)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await c.get("k") is None
+    await c.set("k", "v", 30)
+    assert loop.time() - start < 2.0 and c.l2_errors == 2
+
+
+async def test_undecodable_l2_value_is_a_miss() -> None:
+    redis = FakeRedis()
+    redis.data["t:k"] = (b"\xff\xfe", 1000)
+    assert await tiered(redis).get("k") is None
+
+
+async def test_background_write() -> None:
+    redis = FakeRedis()
+    c = tiered(redis)
+    c.set_background("k", "v", 10)
+    assert c.get_nowait("k") == "v"
+    await c.aclose()
+    assert redis.data["t:k"] == (b"v", 10_000)
+
+
+async def test_without_redis_it_is_l1_only() -> None:
+    c = tiered(None)
+    await c.set("k", "v", 10)
+    assert await c.get("k") == "v"
