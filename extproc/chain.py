@@ -95,6 +95,7 @@ class Outcome:
         for key, value in result.set_headers.items():
             k = key.lower()
             self.set_headers[k] = value
+            self.append_headers = [(a, v) for a, v in self.append_headers if a != k]
             if k in self.remove_headers:  # an overwrite replaces every earlier value anyway
                 self.remove_headers.remove(k)
         for key, value in result.append_headers.items():

@@ -123,9 +123,10 @@ class StreamProcessor:
             outcome = await self._body(msg, started)
         else:
             event = self._event(msg)
-            outcome = (
-                await self.chain.run(event, started=started) if self.chain.wants(phase) else None
-            )
+            outcome = await self._flush_buffered(phase, started)
+            if self.chain.wants(phase) and (outcome is None or outcome.respond is None):
+                ran = await self.chain.run(event, started=started)
+                outcome = ran if outcome is None else _join(ran, outcome)
         if self.state.observability_mode:
             return None
         reply = self._reply(msg, outcome)
@@ -195,13 +196,30 @@ class StreamProcessor:
                 later = await self.chain.run(
                     self._body_event(phase, whole, True), buffering, started
                 )
-                if later.respond is not None or outcome is None:
-                    return later
-                later.body = None  # the earlier chunks are gone: a buffered plugin cannot
-                # replace a streamed body; it may only inspect it
-                outcome.set_headers.update(later.set_headers)
-                outcome.metadata.update(later.metadata)
+                return _join(outcome, later)
         return outcome
+
+    async def _flush_buffered(self, phase: Phase, started: float | None) -> Outcome | None:
+        """Trailers end a body whose chunks never said end_of_stream: give the gathered body
+        to the buffering plugins now."""
+        if phase is Phase.REQUEST_TRAILERS:
+            body_phase = Phase.REQUEST_BODY
+        elif phase is Phase.RESPONSE_TRAILERS:
+            body_phase = Phase.RESPONSE_BODY
+        else:
+            return None
+        buf = self._buffers.pop(body_phase, None)
+        if buf is None:
+            return None
+        buffering = tuple(
+            s
+            for s in self.chain.by_phase[body_phase]
+            if _body_mode(s, body_phase) is BodyMode.BUFFERED
+        )
+        later = await self.chain.run(
+            self._body_event(body_phase, bytes(buf), True), buffering, started
+        )
+        return _join(None, later)
 
     # ------------------------------------------------------------ replies
 
@@ -255,6 +273,19 @@ class StreamProcessor:
 
 def _body_mode(slot: Slot, phase: Phase) -> BodyMode:
     return slot.request_body if phase is Phase.REQUEST_BODY else slot.response_body
+
+
+def _join(streamed: Outcome | None, buffered: Outcome) -> Outcome:
+    """Combine what streaming plugins said about the last chunk with what buffering plugins
+    said about the whole body. The earlier chunks have gone upstream already, so a buffering
+    plugin under a streamed mode can answer (respond) or add metadata, never replace the body
+    or change headers that were sent."""
+    if buffered.respond is not None:
+        return buffered
+    if streamed is None:
+        return Outcome(metadata=buffered.metadata)
+    streamed.metadata.update(buffered.metadata)
+    return streamed
 
 
 def _reject_outcome(reject: Reject) -> Outcome:

@@ -92,11 +92,14 @@ def decode(req: pb.ProcessingRequest) -> Message:
     config = None
     if req.HasField("protocol_config"):
         pc = req.protocol_config
-        config = ProtocolConfig(
-            BodySendMode(pc.request_body_mode),
-            BodySendMode(pc.response_body_mode),
-            pc.send_body_without_waiting_for_header_response,
-        )
+        try:
+            config = ProtocolConfig(
+                BodySendMode(pc.request_body_mode),
+                BodySendMode(pc.response_body_mode),
+                pc.send_body_without_waiting_for_header_response,
+            )
+        except ValueError as exc:  # proto3 enums are open: a number we do not know
+            raise DecodeError("unknown body send mode in protocol_config") from exc
     inner = getattr(req, kind)
     if phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS):
         return Message(

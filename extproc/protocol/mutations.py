@@ -63,7 +63,12 @@ def _value(key: str, value: str, report: DropReporter | None) -> bytes | None:
         if report:
             report(key, "header value contains CR, LF or NUL")
         return None
-    return value.encode("utf-8", "surrogateescape")
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        if report:
+            report(key, "header value is not valid UTF-8")
+        return None
 
 
 def header_mutation(
@@ -140,7 +145,11 @@ def body_reply(
 
 def immediate_reply(respond: Respond, report: DropReporter | None = None) -> ImmediateReply:
     """An immediate response from a plugin's :class:`~extproc.plugin.Respond`."""
-    headers = header_mutation(is_request=False, set_headers=respond.headers, report=report)
+    plain = {k: v for k, v in respond.headers.items() if not k.startswith(":")}
+    if report and len(plain) != len(respond.headers):
+        for key in respond.headers.keys() - plain.keys():
+            report(key, "an immediate response takes its status from Respond.status")
+    headers = header_mutation(is_request=False, set_headers=plain, report=report)
     return ImmediateReply(
         status=respond.status,
         headers=headers,

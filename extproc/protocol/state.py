@@ -113,10 +113,6 @@ class StreamState:
         """Account for one message from Envoy, or raise :class:`RemoteProtocolError`."""
         if self.closed:
             raise RemoteProtocolError(f"{msg.phase.value} after the stream was answered")
-        if msg.protocol_config is not None:
-            self.protocol_config = msg.protocol_config
-        if msg.observability_mode:
-            self.observability_mode = True
         is_request = msg.phase.is_request
         side = self.request if is_request else self.response
         step = _TRANSITIONS.get((side, msg.phase))
@@ -126,6 +122,10 @@ class StreamState:
             )
         end = msg.end_of_stream or msg.phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS)
         new = step[1] if end else step[0]
+        if msg.protocol_config is not None:
+            self.protocol_config = msg.protocol_config
+        if msg.observability_mode:
+            self.observability_mode = True
         if is_request:
             self.request = new
         else:
@@ -170,7 +170,7 @@ class StreamState:
             return reply
         reply = self._vet(phase, reply)
         self._pending.popleft()
-        if phase is Phase.RESPONSE_HEADERS and not self._held():
+        if phase is Phase.RESPONSE_HEADERS and (not self._held() or self.response is Side.DONE):
             self.response_started = True  # Envoy now sends the headers downstream
         elif phase is Phase.RESPONSE_BODY:
             self.response_started = True  # held headers go out with the (first) body
@@ -186,6 +186,8 @@ class StreamState:
         if reply.override_message_timeout_ms is not None and reply.override_message_timeout_ms <= 0:
             raise LocalProtocolError("override_message_timeout must be positive")
         is_body = phase in (Phase.REQUEST_BODY, Phase.RESPONSE_BODY)
+        if reply.body is not None and reply.clear_body:
+            raise LocalProtocolError("a reply either replaces or clears the body, not both")
         if (reply.body is not None or reply.clear_body or reply.streamed_body) and not is_body:
             raise LocalProtocolError(f"a body mutation cannot answer {phase.value}")
         if is_body and self._duplex(phase):
