@@ -1,0 +1,114 @@
+"""The cache of validated tokens.
+
+Keys are ``<provider>:<config fingerprint>:<sha256(token)>``: the raw token is never stored
+(nor logged), and a changed provider configuration can never hit an entry validated under the
+old one. An entry lives ``ttl_fraction`` of the token's remaining lifetime (never past ``exp``,
+never longer than ``max_ttl_s``). A hit is not a pass: the caller still checks ``exp``/``nbf``
+against the clock, that the ``kid`` is still in the key set, and the route's rules.
+
+L2 (Redis) holds only ``hash -> claims JSON`` with a TTL; its failures are misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from extproc.services.cache import MemoryCache, TieredCache
+
+from .config import TokenCacheConfig
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["TokenCache", "VerifiedToken", "token_digest"]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    provider: str
+    kid: str | None
+    claims: Mapping[str, Any]
+    exp: float | None
+    nbf: float | None
+    subject: str | None
+    #: request headers derived from the claims (claim_to_headers, payload_header)
+    headers: Mapping[str, str]
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii", "surrogateescape")).hexdigest()
+
+
+def encode_entry(entry: VerifiedToken) -> bytes:
+    return json.dumps(
+        {"p": entry.provider, "k": entry.kid, "c": dict(entry.claims)}, separators=(",", ":")
+    ).encode()
+
+
+class TokenCache:
+    """L1 memory (+ optional Redis L2) of :class:`VerifiedToken`, by provider-scoped key."""
+
+    def __init__(
+        self,
+        config: TokenCacheConfig,
+        *,
+        clock: Callable[[], float],
+        rebuild: Callable[[str, str | None, dict[str, Any]], VerifiedToken | None],
+        redis: Redis | None = None,
+        l1: MemoryCache[VerifiedToken] | None = None,
+    ) -> None:
+        self.config = config
+        self.l1: MemoryCache[VerifiedToken] = l1 or MemoryCache(config.max_entries, clock=clock)
+        self._rebuild = rebuild
+        self.tiered: TieredCache[VerifiedToken] = TieredCache(
+            self.l1,
+            redis if config.redis else None,
+            encode=encode_entry,
+            decode=self._decode,
+            prefix=config.redis_prefix,
+            l2_timeout=config.redis_timeout_ms / 1000,
+            l1_max_ttl=config.max_ttl_s,
+        )
+
+    @property
+    def has_l2(self) -> bool:
+        return self.tiered.redis is not None
+
+    def _decode(self, raw: bytes) -> VerifiedToken:
+        data = json.loads(raw)
+        entry = self._rebuild(str(data["p"]), data.get("k"), data["c"])
+        if entry is None:
+            raise ValueError("unusable entry")
+        return entry
+
+    def get_local(self, key: str) -> VerifiedToken | None:
+        return self.l1.get_nowait(key)
+
+    async def get_remote(self, key: str) -> VerifiedToken | None:
+        if self.tiered.redis is None:
+            return None
+        return await self.tiered.get(key)
+
+    def put(self, key: str, entry: VerifiedToken, now: float) -> None:
+        """Store with TTL = ``ttl_fraction`` of the remaining lifetime, capped."""
+        ttl = self.config.max_ttl_s
+        if entry.exp is not None:
+            ttl = min(ttl, (entry.exp - now) * self.config.ttl_fraction)
+        if ttl <= 0:
+            return
+        self.tiered.set_background(key, entry, ttl)
+
+    def drop_kids_not_in(self, provider: str, kids: frozenset[str | None]) -> int:
+        return self.l1.discard_where(lambda e: e.provider == provider and e.kid not in kids)
+
+    async def aclose(self) -> None:
+        await self.tiered.aclose()
+
+
+def freeze(claims: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(claims)

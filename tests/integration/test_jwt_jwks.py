@@ -1,0 +1,310 @@
+"""jwt_auth against a REAL local JWKS HTTP server (127.0.0.1, port from the OS): rotation with
+single-flight refetch, kid floods, outages, garbage, slow endpoints, starting without keys,
+inheriting keys across a reload. Events are awaited; timings are generous ceilings only."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from extproc.context import RequestContext, _deadline
+from extproc.observability.metrics import Registry
+from extproc.plugin import Continue, Headers, HealthState, HttpRequest, Reject, RequestHeaders
+from extproc.testing.context import make_plugin_context
+from extproc.testing.jwt import JwksServer, KeyPair, TokenFactory, make_ec_key, make_rsa_key
+from plugins.jwt_auth import JwtAuthConfig, JwtAuthPlugin
+
+ISSUER = "https://issuer.test/"
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def k1() -> KeyPair:
+    return make_rsa_key("k1")
+
+
+@pytest.fixture(scope="module")
+def k2() -> KeyPair:
+    return make_ec_key("k2")
+
+
+@pytest.fixture
+async def server(k1: KeyPair) -> AsyncIterator[JwksServer]:
+    async with JwksServer([k1]) as srv:
+        yield srv
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.mono = Clock(10_000.0)
+        self.registry = Registry()
+        self.made: list[tuple[JwtAuthPlugin, Any]] = []
+
+    async def plugin(
+        self, url: str, previous: JwtAuthPlugin | None = None, **overrides: Any
+    ) -> JwtAuthPlugin:
+        provider: dict[str, Any] = {
+            "issuer": ISSUER,
+            "jwks": {"uri": url},
+            "timeout_ms": 2000,
+            "retries": 0,
+            "refetch_min_interval_s": 30,
+            "fetch_retry_min_s": 0.02,
+            "fetch_retry_max_s": 0.1,
+        }
+        provider.update(overrides)
+        cfg = JwtAuthConfig.model_validate({"providers": {"idp": provider}})
+        plugin = JwtAuthPlugin(cfg)
+        if previous is not None:
+            plugin.take_over(previous)
+        ctx = make_plugin_context("jwt_auth", cfg, clock=self.mono, registry=self.registry)
+        await plugin.initialize(ctx)
+        self.made.append((plugin, ctx))
+        return plugin
+
+    def fetch_count(self, kind: str, outcome: str) -> float:
+        text = self.registry.render_prometheus()
+        needle = (
+            f'extproc_jwt_auth_jwks_fetches_total{{provider="idp",kind="{kind}",'
+            f'outcome="{outcome}"}} '
+        )
+        for line in text.splitlines():
+            if line.startswith(needle):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = Harness()
+    yield h
+    for plugin, ctx in h.made:
+        await plugin.shutdown()
+        await ctx.http.aclose()
+
+
+def event(token: str) -> RequestHeaders:
+    headers = Headers.of({"authorization": f"Bearer {token}"})
+    return RequestHeaders(HttpRequest("GET", "/api", headers=headers), RequestContext())
+
+
+async def test_rotation_single_flight_refetch(
+    server: JwksServer, harness: Harness, k1: KeyPair, k2: KeyPair
+) -> None:
+    plugin = await harness.plugin(server.url)
+    assert server.fetches == 1
+    assert isinstance(
+        await plugin.on_request(event(TokenFactory(k1, issuer=ISSUER).mint())), Continue
+    )
+
+    server.rotate([k1, k2])
+    server.hold()  # the refetch will wait at the server until every request has queued
+    new = TokenFactory(k2, issuer=ISSUER)
+    tasks = [
+        asyncio.create_task(plugin.on_request(event(new.mint({"sub": f"u{i}"})))) for i in range(50)
+    ]
+    await server.wait_for_fetches(2)
+    await asyncio.sleep(0)  # let every task reach the shared fetch
+    server.release()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert all(isinstance(r, Continue) for r in results), results[:3]
+    assert server.fetches == 2  # exactly one refetch for 50 concurrent requests
+    assert harness.fetch_count("refetch", "ok") == 1
+
+
+async def test_kid_flood_costs_no_extra_fetches(
+    server: JwksServer, harness: Harness, k1: KeyPair
+) -> None:
+    plugin = await harness.plugin(server.url)
+    factory = TokenFactory(k1, issuer=ISSUER)
+    results = await asyncio.gather(
+        *(plugin.on_request(event(factory.mint(kid=uuid.uuid4().hex))) for _ in range(300))
+    )
+    assert all(isinstance(r, Reject) and r.status == 401 for r in results)
+    assert {r.details for r in results if isinstance(r, Reject)} == {"jwt_unknown_kid"}
+    assert server.fetches == 2  # the initial fetch + one refetch for the whole flood
+    # again, sequentially: still nothing fetched within the interval
+    for _ in range(50):
+        await plugin.on_request(event(factory.mint(kid=uuid.uuid4().hex)))
+    assert server.fetches == 2
+    # once the interval has passed (injected clock), one more refetch is allowed
+    harness.mono.now += 31
+    await plugin.on_request(event(factory.mint(kid="another")))
+    assert server.fetches == 3
+
+
+async def test_unknown_kid_refetch_finds_new_key_after_interval(
+    server: JwksServer, harness: Harness, k1: KeyPair, k2: KeyPair
+) -> None:
+    plugin = await harness.plugin(server.url)
+    token = TokenFactory(k2, issuer=ISSUER).mint()
+    first = await plugin.on_request(event(token))
+    assert isinstance(first, Reject) and first.details == "jwt_unknown_kid"
+    server.rotate([k1, k2])  # the issuer publishes the key a little late
+    again = await plugin.on_request(event(token))
+    assert isinstance(again, Reject)  # negative cache + rate limit: no fetch yet
+    assert server.fetches == 2
+    harness.mono.now += 31
+    assert isinstance(await plugin.on_request(event(token)), Continue)
+
+
+@pytest.mark.parametrize("failure", ["refused", "503", "garbage", "empty", "too_large", "slow"])
+async def test_outage_keeps_last_good_keys(
+    server: JwksServer, harness: Harness, k1: KeyPair, failure: str
+) -> None:
+    plugin = await harness.plugin(server.url, timeout_ms=300, max_jwks_bytes=4096)
+    client = plugin._providers["idp"].jwks
+    assert (await plugin.health_check()).state is HealthState.HEALTHY
+    if failure in ("refused", "503"):
+        await server.down(failure)
+    elif failure == "garbage":
+        server.garbage()
+    elif failure == "empty":
+        server.serve({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]})  # no usable key
+    elif failure == "too_large":
+        server.serve({"keys": [k1.jwk()], "pad": "x" * 10_000})
+    else:
+        server.slow(5)
+    assert await asyncio.wait_for(client.refresh(), 10) is False
+    harness.mono.now += 700  # past cache_duration_s: the key set is old
+    health = await plugin.health_check()
+    assert health.state is HealthState.DEGRADED
+    assert "key set" in health.detail and "700s old" in health.detail
+    result = await plugin.on_request(event(TokenFactory(k1, issuer=ISSUER).mint()))
+    assert isinstance(result, Continue)
+    assert harness.fetch_count("refresh", "error") >= 1
+    # recovery
+    await server.up()
+    server.rotate([k1])
+    assert await asyncio.wait_for(client.refresh(), 10) is True
+    assert (await plugin.health_check()).state is HealthState.HEALTHY
+
+
+async def test_initialize_with_jwks_down_starts_not_ready_then_ready(
+    harness: Harness, k1: KeyPair
+) -> None:
+    async with JwksServer([k1]) as srv:
+        await srv.down("refused")
+        plugin = await harness.plugin(srv.url)  # does not raise
+        health = await plugin.health_check()
+        assert health.state is HealthState.UNHEALTHY and "not loaded" in health.detail
+        token = TokenFactory(k1, issuer=ISSUER).mint()
+        refused = await plugin.on_request(event(token))
+        assert isinstance(refused, Reject) and refused.status == 401
+        assert refused.details == "jwt_jwks_unavailable"
+        await srv.up()  # the background retry (fetch_retry_min_s) picks it up
+        await asyncio.wait_for(plugin._providers["idp"].jwks.ready.wait(), 10)
+        assert (await plugin.health_check()).state is HealthState.HEALTHY
+        assert isinstance(await plugin.on_request(event(token)), Continue)
+
+
+async def test_reload_inherits_previous_key_set(
+    server: JwksServer, harness: Harness, k1: KeyPair
+) -> None:
+    old = await harness.plugin(server.url)
+    await server.down("503")
+    new = await harness.plugin(server.url, previous=old)
+    health = await new.health_check()
+    assert health.state is HealthState.DEGRADED
+    assert isinstance(await new.on_request(event(TokenFactory(k1, issuer=ISSUER).mint())), Continue)
+
+
+async def test_refetch_wait_is_bounded_by_the_deadline(
+    server: JwksServer, harness: Harness, k1: KeyPair, k2: KeyPair
+) -> None:
+    plugin = await harness.plugin(server.url)
+    server.rotate([k1, k2])
+    server.hold()
+    loop = asyncio.get_running_loop()
+    token = _deadline.set(loop.time() + 0.2)
+    try:
+        start = loop.time()
+        result = await plugin.on_request(event(TokenFactory(k2, issuer=ISSUER).mint()))
+        assert loop.time() - start < 3.0
+    finally:
+        _deadline.reset(token)
+    assert isinstance(result, Reject) and result.status == 401
+    server.release()  # the shared fetch was not cancelled with the request: it completes
+    assert await asyncio.wait_for(plugin._providers["idp"].jwks.refresh(), 10)
+    assert isinstance(
+        await plugin.on_request(event(TokenFactory(k2, issuer=ISSUER).mint())), Continue
+    )
+
+
+def test_jwks_uri_must_be_https_except_loopback() -> None:
+    for uri in ("http://idp.example.com/jwks", "http://10.0.0.1/jwks", "file:///etc/jwks"):
+        with pytest.raises(ValidationError):
+            JwtAuthConfig.model_validate(
+                {"providers": {"p": {"issuer": "i", "jwks": {"uri": uri}}}}
+            )
+    for uri in ("https://idp.example.com/jwks", "http://127.0.0.1:1/jwks", "http://[::1]:1/j"):
+        JwtAuthConfig.model_validate({"providers": {"p": {"issuer": "i", "jwks": {"uri": uri}}}})
+
+
+async def test_key_set_age_gauge(server: JwksServer, harness: Harness) -> None:
+    await harness.plugin(server.url)
+    harness.mono.now += 42
+    text = harness.registry.render_prometheus()
+    assert 'extproc_jwt_auth_jwks_key_set_age_seconds{provider="idp"} 42' in text
+
+
+@pytest.mark.redis
+async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1: KeyPair) -> None:
+    """Two plugin instances (two workers) share validated tokens through Redis: only the
+    SHA-256 key and the claims JSON are stored, with a TTL; a stalled Redis is a miss."""
+    from redis.asyncio import Redis
+
+    from extproc.testing.redis_server import RedisServer
+
+    with RedisServer() as rs:
+        redis = Redis.from_url(rs.url)
+        made: list[tuple[JwtAuthPlugin, Any]] = []
+        try:
+            cfg = JwtAuthConfig.model_validate(
+                {"providers": {"idp": {"issuer": ISSUER, "jwks": {"uri": server.url}}}}
+            )
+            for _ in range(2):
+                plugin = JwtAuthPlugin(cfg)
+                ctx = make_plugin_context("jwt_auth", cfg, redis=redis)
+                await plugin.initialize(ctx)
+                made.append((plugin, ctx))
+            a, b = made[0][0], made[1][0]
+            token = TokenFactory(k1, issuer=ISSUER).mint({"sub": "shared"})
+            assert isinstance(await a.on_request(event(token)), Continue)
+            assert a.token_cache is not None and b.token_cache is not None
+            await a.token_cache.aclose()  # wait for the background L2 write
+            keys = await redis.keys("extproc:jwt:*")
+            assert len(keys) == 1 and token.encode() not in keys[0]
+            stored = await redis.get(keys[0])
+            assert stored is not None and token.encode() not in stored and b"shared" in stored
+            assert 0 < await redis.ttl(keys[0]) <= 240  # 80% of 300 s
+            hit = event(token)
+            assert isinstance(await b.on_request(hit), Continue)
+            assert b.token_cache.tiered.l2_hits == 1 and hit.context["auth.subject"] == "shared"
+            # a stalled Redis costs at most its timeout, and the token is verified locally
+            rs.pause()
+            try:
+                other = TokenFactory(k1, issuer=ISSUER).mint({"sub": "other"})
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                assert isinstance(await b.on_request(event(other)), Continue)
+                assert loop.time() - start < 2.0
+            finally:
+                rs.resume()
+        finally:
+            for plugin, ctx in made:
+                await plugin.shutdown()
+                await ctx.http.aclose()
+            await redis.aclose()
