@@ -25,8 +25,7 @@ def _banner(port: int, admin: str | None, envoy_admin: int, extra: list[str]) ->
         f"  sidecar    admin http://{admin}/status  /metrics  /readyz" if admin else "",
         "",
         "Try:",
-        f"  curl -si http://127.0.0.1:{port}/hello",
-        *extra,
+        *(extra or [f"  curl -si http://127.0.0.1:{port}/hello"]),
         "",
         "Ctrl-C stops everything.",
         "",
@@ -43,11 +42,7 @@ async def _run(config_path: str, port: int, upstream_port: int, duration: float)
 
     loaded = load_config(config_path)
     configure_logging(loaded.config.logging)
-    demo: dict[str, Any] = {}
-    extra: list[str] = []
-    demo_hook = _demo_tokens(loaded, port)
-    if demo_hook is not None:
-        demo, extra = demo_hook
+    issuer, extra = await _demo_issuer(loaded, port) or (None, [])
     server = Server(loaded, config_path=config_path)
     upstream = EchoUpstream(port=upstream_port)
     await upstream.start()
@@ -77,18 +72,43 @@ async def _run(config_path: str, port: int, upstream_port: int, duration: float)
             await asyncio.to_thread(envoy.stop)
         await server.stop()
         await upstream.stop()
-        demo.clear()
+        if issuer is not None:
+            await issuer.stop()
     return 0
 
 
-def _demo_tokens(loaded: Any, port: int) -> tuple[dict[str, Any], list[str]] | None:
-    """When the configuration uses the demo issuer, print ready-made tokens."""
+DEMO_ISSUER_PORT = 9400
+
+
+async def _demo_issuer(loaded: Any, port: int) -> tuple[Any, list[str]] | None:
+    """When the configuration's JWKS is the demo issuer's, start it and mint tokens."""
+    uri = f"http://127.0.0.1:{DEMO_ISSUER_PORT}/.well-known/jwks.json"
     for entry, _cls, cfg in loaded.plugins:
         if entry.plugin != "jwt_auth":
             continue
-        demo = getattr(cfg, "demo_issuer", None)
-        if not demo:
-            return None
+        for provider in cfg.providers.values():
+            if provider.jwks.uri != uri:
+                continue
+            from extproc.testing.jwt import JwksServer, TokenFactory, make_rsa_key
+
+            key = make_rsa_key("demo-1")
+            issuer = await JwksServer([key], port=DEMO_ISSUER_PORT).start()
+            audience = provider.audiences[0] if provider.audiences else None
+            tokens = TokenFactory(key, issuer=provider.issuer, audience=audience, lifetime=3600)
+            alice = tokens.mint({"sub": "alice"})
+            admin = tokens.mint({"sub": "root", "roles": ["admin"]})
+            base = f"http://127.0.0.1:{port}"
+            lines = [
+                f"  export ALICE='{alice}'",
+                f"  export ADMIN='{admin}'",
+                f"  curl -si {base}/public/hello                          # no token needed",
+                f'  curl -si -H "authorization: Bearer $ALICE" {base}/api/hello',
+                f'  curl -si -H "authorization: Bearer $ALICE" {base}/admin   # 403: not admin',
+                f'  curl -si -H "authorization: Bearer $ADMIN" {base}/admin',
+                f"  curl -si {base}/api/hello                             # 401: no token",
+                "  # alice may make 5 requests a minute: the 6th gets 429 with Retry-After",
+            ]
+            return issuer, lines
     return None
 
 

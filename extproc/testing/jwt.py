@@ -214,6 +214,7 @@ class JwksServer:
         *,
         path: str = "/.well-known/jwks.json",
         cache_control: str | None = None,
+        port: int = 0,
     ) -> None:
         self.path = path
         self.cache_control = cache_control
@@ -222,7 +223,7 @@ class JwksServer:
         self._status = 200
         self._delay = 0.0
         self._server: asyncio.Server | None = None
-        self._port = 0
+        self._port = port
         self._gate = asyncio.Event()
         self._gate.set()
         self._changed = asyncio.Condition()
