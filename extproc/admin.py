@@ -1,8 +1,8 @@
 """The admin HTTP endpoints: ``/healthz`` (alive), ``/readyz`` (serving correctly),
 ``/metrics`` (Prometheus text) and ``/status`` (JSON).
 
-A deliberately tiny HTTP/1.1 server on asyncio streams: four GET routes, no body parsing, so it
-adds no dependency and no attack surface to the sidecar.
+A deliberately tiny HTTP/1.1 server on asyncio streams (TCP ``host:port`` or ``unix:/path``):
+GET routes only, no body parsing, so it adds no dependency and no attack surface.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from extproc.plugin import HealthState
@@ -17,24 +18,34 @@ from extproc.plugin import HealthState
 if TYPE_CHECKING:
     from extproc.server import Server
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminHttp", "AdminServer", "Handler", "fetch"]
 
 log = logging.getLogger("extproc.admin")
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
+#: (method, path) -> (status, content type, body)
+Handler = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
 
-class AdminServer:
-    def __init__(self, server: Server, address: str) -> None:
-        self.server = server
+
+class AdminHttp:
+    """Serves ``handler`` on ``address`` (``host:port``, port 0 = any; or ``unix:/path``)."""
+
+    def __init__(self, address: str, handler: Handler) -> None:
+        self.address = address
+        self.handler = handler
+        self.unix_path = address[5:] if address.startswith("unix:") else None
         host, _, port = address.rpartition(":")
         self.host = host or "127.0.0.1"
-        self.port = int(port)
+        self.port = 0 if self.unix_path else int(port)
         self._srv: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self._srv = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._srv.sockets[0].getsockname()[1]
+        if self.unix_path is not None:
+            self._srv = await asyncio.start_unix_server(self._handle, self.unix_path)
+        else:
+            self._srv = await asyncio.start_server(self._handle, self.host, self.port)
+            self.port = self._srv.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._srv is not None:
@@ -49,7 +60,7 @@ class AdminServer:
                     pass
             parts = line.decode("latin-1").split()
             method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-            status, ctype, body = await self._route(method, path.split("?")[0])
+            status, ctype, body = await self.handler(method, path.split("?")[0])
         except Exception:
             log.exception("admin request failed")
             status, ctype, body = 503, "text/plain", b"error\n"
@@ -60,8 +71,36 @@ class AdminServer:
         try:
             writer.write(head.encode() + body)
             await writer.drain()
+        except ConnectionError:
+            pass
         finally:
             writer.close()
+
+
+async def fetch(address: str, path: str) -> tuple[int, bytes]:
+    """GET ``path`` from an admin endpoint (``host:port`` or ``unix:/path``); bound it with
+    ``asyncio.timeout`` at the call site."""
+    if address.startswith("unix:"):
+        reader, writer = await asyncio.open_unix_connection(address[5:])
+    else:
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: admin\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+class AdminServer(AdminHttp):
+    """The admin endpoints of one sidecar process."""
+
+    def __init__(self, server: Server, address: str) -> None:
+        super().__init__(address, self._route)
+        self.server = server
 
     async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method != "GET":

@@ -33,6 +33,7 @@ def envoy_spec_for(
     sidecar: Sequence[str] | None = None,
     admin_port: int = 9901,
     failure_mode_allow: bool = False,
+    tls: object | None = None,
 ) -> object:
     """The Envoy bootstrap spec matching a sidecar configuration: the processing mode is the
     union of the phases the enabled plugins declare; attributes and metadata namespaces are the
@@ -57,7 +58,7 @@ def envoy_spec_for(
     return BootstrapSpec(
         listener=ListenerSpec(port=listener_port),
         upstream=UpstreamCluster(host=host or "127.0.0.1", port=int(port)),
-        sidecar=SidecarSpec(endpoints=tuple(sidecar or (settings.listen,))),
+        sidecar=SidecarSpec(endpoints=tuple(sidecar or (settings.listen,)), tls=tls),  # type: ignore[arg-type]
         ext_proc=ExtProcSpec(
             processing_mode=processing_mode_for(cls.needs for _, cls in plugins),
             message_timeout_ms=settings.message_timeout_ms,
@@ -107,8 +108,35 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 1
+    tls = None
+    if args.sidecar_ca:
+        from extproc.envoy_config import TlsSpec
+
+        if (
+            not (args.client_cert and args.client_key)
+            and loaded.config.server.tls
+            and (loaded.config.server.tls.client_ca_file)
+        ):
+            print(
+                "the sidecar requires client certificates (mTLS): give --client-cert and "
+                "--client-key",
+                file=sys.stderr,
+            )
+            return 1
+        tls = TlsSpec(
+            cert_file=args.client_cert or "",
+            key_file=args.client_key or "",
+            ca_file=args.sidecar_ca,
+        )
+    elif loaded.config.server.tls is not None:
+        print(
+            "the sidecar serves TLS: give --sidecar-ca (and --client-cert/--client-key for mTLS)",
+            file=sys.stderr,
+        )
+        return 1
     spec = envoy_spec_for(
         loaded,
+        tls=tls,
         listener_port=args.port,
         upstream=args.upstream,
         sidecar=args.sidecar or None,
@@ -153,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sidecar", action="append", help="sidecar endpoint (repeatable)")
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--failure-mode-allow", action="store_true")
+    p.add_argument("--sidecar-ca", help="CA that signed the sidecar's certificate (TLS)")
+    p.add_argument("--client-cert", help="Envoy's client certificate (mTLS)")
+    p.add_argument("--client-key", help="Envoy's client key (mTLS)")
     p.add_argument("-o", "--output")
     p.set_defaults(func=_cmd_envoy_config)
 

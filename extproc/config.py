@@ -26,6 +26,7 @@ __all__ = [
     "PluginEntry",
     "RedisSettings",
     "ServerSettings",
+    "TlsSettings",
     "TracingSettings",
     "instance_name",
     "load_config",
@@ -35,6 +36,16 @@ __all__ = [
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Strict):
+    cert_file: str = Field(description="PEM certificate chain the sidecar presents")
+    key_file: str = Field(description="PEM private key of that certificate")
+    client_ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle: when set, clients (Envoy) must present a certificate "
+        "it signed (mTLS)",
+    )
 
 
 class ServerSettings(_Strict):
@@ -75,6 +86,9 @@ class ServerSettings(_Strict):
         le=120,
         description="on SIGTERM, NOT_SERVING is reported this long (so Envoy's health check "
         "moves new streams elsewhere) before the listener closes",
+    )
+    tls: TlsSettings | None = Field(
+        None, description="serve gRPC over TLS (files are re-read when they change)"
     )
     loop_lag_threshold_ms: float = Field(
         50.0, gt=0, description="an event-loop stall longer than this is reported"

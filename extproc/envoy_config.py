@@ -162,8 +162,9 @@ class DirectResponse:
 
 @dataclass(frozen=True, slots=True)
 class TlsSpec:
-    """mTLS from Envoy to the sidecar: Envoy presents ``cert_file``/``key_file`` and checks the
-    sidecar's certificate against ``ca_file``. With ``server_name`` set, it is sent as SNI and
+    """TLS from Envoy to the sidecar: Envoy checks the sidecar's certificate against
+    ``ca_file`` and, for mTLS, presents ``cert_file``/``key_file`` (empty: no client
+    certificate). With ``server_name`` set, it is sent as SNI and
     the sidecar's certificate must carry it as a DNS SAN."""
 
     cert_file: str
@@ -685,7 +686,9 @@ def _tls_socket(tls: TlsSpec) -> Any:
                     certificate_chain=core.DataSource(filename=tls.cert_file),
                     private_key=core.DataSource(filename=tls.key_file),
                 )
-            ],
+            ]
+            if tls.cert_file
+            else [],
             validation_context=validation,
             alpn_protocols=["h2"],
         ),

@@ -203,7 +203,13 @@ class Server:
         self.servicer = ExtProcServicer(self.runtime, self.loaded.config, self.services.registry)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.bound_port = server.add_insecure_port(grpc_address(self.listen))
+        if settings.tls is not None:
+            from extproc.tls import server_credentials
+
+            creds = server_credentials(settings.tls)
+            self.bound_port = server.add_secure_port(grpc_address(self.listen), creds)
+        else:
+            self.bound_port = server.add_insecure_port(grpc_address(self.listen))
         if not self.listen.startswith("unix:") and self.bound_port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await server.start()
