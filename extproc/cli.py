@@ -90,17 +90,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import serve
 
     try:
-        load_config(args.config)
+        loaded = load_config(args.config)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 1
+    if args.workers > 1:
+        from extproc.observability.logging import configure_logging
+        from extproc.supervisor import supervise
+
+        configure_logging(loaded.config.logging)
+        _run(supervise(loaded, args.config, args.workers, listen=args.listen, admin=args.admin))
+        return 0
     _run(serve(args.config, listen=args.listen, admin=args.admin, watch=not args.no_watch))
     return 0
 
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     from extproc.envoy_config import render_yaml
+    from extproc.supervisor import worker_addresses
 
     try:
         loaded = load_config(args.config)
@@ -139,7 +147,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         tls=tls,
         listener_port=args.port,
         upstream=args.upstream,
-        sidecar=args.sidecar or None,
+        sidecar=args.sidecar or worker_addresses(loaded.config.server.listen, max(1, args.workers)),
         admin_port=args.admin_port,
         failure_mode_allow=args.failure_mode_allow,
     )
@@ -168,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="override server.listen (host:port or unix:/path)")
     p.add_argument("--admin", help="override server.admin (host:port; '' disables)")
     p.add_argument("--no-watch", action="store_true", help="do not watch the config file")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one event loop each)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check", help="validate a configuration without serving")
@@ -179,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
     p.add_argument("--upstream", default="127.0.0.1:8080", help="upstream host:port")
     p.add_argument("--sidecar", action="append", help="sidecar endpoint (repeatable)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="list the N worker endpoints of serve --workers N"
+    )
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--failure-mode-allow", action="store_true")
     p.add_argument("--sidecar-ca", help="CA that signed the sidecar's certificate (TLS)")

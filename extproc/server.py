@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Mapping
 from types import CodeType
@@ -158,7 +159,7 @@ class Server:
         settings = loaded.config.server
         self.listen = listen or settings.listen
         self.admin_address = admin if admin is not None else settings.admin
-        self.services = services or Services()
+        self.services = services or Services(workers=int(os.environ.get("EXTPROC_WORKERS", "1")))
         self.runtime = Runtime(self.services)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None

@@ -1,0 +1,114 @@
+"""``extproc serve --workers 2``: two worker processes behind one supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from extproc.supervisor import merge_metrics, worker_addresses
+from extproc.testing.fake_envoy import EnvoyMode, FakeEnvoy
+from extproc.testing.processes import free_port
+
+
+def test_worker_addresses() -> None:
+    assert worker_addresses("unix:/run/x.sock", 2) == ["unix:/run/x-0.sock", "unix:/run/x-1.sock"]
+    assert worker_addresses("unix:/run/x", 2) == ["unix:/run/x-0.sock", "unix:/run/x-1.sock"]
+    assert worker_addresses("127.0.0.1:5000", 3) == [
+        "127.0.0.1:5000", "127.0.0.1:5001", "127.0.0.1:5002",
+    ]  # fmt: skip
+    assert worker_addresses("127.0.0.1:0", 1) == ["127.0.0.1:0"]
+    with pytest.raises(ValueError, match="fixed port"):
+        worker_addresses("127.0.0.1:0", 2)
+
+
+def test_merge_metrics_sums_series_and_keeps_the_generation() -> None:
+    a = "# HELP x_total x\n# TYPE x_total counter\nx_total{a=\"1\"} 2\n" \
+        "# HELP extproc_config_generation g\n# TYPE extproc_config_generation gauge\n" \
+        "extproc_config_generation 3\n"  # fmt: skip
+    b = a.replace("} 2", "} 5")
+    merged = merge_metrics([a, b])
+    assert 'x_total{a="1"} 7' in merged
+    assert "extproc_config_generation 3\n" in merged
+    assert merged.count("# TYPE x_total counter") == 1
+
+
+async def test_two_workers_serve_and_aggregate(tmp_path: Path) -> None:
+    sock = tmp_path / "extproc.sock"
+    admin_port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"server: {{listen: 'unix:{sock}', admin: '127.0.0.1:{admin_port}', drain_delay_s: 0}}\n"
+        "plugins:\n  - plugin: headers\n    config:\n"
+        "      rules: [{path_prefix: /, request_set: {x-w: '1'}}]\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(cfg), "--workers", "2"],
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])),
+    )
+    base = f"http://127.0.0.1:{admin_port}"
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=3) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    ready = await client.get(f"{base}/readyz")
+                    if ready.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "workers not ready"
+                assert proc.poll() is None
+                await asyncio.sleep(0.2)
+            for i in range(2):
+                envoy = FakeEnvoy.connect(f"unix:{tmp_path}/extproc-{i}.sock", EnvoyMode())
+                try:
+                    for _ in range(3):
+                        ex = await envoy.request(path="/x")
+                        assert ex.upstream_header("x-w") == "1"
+                finally:
+                    await envoy.aclose()
+            metrics = (await client.get(f"{base}/metrics")).text
+            assert 'extproc_messages_total{phase="request_headers"} 6' in metrics
+            status = json.loads((await client.get(f"{base}/status")).text)
+            pids = [w["pid"] for w in status["workers"]]
+            assert len(set(pids)) == 2
+            # a crashed worker is restarted
+            os.kill(pids[0], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while True:
+                status = json.loads((await client.get(f"{base}/status")).text)
+                w0 = status["workers"][0]
+                if w0["restarts"] == 1 and w0["http_status"] == 200:
+                    break
+                assert time.monotonic() < deadline, status
+                await asyncio.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+    assert code == 0
+
+
+def test_workers_without_redis_are_refused_for_the_rate_limiter(tmp_path: Path) -> None:
+    """Several workers with in-process counters would multiply every limit."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"server: {{listen: 'unix:{tmp_path}/s.sock', admin: '', drain_delay_s: 0}}\n"
+        "plugins:\n  - plugin: rate_limit\n    config:\n      rules:\n"
+        "        - {name: r, limits: [{requests: 10, per: second}]}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(cfg), "--workers", "2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "while starting" in out.stderr
+    assert "redis" in out.stderr.lower()
