@@ -111,8 +111,11 @@ class AdminServer(AdminHttp):
             ready, detail = await self.ready()
             return (200 if ready else 503), "application/json", _json(detail)
         if path == "/metrics":
-            text = self.server.services.registry.render_prometheus()
-            return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
+            from extproc.observability.otel import render_metrics
+
+            source = self.server.meter_provider or self.server.services.registry
+            body, ctype = await asyncio.to_thread(render_metrics, source)
+            return 200, ctype, body
         if path == "/status":
             return 200, "application/json", _json(await self.status())
         return 404, "text/plain", b"not found\n"

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from extproc.context import _deadline
 from extproc.observability.metrics import BoundCounter, BoundHistogram, Registry
+from extproc.observability.tracing import current_stream
 from extproc.plugin import (
     CONTINUE,
     BodyMode,
@@ -121,6 +122,12 @@ _UNAVAILABLE: Final = Reject(503, "unavailable", "The request could not be proce
 _INTERNAL: Final = Reject(500, "internal_error", "The request could not be processed.")
 
 
+def _result_name(result: Continue | Respond | Reject) -> str:
+    if isinstance(result, Continue):
+        return "continue"
+    return "reject" if isinstance(result, Reject) else "respond"
+
+
 class Chain:
     """An immutable, priority-ordered tuple of plugin slots."""
 
@@ -167,8 +174,14 @@ class Chain:
         now = loop.time()
         message_deadline = (started if started is not None else now) + self.budget
         outcome = Outcome()
+        span = current_stream()
         for slot in self.by_phase[phase] if slots is None else slots:
-            result = await self._call(slot, event, loop, message_deadline)
+            if span is None:
+                result = await self._call(slot, event, loop, message_deadline)
+            else:
+                with span.plugin_span(slot.name, phase.value) as call:
+                    result = await self._call(slot, event, loop, message_deadline)
+                    call.set_result(_result_name(result))
             metrics = slot.metrics
             if isinstance(result, Continue):
                 if metrics:

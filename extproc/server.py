@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import CodeType
 from typing import Any
 
@@ -23,6 +23,7 @@ from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as p
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.config import Config, ConfigError, LoadedConfig, load_config
 from extproc.observability.metrics import Registry
+from extproc.observability.tracing import StreamSpan, StreamTracer
 from extproc.plugin import HealthState
 from extproc.protocol import codec
 from extproc.protocol.events import ImmediateReply, Message, Reply
@@ -43,8 +44,15 @@ def grpc_address(listen: str) -> str:
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, runtime: Runtime, config: Config, registry: Registry) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: Config,
+        registry: Registry,
+        tracer: StreamTracer | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.tracer = tracer if tracer is not None and tracer.enabled else None
         self.settings = config.server
         self.metrics = StreamMetrics(registry)
         streams = registry.counter("extproc_streams_total", "ext_proc streams by end", ("end",))
@@ -81,6 +89,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         extend_ms = settings.max_message_timeout_ms
         soft = settings.soft_budget_s
         end = "ok"
+        span: StreamSpan | None = None
+        first = True
+        reply: Reply | ImmediateReply | None = None
         try:
             async with asyncio.timeout(idle) as idle_timer:
                 while True:
@@ -90,6 +101,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     started = loop.time()
                     idle_timer.reschedule(started + idle)
                     msg = codec.decode(request)
+                    if first:
+                        first = False
+                        if self.tracer is not None:
+                            span = self.tracer.start_stream(
+                                context.invocation_metadata, msg.headers
+                            )
+                    if span is not None:
+                        span.message(msg.phase.value)
                     if extend_ms is None or msg.observability_mode:
                         reply = await stream.handle(msg, started)
                     else:
@@ -117,6 +136,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             end = "cancelled"
             raise
         finally:
+            if span is not None:
+                immediate = isinstance(reply, ImmediateReply)
+                span.end(
+                    end,
+                    decision="respond" if immediate else "continue",
+                    status_code=reply.status if isinstance(reply, ImmediateReply) else None,
+                )
             self._ended[end].inc()
             self.open_streams -= 1
             gen.release()
@@ -153,6 +179,7 @@ class Server:
         listen: str | None = None,
         admin: str | None = None,
         services: Services | None = None,
+        span_processors: Sequence[Any] = (),
     ) -> None:
         self.loaded = loaded
         self.config_path = config_path
@@ -170,6 +197,9 @@ class Server:
         self.servicer: ExtProcServicer | None = None
         self.shutting_down = False
         self.watchdog: Any = None
+        self.tracer: StreamTracer | None = None
+        self._span_processors = tuple(span_processors)
+        self.meter_provider: Any = None
         self._hook_codes: Callable[[], Mapping[CodeType, str]] = dict
 
     async def start(self) -> None:
@@ -192,6 +222,7 @@ class Server:
         settings = self.loaded.config.server
         await self._connect_redis(self.loaded.config)
         await self.runtime.start(self.loaded)
+        self._plugins_changed()
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -201,7 +232,19 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
-        self.servicer = ExtProcServicer(self.runtime, self.loaded.config, self.services.registry)
+        from extproc.observability.otel import build_meter_provider
+        from extproc.observability.tracing import configure_tracing
+
+        tracing = self.loaded.config.tracing
+        self.meter_provider = build_meter_provider(
+            self.services.registry, service_name=tracing.service_name
+        )
+        self.tracer = configure_tracing(
+            tracing, span_processors=self._span_processors, set_global=not self._span_processors
+        )
+        self.servicer = ExtProcServicer(
+            self.runtime, self.loaded.config, self.services.registry, self.tracer
+        )
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.tls is not None:
@@ -235,6 +278,16 @@ class Server:
                 else [],
             },
         )
+
+    def _plugins_changed(self) -> None:
+        """Create the per-plugin stall series at 0 so they exist before the first stall."""
+        stalls = self.services.registry.counter(
+            "extproc_loop_stalls_total", "event-loop stalls past the threshold", ("plugin",)
+        )
+        stalls.labels("(none)")
+        if self.runtime.current is not None:
+            for slot in self.runtime.current.chain.slots:
+                stalls.labels(slot.name)
 
     async def _connect_redis(self, config: Config) -> None:
         if config.redis is None or self.services.redis is not None:
@@ -300,6 +353,7 @@ class Server:
             )
             return False
         self.loaded = loaded
+        self._plugins_changed()
         log.info(
             "configuration reloaded",
             extra={"generation": self.runtime.current.number if self.runtime.current else 0},
@@ -329,6 +383,12 @@ class Server:
             await self._admin.stop()
         await self.runtime.shutdown(settings.shutdown_grace_s)
         await self.services.aclose()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)
+        if self.meter_provider is not None:
+            from extproc.observability.otel import shutdown_meter_provider
+
+            await asyncio.to_thread(shutdown_meter_provider, self.meter_provider)
         self._stopping.set()
 
     async def wait(self) -> None:

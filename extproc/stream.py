@@ -32,7 +32,13 @@ from extproc.protocol.events import (
     Message,
     Reply,
 )
-from extproc.protocol.mutations import body_reply, header_mutation, immediate_reply
+from extproc.protocol.mutations import (
+    DROP_CODES,
+    body_reply,
+    drop_code,
+    header_mutation,
+    immediate_reply,
+)
 from extproc.protocol.state import StreamState
 
 __all__ = ["StreamMetrics", "StreamProcessor"]
@@ -60,7 +66,8 @@ class StreamMetrics:
             "extproc_mutations_dropped_total", "header mutations refused before sending",
             ("reason",),
         )  # fmt: skip
-        self.dropped = dropped
+        # every code exists from the start (at 0), so dashboards and alerts see the series
+        self.dropped = {c: dropped.labels(c) for c in {*DROP_CODES.values(), "other"}}
         self.immediate: BoundCounter = registry.counter(
             "extproc_immediate_responses_total", "requests answered by a plugin"
         ).labels()
@@ -267,7 +274,7 @@ class StreamProcessor:
         return Reply(header_mutation=mutation, dynamic_metadata=metadata)
 
     def _drop(self, key: str, reason: str) -> None:
-        self.metrics.dropped.labels(reason).inc()
+        self.metrics.dropped[drop_code(reason)].inc()
         log.warning("header mutation dropped", extra={"header": key, "reason": reason})
 
 

@@ -66,7 +66,10 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
     """The one place that configures log output for the process."""
+    from extproc.observability.tracing import TraceIdFilter
+
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(TraceIdFilter())
     if settings.format == "json":
         handler.setFormatter(JsonFormatter(settings.sensitive_headers))
     else:

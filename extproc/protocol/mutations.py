@@ -23,15 +23,33 @@ from extproc.protocol.events import (
 )
 
 __all__ = [
+    "DROP_CODES",
     "DropReporter",
     "body_reply",
     "check_header_key",
+    "drop_code",
     "header_mutation",
     "immediate_reply",
 ]
 
 #: called with (header key, reason) for every change that is dropped
 DropReporter = Callable[[str, str], None]
+
+#: the reasons a change is dropped, and the short code metrics count them by
+DROP_CODES: Final = {
+    "Envoy does not allow mutating this header": "forbidden_header",
+    "x-envoy-* headers are reserved to Envoy": "envoy_header",
+    "pseudo-headers cannot be removed": "pseudo_header",
+    "this pseudo-header cannot be set in this direction": "pseudo_header",
+    "an immediate response takes its status from Respond.status": "pseudo_header",
+    "not a valid lower-case header name": "invalid_name",
+    "header value contains CR, LF or NUL": "invalid_value",
+    "header value is not valid UTF-8": "invalid_value",
+}
+
+
+def drop_code(reason: str) -> str:
+    return DROP_CODES.get(reason, "other")
 
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE: Final = re.compile(r"[\r\n\x00]")

@@ -300,3 +300,37 @@ async def test_slow_plugin_gets_override_message_timeout_only_when_envoy_allows(
     cfg.write_text("server: {message_timeout_ms: 200}\n" + body)
     with pytest.raises(ConfigError, match="cannot fit the message budget of 180 ms"):
         load_config(cfg)
+
+
+async def test_sampled_stream_has_a_span_per_plugin_call_under_the_callers_trace(
+    tmp_path: Path,
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    cfg = write_config(tmp_path / "c.yaml")
+    text = cfg.read_text().replace("version: 1", "version: 1\ntracing: {sample_ratio: 1.0}")
+    cfg.write_text(text)
+    exporter = InMemorySpanExporter()
+    port = free_port()
+    server = Server(load_config(cfg), listen=f"127.0.0.1:{port}", admin="",
+                    span_processors=[SimpleSpanProcessor(exporter)])  # fmt: skip
+    await server.start()
+    trace_id = "4bf92f3577b34a4736e6f8b5c1b2a6a1"
+    try:
+        envoy = FakeEnvoy.connect(f"127.0.0.1:{port}", MODE)
+        try:
+            await envoy.request(
+                path="/x", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+            )
+        finally:
+            await envoy.aclose()
+    finally:
+        await server.stop()
+    spans = exporter.get_finished_spans()
+    names = sorted(s.name for s in spans)
+    assert names.count("plugin headers") == 2  # request and response headers
+    stream = [s for s in spans if not s.name.startswith("plugin ")]
+    assert len(stream) == 1
+    assert format(stream[0].context.trace_id, "032x") == trace_id
+    assert all(s.context.trace_id == stream[0].context.trace_id for s in spans)
