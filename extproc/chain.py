@@ -29,6 +29,7 @@ from extproc.plugin import (
     Reject,
     Respond,
 )
+from extproc.rollout import Gate
 from extproc.services.breaker import CircuitBreaker
 
 __all__ = ["Chain", "Outcome", "Slot"]
@@ -59,6 +60,8 @@ class Slot:
     breaker: CircuitBreaker
     shadow: bool = False
     phases: frozenset[Phase] = frozenset()
+    #: None: runs for every request; else decides per request (rollout)
+    gate: Gate | None = None
     metrics: _SlotMetrics | None = None
 
     @property
@@ -176,6 +179,8 @@ class Chain:
         outcome = Outcome()
         span = current_stream()
         for slot in self.by_phase[phase] if slots is None else slots:
+            if slot.gate is not None and not slot.gate(event.request, event.context):
+                continue
             if span is None:
                 result = await self._call(slot, event, loop, message_deadline)
             else:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from extproc.plugin import Plugin, PluginConfig
+from extproc.rollout import RolloutSettings
 
 __all__ = [
     "Config",
@@ -162,6 +163,10 @@ class PluginEntry(_Strict):
         "closed", description="on error or timeout: continue (open) or answer 5xx (closed)"
     )
     shadow: bool = Field(False, description="report-only: decisions are logged, not applied")
+    rollout: RolloutSettings = Field(
+        default_factory=RolloutSettings,
+        description="run for a share of requests or only for requests with a header",
+    )
     breaker_failures: int = Field(
         20, ge=1, description="consecutive failures that open the plugin's breaker"
     )

@@ -19,6 +19,7 @@ from extproc.config import LoadedConfig, instance_name
 from extproc.context import PluginContext
 from extproc.observability.metrics import PluginMetrics, Registry
 from extproc.plugin import HealthState, HealthStatus, Plugin
+from extproc.rollout import make_gate
 from extproc.services.breaker import CircuitBreaker
 from extproc.services.cache import MemoryCache
 from extproc.services.http import HttpClient
@@ -177,6 +178,7 @@ async def build_generation(
                 ),
                 shadow=entry.shadow,
                 phases=cls.needs.phases(),
+                gate=make_gate(entry.rollout, salt=name),
             )
         )
     chain = Chain(slots, budget=loaded.config.server.budget_s, registry=services.registry)
