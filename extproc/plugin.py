@@ -78,6 +78,10 @@ class Phase(enum.Enum):
     RESPONSE_BODY = "response_body"
     RESPONSE_TRAILERS = "response_trailers"
 
+    # members are singletons: identity hashing is exact, and C-speed (Enum's own __hash__ is
+    # a Python call, and phases key dicts on the hot path)
+    __hash__ = object.__hash__
+
     @property
     def is_request(self) -> bool:
         return self in _REQUEST_PHASES
@@ -137,10 +141,8 @@ class Headers(Mapping[str, str]):
 
     def __init__(self, items: tuple[tuple[str, str], ...] = ()) -> None:
         self._items = items
-        first: dict[str, str] = {}
-        for key, value in items:
-            first.setdefault(key, value)
-        self._first = first
+        # the first value of each key wins: build from the end so earlier entries overwrite
+        self._first: dict[str, str] = dict(reversed(items))
 
     @classmethod
     def of(cls, mapping: Mapping[str, str] | None = None, **kwargs: str) -> Headers:
@@ -159,6 +161,9 @@ class Headers(Mapping[str, str]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._first
+
+    def get(self, key: str, default: Any = None) -> Any:  # C-speed, unlike Mapping.get
+        return self._first.get(key, default)
 
     def __hash__(self) -> int:
         return hash(self._items)

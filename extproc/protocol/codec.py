@@ -46,8 +46,10 @@ def _headers(header_map: Any) -> Headers:
     # Envoy 1.40 fills raw_value (bytes) and leaves value empty; values may not be UTF-8.
     return Headers(
         tuple(
-            (h.key, h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value)
-            for h in header_map.headers
+            [
+                (h.key, h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value)
+                for h in header_map.headers
+            ]
         )
     )
 

@@ -59,6 +59,8 @@ class LocalProtocolError(ProtocolError):
 class Side(enum.Enum):
     """Where one direction (request or response) of the HTTP exchange is."""
 
+    __hash__ = object.__hash__  # singletons; C-speed hashing for the transition table
+
     START = "start"  # nothing seen yet
     BODY = "body"  # headers seen, body chunks or trailers may follow
     DONE = "done"  # end of stream seen
