@@ -231,7 +231,11 @@ class Server:
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
+        # beyond this many open streams new ones get RESOURCE_EXHAUSTED (Envoy: per its
+        # failure_mode_allow) instead of queueing without bound
+        server = grpc.aio.server(
+            options=options, maximum_concurrent_rpcs=settings.max_concurrent_streams
+        )
         from extproc.observability.otel import build_meter_provider
         from extproc.observability.tracing import configure_tracing
 
