@@ -23,6 +23,7 @@ from extproc.plugin import (
     BodyMode,
     Continue,
     ErrorEvent,
+    Needs,
     Event,
     Phase,
     Plugin,
@@ -62,15 +63,21 @@ class Slot:
     phases: frozenset[Phase] = frozenset()
     #: None: runs for every request; else decides per request (rollout)
     gate: Gate | None = None
+    #: what the plugin declared for its configuration (``Plugin.needs_for``)
+    needs: Needs = field(default_factory=Needs)
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            self.phases = self.needs.phases()
     metrics: _SlotMetrics | None = None
 
     @property
     def request_body(self) -> BodyMode:
-        return self.plugin.needs.request_body
+        return self.needs.request_body
 
     @property
     def response_body(self) -> BodyMode:
-        return self.plugin.needs.response_body
+        return self.needs.response_body
 
 
 @dataclass(slots=True)

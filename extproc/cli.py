@@ -60,7 +60,9 @@ def envoy_spec_for(
         upstream=UpstreamCluster(host=host or "127.0.0.1", port=int(port)),
         sidecar=SidecarSpec(endpoints=tuple(sidecar or (settings.listen,)), tls=tls),  # type: ignore[arg-type]
         ext_proc=ExtProcSpec(
-            processing_mode=processing_mode_for(cls.needs for _, cls in plugins),
+            processing_mode=processing_mode_for(
+                cls.needs_for(cfg) for entry, cls, cfg in loaded.plugins if entry.enabled
+            ),
             message_timeout_ms=settings.message_timeout_ms,
             max_message_timeout_ms=settings.max_message_timeout_ms,
             failure_mode_allow=failure_mode_allow,

@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict
 
@@ -61,6 +61,7 @@ __all__ = [
 #: ``Plugin.api_version``; the loader refuses a plugin whose major version differs.
 API_VERSION: Final = "1.0"
 
+_T = TypeVar("_T")
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
 
@@ -162,7 +163,11 @@ class Headers(Mapping[str, str]):
     def __contains__(self, key: object) -> bool:
         return key in self._first
 
-    def get(self, key: str, default: Any = None) -> Any:  # C-speed, unlike Mapping.get
+    @overload
+    def get(self, key: str, /) -> str | None: ...
+    @overload
+    def get(self, key: str, /, default: str | _T) -> str | _T: ...
+    def get(self, key: str, /, default: Any = None) -> Any:  # C-speed, unlike Mapping.get
         return self._first.get(key, default)
 
     def __hash__(self) -> int:
@@ -429,6 +434,15 @@ class Plugin:
 
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    @classmethod
+    def needs_for(cls, config: Any) -> Needs:
+        """The phases this plugin needs *with this configuration* (default: ``needs``).
+
+        Override it when part of the configuration needs a phase the rest does not - say,
+        response headers only when response rules are configured - so Envoy is not asked for
+        messages no rule uses. The server and ``extproc envoy-config`` both ask this."""
+        return cls.needs
 
     async def initialize(self, context: PluginContext) -> None:
         """Acquire resources. ``context`` stays valid until ``shutdown``."""

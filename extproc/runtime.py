@@ -177,7 +177,7 @@ async def build_generation(
                     reset_timeout=entry.breaker_reset_s,
                 ),
                 shadow=entry.shadow,
-                phases=cls.needs.phases(),
+                needs=plugin.needs_for(plugin_config),
                 gate=make_gate(entry.rollout, salt=name),
             )
         )

@@ -231,7 +231,7 @@ class FakeEnvoy:
                 timeout=timeout,
                 fail_open=fail_open,
                 breaker=CircuitBreaker(f"plugin:{p.name}", failure_threshold=1000),
-                phases=p.needs.phases(),
+                needs=p.needs_for(p.config),
             )
             for p in plugins
         ]
@@ -476,7 +476,7 @@ def mode_for(plugins: Sequence[Plugin]) -> EnvoyMode:
             return BodySendMode.STREAMED
         return BodySendMode.NONE
 
-    needs = [p.needs for p in plugins]
+    needs = [p.needs_for(p.config) for p in plugins]
     req_body = body([n.request_body for n in needs])
     resp_body = body([n.response_body for n in needs])
     return EnvoyMode(

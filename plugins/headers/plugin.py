@@ -33,6 +33,14 @@ class HeadersPlugin(Plugin):
 
     config: HeadersConfig
 
+    @classmethod
+    def needs_for(cls, config: HeadersConfig) -> Needs:
+        """Response headers only when a rule changes them (each phase is a round trip)."""
+        response = bool(config.request_id_header) or any(
+            r.response_set or r.response_remove for r in config.rules
+        )
+        return Needs(request_headers=True, response_headers=response)
+
     def _rules(self, method: str, path: str) -> list[HeaderRule]:
         return [
             r
