@@ -23,8 +23,8 @@ from extproc.plugin import (
     BodyMode,
     Continue,
     ErrorEvent,
-    Needs,
     Event,
+    Needs,
     Phase,
     Plugin,
     Reject,
@@ -69,6 +69,7 @@ class Slot:
     def __post_init__(self) -> None:
         if not self.phases:
             self.phases = self.needs.phases()
+
     metrics: _SlotMetrics | None = None
 
     @property

@@ -51,6 +51,7 @@ DROP_CODES: Final = {
 def drop_code(reason: str) -> str:
     return DROP_CODES.get(reason, "other")
 
+
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
 _FORBIDDEN: Final = frozenset({"host", ":authority", ":method", ":scheme", ":protocol"})

@@ -50,7 +50,7 @@ async def test_two_workers_serve_and_aggregate(tmp_path: Path) -> None:
         "plugins:\n  - plugin: headers\n    config:\n"
         "      rules: [{path_prefix: /, request_set: {x-w: '1'}}]\n"
     )
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited in a thread
+    proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--config", str(cfg), "--workers", "2"],
         env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])),
     )
