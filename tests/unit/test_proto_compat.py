@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from functools import cache
@@ -43,10 +44,23 @@ def _load(path: Path, name: str) -> ModuleType:
 compat = _load(HELPER, "_proto_compat_published")
 
 
+def _published_env() -> dict[str, str]:
+    """xds-protos lives in a directory of its own (see the Makefile): put it first."""
+    target = Path(sys.prefix) / "xds-protos"
+    assert (target / "envoy").is_dir(), (
+        f"xds-protos is not installed in {target}: run `make install` (the test needs the "
+        "published Envoy protos)"
+    )
+    return dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])
+    )
+
+
 def _published(command: dict[str, Any]) -> Any:
     """Run one command against the published definitions in a separate interpreter."""
     proc = subprocess.run(
         [sys.executable, str(HELPER)],
+        env=_published_env(),
         input=json.dumps(command),
         capture_output=True,
         text=True,
