@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# a metadata dir left in the source tree would shadow the installed one (entry points)
+	rm -rf extproc.egg-info
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/xds-protos '$(XDS_PROTOS)'
 	touch $(STAMP)
 

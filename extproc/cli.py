@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-port", type=int, default=8080)
     p.add_argument("--duration", type=float, default=0.0, help="stop after N s (0: Ctrl-C)")
     p.set_defaults(func=_cmd_dev)
+
+    from extproc import scaffold
+
+    scaffold.add_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "extproc.plugins"
+
+log = logging.getLogger("extproc.registry")
 
 
 class PluginLoadError(LookupError):
@@ -62,7 +65,38 @@ def validate_plugin_class(cls: object, name: str) -> type[Plugin]:
         raise PluginLoadError(
             f"plugin {name!r} declares no phase: set `needs = Needs(...)` on the class"
         )
+    _warn_unreachable_hooks(cls, name)
     return cls
+
+
+_HOOK_PHASES = {
+    "on_request": (
+        "request_headers=True, request_body=BodyMode.BUFFERED or request_trailers=True",
+        True,
+    ),
+    "on_response": (
+        "response_headers=True, response_body=BodyMode.BUFFERED or response_trailers=True",
+        False,
+    ),
+}
+
+
+def _warn_unreachable_hooks(cls: type[Plugin], name: str) -> None:
+    """A hook overridden for phases the plugin never declares is never called: say so (a log
+    line, not an error: ``needs_for`` may still enable the phase for some configurations)."""
+    phases = cls.needs.phases()
+    for hook, (fix, request_side) in _HOOK_PHASES.items():
+        overridden = getattr(cls, hook) is not getattr(Plugin, hook)
+        if overridden and not any(p.is_request is request_side for p in phases):
+            declared = ", ".join(sorted(p.value for p in phases)) or "none"
+            log.warning(
+                "plugin %r overrides %s but declares no phase that calls it (declared: %s), so "
+                "it will never run: add %s to its `needs = Needs(...)`",
+                name,
+                hook,
+                declared,
+                fix,
+            )
 
 
 def _import_path(name: str) -> type[Plugin]:

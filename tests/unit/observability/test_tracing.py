@@ -4,6 +4,7 @@ nothing created for unsampled streams."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -299,7 +300,7 @@ def test_otlp_without_its_package_names_it(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_otlp_exporter_is_wired() -> None:
-    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+    importlib.import_module("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
     tracer = configure_tracing(
         TracingSettings(exporter="otlp", otlp_endpoint="http://127.0.0.1:4317", sample_ratio=0.5)
     )
