@@ -1,0 +1,180 @@
+"""The processes the harness starts, stops (by pid, only its own) and measures.
+
+Envoy, the sidecar and Redis come from ``extproc.testing``; this module adds a plain process
+for the bare servicers and the SDK, CPU time from ``/proc``, and the SDK's own venv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import venv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "SDK_PACKAGES",
+    "Proc",
+    "ProcError",
+    "cpu_seconds",
+    "ensure_sdk_venv",
+    "process_tree",
+    "sdk_python",
+    "wait_tcp",
+    "which_or_hint",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+SDK_VENV = BENCH_DIR / ".venvs" / "sdk"
+#: envoy-extproc-sdk 0.1.1 (2022) imports ``ddtrace.Span``, which ddtrace 3 removed
+SDK_PACKAGES = ("envoy-extproc-sdk==0.1.1", "grpcio-health-checking", "xds-protos", "ddtrace<3")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ProcError(RuntimeError):
+    """A process of the harness did not start; the message ends with its log."""
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (read from /proc, at this moment)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, ()))
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of the given processes, in seconds (0 for one that is gone)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return total / _TICKS
+
+
+def wait_tcp(host: str, port: int, timeout: float, alive: Proc | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None:
+            alive.check_alive()
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        if time.monotonic() > deadline:
+            raise ProcError(f"nothing listens on {host}:{port} after {timeout}s")
+        time.sleep(0.05)
+
+
+class Proc:
+    """One child process with its output in ``log_path``; ``stop`` signals only that pid."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> Proc:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,  # Ctrl-C reaches the harness only; it stops us
+            )
+        return self
+
+    def check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise ProcError(
+                f"{self.name} exited with {self._proc.returncode}; log {self.log_path}:\n"
+                + self.tail()
+            )
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(5)
+
+
+def sdk_python() -> Path:
+    return SDK_VENV / "bin" / "python"
+
+
+def ensure_sdk_venv(log: Path) -> Path:
+    """Create ``bench/.venvs/sdk`` with envoy-extproc-sdk on first use (pip, from the
+    registry); the Python of that venv."""
+    python = sdk_python()
+    stamp = SDK_VENV / ".bench-stamp"
+    wanted = "\n".join(SDK_PACKAGES)
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    print(f"creating {SDK_VENV} for envoy-extproc-sdk (once) ...", file=sys.stderr, flush=True)
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True, clear=True).create(SDK_VENV)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *SDK_PACKAGES],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise ProcError(f"pip install into {SDK_VENV} failed; see {log}")
+    stamp.write_text(wanted)
+    return python
+
+
+def which_or_hint(tool: str, hint: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        raise ProcError(f"{tool} is not installed: {hint}")
+    return found

@@ -1,0 +1,262 @@
+"""Results -> ``latest.md`` (tables), ``latest.json`` (everything) and ``latest.png`` (chart)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["summarize", "targets", "write_all", "write_chart", "write_markdown"]
+
+REFERENCE_FAST = "bare-fast"
+REFERENCE_PASS = "passthrough"
+HEADLINE = "extproc-jwt-rl"
+
+
+def _median(values: Sequence[float]) -> float:
+    clean = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(clean) if clean else float("nan")
+
+
+def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Medians over the rounds; ratios are taken within each round first."""
+    out: dict[str, dict[str, Any]] = {}
+    rounds = data["rounds"]
+    for s in data["scenarios"]:
+        key = s["key"]
+        samples = [r[key] for r in rounds if key in r]
+        if not samples:
+            continue
+
+        def ratio(ref: str, key: str = key) -> float:
+            vals = [r[key]["rps"] / r[ref]["rps"] for r in rounds if key in r and ref in r]
+            return _median(vals)
+
+        row: dict[str, Any] = {
+            "rps": _median([x["rps"] for x in samples]),
+            "p50_ms": _median([x["latency_ms"]["p50"] for x in samples]),
+            "p90_ms": _median([x["latency_ms"]["p90"] for x in samples]),
+            "p99_ms": _median([x["latency_ms"]["p99"] for x in samples]),
+            "vs_passthrough": ratio(REFERENCE_PASS),
+            "vs_bare_fast": ratio(REFERENCE_FAST),
+            "cpu_us": {
+                part: _median([x["cpu_us"][part] for x in samples])
+                for part in ("envoy", "sidecar", "redis")
+            },
+            "redis_cmds_per_req": _median([x["redis_cmds_per_req"] for x in samples]),
+            "redis_round_trips_per_req": _median([x["redis_round_trips_per_req"] for x in samples]),
+            "errors": sum(x["errors"] for x in samples),
+            "client_errors": sum(x["client_errors"] for x in samples),
+            "requests": sum(x["requests"] for x in samples),
+            "share_429": _median(
+                [x["statuses"].get("429", 0) / max(1, x["requests"]) for x in samples]
+            ),
+        }
+        lat = [r[key] for r in data.get("latency_rounds", []) if key in r]
+        if lat:
+            row["open_loop"] = {
+                p: _median([x["latency_ms"][p] for x in lat])
+                for p in ("p50", "p90", "p99", "p99.9")
+            }
+            row["open_loop"]["errors"] = sum(x["errors"] for x in lat)
+            row["open_loop"]["achieved_rps"] = _median([x["extra"]["achieved_rps"] for x in lat])
+            added = [
+                r[key]["latency_ms"]["p99"] - r[REFERENCE_PASS]["latency_ms"]["p99"]
+                for r in data["latency_rounds"]
+                if key in r and REFERENCE_PASS in r
+            ]
+            row["open_loop"]["added_p99_ms"] = _median(added)
+        out[key] = row
+    return out
+
+
+def targets(
+    summary: Mapping[str, Mapping[str, Any]], notes: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    head = summary.get(HEADLINE)
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: str, ok: bool | None) -> None:
+        rows.append({"target": name, "value": value, "goal": goal, "met": ok})
+
+    def rps_of(key: str) -> float | None:
+        row = summary.get(key)
+        return row["rps"] if row else None
+
+    if head is None:
+        return [{"target": f"{HEADLINE} not run", "value": None, "goal": "", "met": None}]
+    value = head["vs_bare_fast"]
+    add("throughput vs fastest bare servicer", value, ">= 0.90", value >= 0.9)
+    idiomatic = rps_of("bare-idiomatic")
+    if idiomatic:
+        ratio = head["rps"] / idiomatic
+        add("throughput vs idiomatic bare servicer", ratio, ">= 1.00", ratio >= 1.0)
+    sdk = rps_of("sdk")
+    if sdk:
+        ratio = head["rps"] / sdk
+        add("throughput vs envoy-extproc-sdk", ratio, ">= 1.50", ratio >= 1.5)
+    added = head.get("open_loop", {}).get("added_p99_ms")
+    if added is not None:
+        add("added p99 over passthrough at the open-loop rate (ms)", added, "<= 2.0", added <= 2.0)
+    trips = head["redis_round_trips_per_req"]
+    add("Redis client commands per request at saturation", trips, "<= 0.10", trips <= 0.1)
+    workers = summary.get("extproc-jwt-rl-w2")
+    if workers:
+        ratio = workers["rps"] / head["rps"]
+        add("--workers 2 vs 1 (throughput ratio)", ratio, "> 1 (report)", None)
+    else:
+        add("--workers 2 vs 1", None, notes.get("workers", "not run"), None)
+    return rows
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def write_markdown(data: dict[str, Any], path: Path) -> str:
+    summary, settings = data["summary"], data["settings"]
+    titles = {s["key"]: s["title"] for s in data["scenarios"]}
+    lines = [
+        f"# extproc benchmark ({data['mode']}, {data['started']})",
+        "",
+        f"{settings['rounds']} interleaved rounds x {settings['duration_s']} s per scenario, "
+        f"wrk closed loop at {settings['connections']} connections ({settings['threads']} thread); "
+        f"medians over rounds; ratios taken within each round. CPU is µs of process CPU "
+        f"(utime+stime) per request. Traffic: {settings['subjects']} RS256 tokens / subjects.",
+        "",
+        "| scenario | req/s | p50 ms | p90 ms | p99 ms | vs passthrough | vs bare-fast "
+        "| sidecar µs/req | Envoy µs/req | Redis µs/req | Redis client cmds/req "
+        "| Redis cmds/req (incl. in scripts) | 4xx | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, row in summary.items():
+        cpu = row["cpu_us"]
+        client = _fmt(row["client_errors"])
+        if row["share_429"] > 0:
+            client += f" ({row['share_429']:.0%} 429)"
+        lines.append(
+            f"| {titles[key]} (`{key}`) | {_fmt(row['rps'])} | {_fmt(row['p50_ms'], 2)} "
+            f"| {_fmt(row['p90_ms'], 2)} | {_fmt(row['p99_ms'], 2)} "
+            f"| {_fmt(row['vs_passthrough'], 2)} | {_fmt(row['vs_bare_fast'], 2)} "
+            f"| {_fmt(cpu['sidecar'] or None)} | {_fmt(cpu['envoy'])} "
+            f"| {_fmt(cpu['redis'] or None, 1)} "
+            f"| {_fmt(row['redis_round_trips_per_req'], 3)} | {_fmt(row['redis_cmds_per_req'], 2)} "
+            f"| {client} | {_fmt(row['errors'])} |"
+        )
+    if any("open_loop" in row for row in summary.values()):
+        lines += [
+            "",
+            f"## Latency at a fixed rate ({settings['latency_rate']:g} requests/s, open loop, "
+            f"{settings['latency_connections']} connections, {settings['latency_rounds']} rounds x "
+            f"{settings['latency_duration_s']} s)",
+            "",
+            "Measured from each request's scheduled send time (a stall is charged to every "
+            "request it delays); the generator is Python (asyncio + uvloop): its own cost is "
+            "in every row alike, so read the *added* column.",
+            "",
+            "| scenario | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+            "| added p99 vs passthrough ms | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, row in summary.items():
+            ol = row.get("open_loop")
+            if not ol:
+                continue
+            lines.append(
+                f"| `{key}` | {_fmt(ol['achieved_rps'])} | {_fmt(ol['p50'], 2)} "
+                f"| {_fmt(ol['p90'], 2)} "
+                f"| {_fmt(ol['p99'], 2)} | {_fmt(ol['p99.9'], 2)} | {_fmt(ol['added_p99_ms'], 2)} "
+                f"| {_fmt(ol['errors'])} |"
+            )
+    lines += [
+        "",
+        "## Targets (`extproc-jwt-rl`)",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---:|---|---|",
+    ]
+    for t in data["targets"]:
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {_fmt(t['value'], 2)} | {t['goal']} | {met} |")
+    lines += ["", "## Machine and versions", ""]
+    for name, value in {**data["machine"], **data["versions"]}.items():
+        lines.append(f"- {name}: `{value}`")
+    lines += ["", "## Commands", "", "```", data["command"], *data["commands"], "```", ""]
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"].values()] + [""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def write_chart(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = data["summary"]
+    keys = list(summary)
+    rps = [summary[k]["rps"] for k in keys]
+    envoy = [summary[k]["cpu_us"]["envoy"] for k in keys]
+    side = [summary[k]["cpu_us"]["sidecar"] for k in keys]
+    redis = [summary[k]["cpu_us"]["redis"] for k in keys]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    colors = [
+        "#888"
+        if k in ("passthrough", "native", "native-deny")
+        else "#4a7"
+        if k.startswith("extproc")
+        else "#57a"
+        for k in keys
+    ]
+    ax1.barh(keys, rps, color=colors)
+    for y, (k, v) in enumerate(zip(keys, rps, strict=True)):
+        ax1.text(
+            v,
+            y,
+            f" {v:,.0f} ({summary[k]['vs_bare_fast']:.2f}x bare-fast)",
+            va="center",
+            fontsize=8,
+        )
+    ax1.invert_yaxis()
+    ax1.set_xlabel("requests/s (median of rounds, wrk closed loop)")
+    ax1.set_title("Throughput")
+    ax1.set_xlim(0, max(rps) * 1.45)
+    ax2.barh(keys, envoy, label="Envoy", color="#888")
+    ax2.barh(keys, side, left=envoy, label="sidecar", color="#4a7")
+    ax2.barh(
+        keys,
+        redis,
+        left=[a + b for a, b in zip(envoy, side, strict=True)],
+        label="Redis",
+        color="#c55",
+    )
+    ax2.invert_yaxis()
+    ax2.set_xlabel("CPU µs per request")
+    ax2.set_title("CPU per request")
+    ax2.legend(loc="lower right")
+    fig.suptitle(
+        f"extproc benchmark ({data['mode']}, {data['machine']['cpu']}, "
+        f"nproc {data['machine']['nproc']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(data: dict[str, Any], out: Path, stem: str = "latest") -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_markdown(data, paths["md"])
+    write_chart(data, paths["png"])
+    return paths

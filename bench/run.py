@@ -1,0 +1,408 @@
+"""``python -m bench.run --quick | --full | --smoke | --profile SCENARIO``
+
+Starts Envoy (``--concurrency 1``, one listener per scenario, ``direct_response`` upstream),
+the sidecars and servicers, and Redis when a scenario needs it, all on 127.0.0.1; runs the
+scenarios interleaved round by round (A B C ..., A B C ...); writes ``latest.md``,
+``latest.json`` and ``latest.png`` to ``bench/results/`` (or ``--out``). Every process it
+started is stopped by pid when it ends, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.load import WRK_HINT, LoadResult, open_loop, run_wrk, wrk_binary
+from bench.procs import ProcError, cpu_seconds, sdk_python
+from bench.stack import SCENARIOS, Scenario, Stack, scenario
+from bench.traffic import Traffic, make_traffic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Redis commands that are the harness's own, not the sidecar's
+_OWN_REDIS_COMMANDS = ("info", "ping", "config", "client", "hello", "command")
+_SCRIPT_CALLS = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro")
+
+
+def _script_commands() -> frozenset[str]:
+    """Commands the rate-limit Lua script runs inside Redis (``redis.call('X', ...)``)."""
+    try:
+        from plugins.rate_limit.store import SCRIPT
+    except ImportError:
+        return frozenset()
+    return frozenset(m.lower() for m in re.findall(r"redis\.call\('(\w+)'", SCRIPT))
+
+
+_IN_SCRIPT = _script_commands()
+
+
+def _client_commands(commands: dict[str, int]) -> int:
+    """Commands clients sent. INFO commandstats also counts every ``redis.call`` a script
+    makes; while scripts ran, the commands the rate-limit script uses are taken as those (an
+    approximation: the same command sent by a client in the same window is not counted)."""
+    if not any(commands.get(name) for name in _SCRIPT_CALLS):
+        return sum(commands.values())
+    return sum(n for name, n in commands.items() if name not in _IN_SCRIPT)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    scenarios: tuple[str, ...]
+    rounds: int
+    duration_s: float
+    warmup_s: float
+    connections: int
+    latency_rounds: int
+    latency_duration_s: float
+    latency_rate: float = 1000.0
+    latency_connections: int = 32
+    #: scenarios of the latency phase (None: all but the mostly-denied ones)
+    latency_scenarios: tuple[str, ...] | None = None
+    subjects: int = 1000
+    threads: int = 1
+
+
+ALL = tuple(s.key for s in SCENARIOS)
+MODES = {
+    "smoke": Mode(
+        "smoke",
+        ("passthrough", "bare-fast", "extproc"),
+        rounds=1,
+        duration_s=2,
+        warmup_s=1,
+        connections=32,
+        latency_rounds=1,
+        latency_duration_s=1,
+        latency_rate=300,
+        latency_connections=8,
+        subjects=100,
+    ),
+    "quick": Mode(
+        "quick",
+        ALL,
+        2,
+        1,
+        1,
+        64,
+        1,
+        1,
+        latency_scenarios=("passthrough", "native", "bare-fast", "extproc", "extproc-jwt-rl"),
+    ),
+    "full": Mode("full", ALL, 5, 8, 3, 64, 2, 8),
+}
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def _redis_calls(stack: Stack) -> dict[str, int]:
+    """Calls per Redis command so far, less the harness's own (INFO ...)."""
+    if stack.redis is None:
+        return {}
+    stats = stack.redis.command_stats()
+    return {
+        name: int(v.get("calls", 0))
+        for name, v in stats.items()
+        if not name.split("|")[0].startswith(_OWN_REDIS_COMMANDS)
+    }
+
+
+def _allowed(s: Scenario) -> frozenset[str]:
+    return frozenset({"200", "429"} if s.deny else {"200"})
+
+
+def _cpu(stack: Stack, key: str) -> dict[str, float]:
+    assert stack.envoy is not None and stack.envoy.pid is not None
+    redis_pid = stack.redis.pid if stack.redis else None
+    return {
+        "envoy": cpu_seconds([stack.envoy.pid]),
+        "sidecar": cpu_seconds(stack.sidecar_pids(key)),
+        "redis": cpu_seconds([redis_pid]) if redis_pid else 0.0,
+    }
+
+
+def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
+    before, calls = _cpu(stack, s.key), _redis_calls(stack)
+    result: LoadResult = load()
+    after, calls_after = _cpu(stack, s.key), _redis_calls(stack)
+    n = max(1, result.requests)
+    commands = {
+        name: calls_after[name] - calls.get(name, 0)
+        for name in calls_after
+        if calls_after[name] != calls.get(name, 0)
+    }
+    return {
+        "requests": result.requests,
+        "duration_s": result.duration_s,
+        "rps": result.rps,
+        "latency_ms": result.latency_ms,
+        "statuses": result.statuses,
+        "socket_errors": result.socket_errors,
+        "errors": result.errors(_allowed(s)),
+        "client_errors": result.client_errors(),
+        "cpu_us": {k: (after[k] - before[k]) / n * 1e6 for k in before},
+        "redis_round_trips_per_req": _client_commands(commands) / n,
+        "redis_cmds_per_req": sum(commands.values()) / n,
+        "redis_commands": commands,
+        "extra": result.extra,
+    }
+
+
+def _throughput(
+    stack: Stack, s: Scenario, script: Path, mode: Mode, seconds: float
+) -> dict[str, Any]:
+    port = stack.port(s.key)
+    return _sample(
+        stack,
+        s,
+        lambda: run_wrk(
+            port, script, duration_s=seconds, connections=mode.connections, threads=mode.threads
+        ),
+    )
+
+
+def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[str, Any]:
+    port = stack.port(s.key)
+    requests = [traffic.raw_request(i, f"127.0.0.1:{port}") for i in range(len(traffic.tokens))]
+    return _sample(
+        stack,
+        s,
+        lambda: open_loop(
+            port,
+            requests,
+            rate=mode.latency_rate,
+            duration_s=mode.latency_duration_s,
+            connections=mode.latency_connections,
+        ),
+    )
+
+
+def _line(s: Scenario, sample: dict[str, Any]) -> str:
+    cpu = sample["cpu_us"]
+    return (
+        f"  {s.key:<20} {sample['rps']:>8,.0f} req/s  p99 {sample['latency_ms']['p99']:6.2f} ms  "
+        f"sidecar {cpu['sidecar']:5.0f} µs  envoy {cpu['envoy']:4.0f} µs  "
+        f"redis {sample['redis_round_trips_per_req']:.3f} rt/req  4xx {sample['client_errors']}  "
+        f"errors {sample['errors']}"
+    )
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def _output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    return (done.stdout or done.stderr).strip()
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "nproc": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def versions(with_sdk: bool) -> dict[str, str]:
+    from importlib.metadata import version
+
+    from extproc.testing.processes import envoy_binary
+
+    out: dict[str, str] = {}
+    envoy = _output([envoy_binary(), "--version"])
+    match = re.search(r"version: (\S+)", envoy)
+    out["envoy"] = match.group(1) if match else envoy[:80]
+    for package in ("grpcio", "protobuf", "uvloop", "redis", "pyjwt", "cryptography"):
+        try:
+            out[package] = version(package)
+        except Exception:
+            out[package] = "not installed"
+    out["wrk"] = _output([wrk_binary(), "-v"]).splitlines()[0]
+    out["redis-server"] = _output(["redis-server", "--version"])
+    commit = _output(["git", "-C", str(RESULTS.parent.parent), "rev-parse", "--short", "HEAD"])
+    dirty = _output(["git", "-C", str(RESULTS.parent.parent), "status", "--porcelain"])
+    out["extproc"] = f"{commit}{' + uncommitted changes' if dirty.strip() else ''}"
+    if with_sdk and sdk_python().exists():
+        listing = _output([str(sdk_python()), "-m", "pip", "list", "--format=freeze"])
+        wanted = ("envoy-extproc-sdk", "grpcio", "protobuf", "xds-protos", "ddtrace")
+        pins = [ln for ln in listing.splitlines() if ln.split("==")[0].lower() in wanted]
+        out["sdk venv"] = ", ".join(pins)
+    return out
+
+
+def _workers_note() -> str:
+    helptext = _output([sys.executable, "-m", "extproc", "serve", "--help"])
+    if "--workers" in helptext:
+        return "`extproc-jwt-rl-w2` runs `extproc serve --workers 2` (Envoy lists both workers)"
+    return "`extproc serve` has no --workers option at the time of this run: not measured"
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -> dict[str, Any]:
+    chosen = [scenario(k) for k in keys]
+    keys = tuple(s.key for s in chosen)
+    for needed in ("passthrough", "bare-fast"):
+        if needed not in keys:
+            print(f"note: {needed} not selected: ratios to it are left empty", file=sys.stderr)
+    wrk_binary()
+    print(f"minting {mode.subjects} RS256 tokens ...", flush=True)
+    traffic = make_traffic(mode.subjects)
+    script = traffic.write_wrk_script(raw)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    data: dict[str, Any] = {
+        "mode": mode.name,
+        "started": started,
+        "command": command,
+        "settings": {
+            "rounds": mode.rounds,
+            "duration_s": mode.duration_s,
+            "warmup_s": mode.warmup_s,
+            "connections": mode.connections,
+            "threads": mode.threads,
+            "latency_rate": mode.latency_rate,
+            "latency_connections": mode.latency_connections,
+            "latency_rounds": mode.latency_rounds,
+            "latency_duration_s": mode.latency_duration_s,
+            "subjects": mode.subjects,
+        },
+        "scenarios": [{"key": s.key, "title": s.title} for s in chosen],
+        "rounds": [],
+        "latency_rounds": [],
+        "notes": {"workers": _workers_note()},
+    }
+    t0 = time.monotonic()
+    with Stack(chosen, traffic, raw / "stack") as stack:
+        print(f"stack up in {time.monotonic() - t0:.1f}s; warming up ...", flush=True)
+        for s in chosen:
+            _throughput(stack, s, script, mode, mode.warmup_s)
+        for n in range(mode.rounds):
+            print(f"round {n + 1}/{mode.rounds}", flush=True)
+            results = {}
+            for s in chosen:
+                results[s.key] = _throughput(stack, s, script, mode, mode.duration_s)
+                print(_line(s, results[s.key]), flush=True)
+            data["rounds"].append(results)
+        latency_keys = [
+            s
+            for s in chosen
+            if not s.deny and (mode.latency_scenarios is None or s.key in mode.latency_scenarios)
+        ]
+        for n in range(mode.latency_rounds):
+            print(
+                f"latency round {n + 1}/{mode.latency_rounds} at {mode.latency_rate:g} req/s",
+                flush=True,
+            )
+            results = {}
+            for s in latency_keys:
+                results[s.key] = _latency(stack, s, traffic, mode)
+                print(_line(s, results[s.key]), flush=True)
+            data["latency_rounds"].append(results)
+        data["commands"] = [
+            *stack.commands,
+            f"wrk -t {mode.threads} -c {mode.connections} -d {mode.duration_s:g}s --timeout 5s "
+            f"-s {script.name} http://127.0.0.1:<listener port>/",
+        ]
+    data["machine"] = machine()
+    data["versions"] = versions(any(s.backend == "sdk" for s in chosen))
+    data["summary"] = report.summarize(data)
+    data["targets"] = report.targets(data["summary"], data["notes"])
+    paths = report.write_all(data, out)
+    print(paths["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}  ({time.monotonic() - t0:.0f}s)")
+    return data
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--quick", action="store_true", help="all scenarios, short (< ~1 min)")
+    which.add_argument("--full", action="store_true", help="all scenarios, 5 rounds: the numbers")
+    which.add_argument(
+        "--smoke", action="store_true", help="passthrough, bare-fast, extproc; 1 round"
+    )
+    which.add_argument(
+        "--profile", metavar="SCENARIO", help="py-spy the sidecar of SCENARIO under load"
+    )
+    parser.add_argument("--scenarios", help=f"comma-separated subset of: {','.join(ALL)}")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--duration", type=float, help="seconds per scenario per round")
+    parser.add_argument("--connections", type=int)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    command = "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
+    try:
+        if args.profile:
+            from bench.profile import profile
+
+            profile(
+                scenario(args.profile),
+                args.out,
+                duration_s=args.duration or 10.0,
+                connections=args.connections or 64,
+            )
+            return 0
+        mode = MODES["quick" if args.quick else "full" if args.full else "smoke"]
+        overrides = {
+            k: v
+            for k, v in (
+                ("rounds", args.rounds),
+                ("duration_s", args.duration),
+                ("connections", args.connections),
+            )
+            if v is not None
+        }
+        if overrides:
+            mode = Mode(**{**mode.__dict__, **overrides})
+        keys = tuple(args.scenarios.split(",")) if args.scenarios else mode.scenarios
+        args.out.mkdir(parents=True, exist_ok=True)
+        raw_root = args.out / "raw"
+        raw_root.mkdir(parents=True, exist_ok=True)
+        raw = Path(tempfile.mkdtemp(prefix=f"{mode.name}-", dir=raw_root))
+        run(mode, keys, args.out, raw, command)
+    except ProcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if "wrk" in str(exc):
+            print(f"install wrk: {WRK_HINT}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every process started was stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Two bare grpc.aio ext_proc servicers that answer CONTINUE to every message, nothing else.
+
+* ``idiomatic``: what most people write first: an async-generator ``Process`` with the
+  generated message classes, on the default asyncio loop.
+* ``fast``: the cheapest servicer we know how to write on grpc.aio: uvloop, a raw-bytes
+  method handler (no protobuf (de)serialisation by grpc), the phase read from the first tag
+  byte of the request, prebuilt response bytes, explicit ``context.read()`` /
+  ``context.write()``.
+
+    python -m bench.servicers.bare --style fast --listen 127.0.0.1:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+#: ProcessingRequest oneof field -> the ProcessingResponse field of the matching reply
+_REPLY_FIELD = {
+    "request_headers": "request_headers",
+    "response_headers": "response_headers",
+    "request_body": "request_body",
+    "response_body": "response_body",
+    "request_trailers": "request_trailers",
+    "response_trailers": "response_trailers",
+}
+_REPLY_TYPE = {
+    "request_headers": pb.HeadersResponse,
+    "response_headers": pb.HeadersResponse,
+    "request_body": pb.BodyResponse,
+    "response_body": pb.BodyResponse,
+    "request_trailers": pb.TrailersResponse,
+    "response_trailers": pb.TrailersResponse,
+}
+
+
+class IdiomaticServicer(pb_grpc.ExternalProcessorServicer):
+    """Async generator, one message object built per reply."""
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for request in request_iterator:
+            if request.observability_mode:
+                continue
+            phase = request.WhichOneof("request")
+            if phase is None:
+                continue
+            yield pb.ProcessingResponse(**{_REPLY_FIELD[phase]: _REPLY_TYPE[phase]()})
+
+
+def _prebuilt_replies() -> dict[int, bytes]:
+    """First byte of a serialized ProcessingRequest (the tag of its oneof field, which the
+    C++ serializer writes first: Envoy sets no lower-numbered field) -> reply bytes."""
+    out: dict[int, bytes] = {}
+    fields = pb.ProcessingRequest.DESCRIPTOR.fields_by_name
+    for phase, reply_field in _REPLY_FIELD.items():
+        tag = (fields[phase].number << 3) | 2  # length-delimited
+        reply = pb.ProcessingResponse(**{reply_field: _REPLY_TYPE[phase]()})
+        out[tag] = reply.SerializeToString()
+    return out
+
+
+_REPLIES = _prebuilt_replies()
+
+
+def _slow_reply(raw: bytes) -> bytes | None:
+    """Anything the tag byte does not settle: decode it properly."""
+    request = pb.ProcessingRequest.FromString(raw)
+    if request.observability_mode:
+        return None
+    phase = request.WhichOneof("request")
+    if phase is None:
+        return None
+    return pb.ProcessingResponse(**{_REPLY_FIELD[phase]: _REPLY_TYPE[phase]()}).SerializeToString()
+
+
+async def _fast_process(_: Any, context: grpc.aio.ServicerContext) -> None:
+    read, write, eof, replies = context.read, context.write, grpc.aio.EOF, _REPLIES
+    while True:
+        raw = await read()
+        if raw is eof:
+            return
+        reply = replies.get(raw[0]) if raw else None
+        if reply is None:
+            reply = _slow_reply(raw)
+            if reply is None:
+                continue
+        await write(reply)
+
+
+def _fast_handler() -> grpc.GenericRpcHandler:
+    # no request_deserializer / response_serializer: the handler sees and writes bytes
+    method = grpc.stream_stream_rpc_method_handler(_fast_process)
+    return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
+
+
+async def serve(style: str, listen: str) -> None:
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 10_000)]
+    )
+    if style == "idiomatic":
+        pb_grpc.add_ExternalProcessorServicer_to_server(IdiomaticServicer(), server)  # type: ignore[no-untyped-call]
+    else:
+        server.add_generic_rpc_handlers((_fast_handler(),))
+    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"bare {style} servicer on {listen}", flush=True)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--style", choices=("idiomatic", "fast"), required=True)
+    parser.add_argument("--listen", required=True, help="host:port or unix:/path")
+    args = parser.parse_args()
+    if args.style == "fast":
+        import uvloop
+
+        uvloop.run(serve(args.style, args.listen))
+    else:
+        asyncio.run(serve(args.style, args.listen))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""The scenarios and the processes behind them: one Envoy (``--concurrency 1``) with one
+listener per scenario, each answering from a ``direct_response`` route (an upstream that costs
+almost nothing), the sidecars / servicers the listeners call, and one Redis when needed.
+
+Everything binds 127.0.0.1 on ports the OS picks; :class:`Stack` stops every process it
+started, by pid, when its ``with`` block ends (also on Ctrl-C or an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.envoy_native import NativeLimits, native_filters
+from bench.procs import Proc, ensure_sdk_venv, process_tree, wait_tcp
+from bench.traffic import AUDIENCE, ISSUER, Traffic
+from extproc.envoy_config import (
+    BootstrapSpec,
+    DirectResponse,
+    ExtProcSpec,
+    ListenerSpec,
+    ProcessingModeSpec,
+    SidecarSpec,
+    render,
+)
+from extproc.testing.processes import EnvoyProcess, SidecarProcess, free_port
+from extproc.testing.redis_server import RedisServer
+
+__all__ = ["SCENARIOS", "ListenerPlan", "Scenario", "Stack", "compose_bootstrap", "scenario"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: limits of the throughput scenarios: far above what one machine can send per user
+OPEN_LIMIT = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    title: str
+    #: none | native | bare-idiomatic | bare-fast | extproc | sdk
+    backend: str
+    #: plugins of an extproc backend: () | ("jwt",) | ("jwt", "rl")
+    plugins: tuple[str, ...] = ()
+    batch: int = 100
+    #: most requests are expected to be denied (429)
+    deny: bool = False
+    #: ``extproc serve --workers N``
+    workers: int = 1
+
+    @property
+    def needs_redis(self) -> bool:
+        return "rl" in self.plugins
+
+    @property
+    def sidecar(self) -> bool:
+        return self.backend not in ("none", "native")
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("passthrough", "Envoy passthrough (no ext_proc)", "none"),
+    Scenario("native", "Envoy jwt_authn + local_ratelimit", "native"),
+    Scenario("bare-idiomatic", "bare grpc.aio, async generator", "bare-idiomatic"),
+    Scenario("bare-fast", "bare grpc.aio, read/write + uvloop + raw bytes", "bare-fast"),
+    Scenario("extproc", "extproc, no plugins", "extproc"),
+    Scenario("extproc-jwt", "extproc + jwt_auth", "extproc", ("jwt",)),
+    Scenario(
+        "extproc-jwt-rl", "extproc + jwt_auth + rate_limit (batched)", "extproc", ("jwt", "rl")
+    ),
+    Scenario(
+        "extproc-jwt-rl-b1",
+        "extproc + jwt_auth + rate_limit (batch_size 1)",
+        "extproc",
+        ("jwt", "rl"),
+        batch=1,
+    ),
+    Scenario(
+        "extproc-jwt-rl-w2",
+        "extproc + jwt_auth + rate_limit (batched), --workers 2",
+        "extproc",
+        ("jwt", "rl"),
+        workers=2,
+    ),
+    Scenario("sdk", "envoy-extproc-sdk no-op (PyPI)", "sdk"),
+    Scenario(
+        "extproc-deny",
+        "extproc + jwt_auth + rate_limit, mostly 429",
+        "extproc",
+        ("jwt", "rl"),
+        deny=True,
+    ),
+    Scenario("native-deny", "Envoy jwt_authn + local_ratelimit, mostly 429", "native", deny=True),
+)
+
+
+def scenario(key: str) -> Scenario:
+    for s in SCENARIOS:
+        if s.key == key:
+            return s
+    raise KeyError(f"unknown scenario {key!r}; known: {', '.join(s.key for s in SCENARIOS)}")
+
+
+# ---------------------------------------------------------------------------- Envoy bootstrap
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerPlan:
+    """One listener of the shared Envoy: ``filters`` (before the router) replace the ext_proc
+    filter when given; ``ext_proc`` + ``endpoints`` configure it otherwise; neither means
+    passthrough."""
+
+    name: str
+    filters: Sequence[dict[str, Any]] | None = None
+    ext_proc: ExtProcSpec | None = None
+    endpoints: tuple[str, ...] = ()
+
+
+def _hcm(listener: dict[str, Any]) -> dict[str, Any]:
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def compose_bootstrap(plans: Sequence[ListenerPlan]) -> dict[str, Any]:
+    """One bootstrap with a listener (and an ext_proc cluster, where used) per plan, rendered
+    with extproc's own typed renderer so the listener settings are the production ones (less
+    the access log, which every scenario would pay alike)."""
+    listeners: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    base: dict[str, Any] | None = None
+    for plan in plans:
+        cluster_name = f"extproc_{plan.name}"
+        spec = BootstrapSpec(
+            listener=ListenerSpec(port=0, access_log=False),
+            upstream=DirectResponse(status=200, body="ok\n"),
+            sidecar=SidecarSpec(endpoints=plan.endpoints or ("127.0.0.1:9",), health_check=None),
+            ext_proc=plan.ext_proc or ExtProcSpec(),
+        )
+        data = render(spec)
+        base = base or data
+        listener = data["static_resources"]["listeners"][0]
+        listener["name"] = plan.name
+        hcm = _hcm(listener)
+        hcm["stat_prefix"] = plan.name
+        router = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+        if plan.ext_proc is not None and plan.endpoints:
+            ext_proc = hcm["http_filters"][0]
+            ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster_name
+            ext_proc["typed_config"]["stat_prefix"] = plan.name
+            cluster = data["static_resources"]["clusters"][0]
+            cluster["name"] = cluster_name
+            cluster["load_assignment"]["cluster_name"] = cluster_name
+            clusters.append(cluster)
+        else:
+            hcm["http_filters"] = [*copy.deepcopy(list(plan.filters or ())), *router]
+        listeners.append(listener)
+    assert base is not None
+    out = copy.deepcopy(base)
+    out["static_resources"] = {"listeners": listeners, "clusters": clusters}
+    return out
+
+
+# ---------------------------------------------------------------------------- sidecar configs
+
+
+def sidecar_config(s: Scenario, traffic: Traffic, redis_url: str | None) -> dict[str, Any]:
+    plugins: list[dict[str, Any]] = []
+    if "jwt" in s.plugins:
+        plugins.append(
+            {
+                "plugin": "jwt_auth",
+                "config": {
+                    "providers": {
+                        "idp": {
+                            "issuer": ISSUER,
+                            "audiences": [AUDIENCE],
+                            "jwks": {"inline": traffic.jwks},
+                            "claim_to_headers": [{"claim": "sub", "header": "x-user"}],
+                        }
+                    }
+                },
+            }
+        )
+    if "rl" in s.plugins:
+        limit = (
+            {"requests": 1, "per": "minute"}
+            if s.deny
+            else {"requests": OPEN_LIMIT, "per": "second"}
+        )
+        plugins.append(
+            {
+                "plugin": "rate_limit",
+                "config": {
+                    "key_prefix": s.key.replace("-", "_"),
+                    "rules": [{"name": "per_user", "key": ["claim:sub"], "limits": [limit]}],
+                    "batch": {"max_batch": s.batch},
+                },
+            }
+        )
+    config: dict[str, Any] = {
+        "version": 1,
+        "server": {"admin": None, "drain_delay_s": 0, "shutdown_grace_s": 1},
+        "plugins": plugins,
+    }
+    if s.needs_redis:
+        config["redis"] = {"url": redis_url}
+    return config
+
+
+# ---------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Running:
+    """A scenario's listener port and the process behind it (if any)."""
+
+    scenario: Scenario
+    proc: Proc | SidecarProcess | None = None
+    address: str = ""
+    endpoints: tuple[str, ...] = ()
+    ext_proc: ExtProcSpec | None = None
+    port: int = 0
+
+
+class Stack:
+    """Start with ``with Stack(scenarios, traffic, workdir) as stack:``."""
+
+    def __init__(self, scenarios: Sequence[Scenario], traffic: Traffic, workdir: Path) -> None:
+        self.scenarios = list(scenarios)
+        self.traffic = traffic
+        self.workdir = workdir
+        self.running: dict[str, Running] = {}
+        self.redis: RedisServer | None = None
+        self.envoy: EnvoyProcess | None = None
+        self._stack = contextlib.ExitStack()
+        self.commands: list[str] = []
+
+    def __enter__(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if any(s.needs_redis for s in self.scenarios):
+            self.redis = self._stack.enter_context(RedisServer())
+            self.commands.append(
+                f"redis-server --port {self.redis.port} --bind 127.0.0.1 --save ''"
+            )
+        starts: list[Callable[[], None]] = []
+        for s in self.scenarios:
+            run = Running(s)
+            self.running[s.key] = run
+            if s.sidecar:
+                starts.append(self._sidecar(run))
+        # each start blocks until its process serves: boot them side by side
+        with ThreadPoolExecutor(max_workers=max(1, len(starts))) as pool:
+            for done in [pool.submit(start) for start in starts]:
+                done.result()
+        plans = [self._plan(self.running[s.key]) for s in self.scenarios]
+        bootstrap = compose_bootstrap(plans)
+        envoy = EnvoyProcess(bootstrap, workdir=self.workdir / "envoy", startup_timeout=60)
+        self.envoy = self._stack.enter_context(envoy)
+        self.commands.append(
+            f"envoy -c {envoy.config_path} --disable-hot-restart --concurrency 1 -l warning"
+        )
+        ports = envoy.listener_ports
+        for s in self.scenarios:
+            self.running[s.key].port = ports[s.key]
+
+    def _plan(self, run: Running) -> ListenerPlan:
+        s = run.scenario
+        if s.backend == "none":
+            return ListenerPlan(s.key)
+        if s.backend == "native":
+            limits = NativeLimits(1, 60) if s.deny else NativeLimits(OPEN_LIMIT, 1)
+            filters = native_filters(ISSUER, AUDIENCE, self.traffic.jwks, limits)
+            return ListenerPlan(s.key, filters=filters)
+        ext_proc = run.ext_proc or ExtProcSpec(
+            processing_mode=ProcessingModeSpec(), request_attributes=()
+        )
+        return ListenerPlan(s.key, ext_proc=ext_proc, endpoints=run.endpoints or (run.address,))
+
+    def _sidecar(self, run: Running) -> Callable[[], None]:
+        """Prepare the scenario's sidecar; the returned call starts it and waits for it."""
+        s = run.scenario
+        address = run.address = f"127.0.0.1:{_free_ports(s.workers)}"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        if s.backend == "extproc":
+            path = self.workdir / f"{s.key}.yaml"
+            redis_url = self.redis.url if self.redis else None
+            path.write_text(yaml.safe_dump(sidecar_config(s, self.traffic, redis_url)))
+            run.ext_proc = _ext_proc_for(path)
+            extra = (
+                ("--no-watch",) if s.workers == 1 else ("--no-watch", "--workers", str(s.workers))
+            )
+            if s.workers > 1:
+                from extproc.supervisor import worker_addresses
+
+                run.endpoints = tuple(worker_addresses(address, s.workers))
+            sidecar = SidecarProcess(
+                path,
+                listen=address,
+                extra_args=extra,
+                workdir=self.workdir / s.key,
+                startup_timeout=60,
+            )
+            self.commands.append(
+                f"python -m extproc serve --config {path} --listen {address} --admin '' "
+                + " ".join(extra)
+            )
+            run.proc = sidecar
+            self._stack.callback(sidecar.stop)
+            return sidecar.start
+        if s.backend in ("bare-idiomatic", "bare-fast"):
+            style = s.backend.removeprefix("bare-")
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.servicers.bare",
+                "--style",
+                style,
+                "--listen",
+                address,
+            ]
+        else:  # sdk
+            python = ensure_sdk_venv(self.workdir / "sdk-pip.log")
+            argv = [str(python), str(REPO / "bench" / "servicers" / "sdk_noop.py"), address]
+            env = dict(os.environ, DD_TRACE_ENABLED="false")
+            env.pop("PYTHONPATH", None)
+        self.commands.append(" ".join(argv))
+        proc = Proc(s.key, argv, self.workdir, env=env, cwd=REPO)
+        run.proc = proc
+        self._stack.callback(proc.stop)
+        host, _, port = address.rpartition(":")
+
+        def start() -> None:
+            proc.start()
+            wait_tcp(host, int(port), 60, alive=proc)
+
+        return start
+
+    def port(self, key: str) -> int:
+        return self.running[key].port
+
+    def sidecar_pids(self, key: str) -> list[int]:
+        """The scenario's sidecar process and its children (workers), at this moment."""
+        proc = self.running[key].proc
+        pid = proc.pid if proc is not None else None
+        return process_tree(pid) if pid else []
+
+
+def _free_ports(n: int) -> int:
+    """The first of ``n`` consecutive ports that were free a moment ago."""
+    import socket
+
+    for _ in range(50):
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + n):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _ext_proc_for(path: Path) -> ExtProcSpec:
+    """The ext_proc filter extproc's own renderer gives this config, except that a sidecar
+    with no plugins still gets the request headers (else Envoy would open no stream at all
+    and the scenario would measure nothing)."""
+    from extproc.cli import envoy_spec_for
+    from extproc.config import load_config
+
+    spec = envoy_spec_for(load_config(path))
+    ext_proc: ExtProcSpec = spec.ext_proc  # type: ignore[attr-defined]
+    if not ext_proc.processing_mode.request_headers:
+        ext_proc = ExtProcSpec(
+            processing_mode=ProcessingModeSpec(),
+            message_timeout_ms=ext_proc.message_timeout_ms,
+            max_message_timeout_ms=ext_proc.max_message_timeout_ms,
+            request_attributes=ext_proc.request_attributes,
+            receiving_namespaces=ext_proc.receiving_namespaces,
+        )
+    return ext_proc
