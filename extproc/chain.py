@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -65,6 +66,9 @@ class Slot:
     gate: Gate | None = None
     #: what the plugin declared for its configuration (``Plugin.needs_for``)
     needs: Needs = field(default_factory=Needs)
+    #: run each call in a task of its own (a hard deadline); False for plugins that declare
+    #: ``cancellation_safe`` (cheaper: no task, and no timer when the hook does not wait)
+    isolate: bool = True
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -131,6 +135,46 @@ class Outcome:
 
 _UNAVAILABLE: Final = Reject(503, "unavailable", "The request could not be processed.")
 _INTERNAL: Final = Reject(500, "internal_error", "The request could not be processed.")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume the outcome of an abandoned hook so asyncio does not report it as lost."""
+    if not task.cancelled():
+        task.exception()
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
+    """Go on driving ``coro`` (which has already yielded ``pending``) in the current task,
+    exactly as ``await`` would: values and exceptions (cancellation included) pass through."""
+    while True:
+        try:
+            value = yield pending
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # thrown in by the event loop, cancellation included
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _inline(coro: Coroutine[Any, Any, Any], deadline: float) -> Any:
+    """Run a cancellation-safe hook in the current task. Most hooks finish without waiting
+    for anything (a cache hit, a header rule): their first step returns, and no timer is
+    armed at all. A hook that suspends runs on under ``asyncio.timeout_at(deadline)``."""
+    try:
+        pending = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    async with asyncio.timeout_at(deadline):
+        return await _resume(coro, pending)
 
 
 def _result_name(result: Continue | Respond | Reject) -> str:
@@ -229,8 +273,10 @@ class Chain:
         token = _deadline.set(deadline)
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout_at(deadline):
-                result = await hook(event)  # type: ignore[arg-type]
+            if slot.isolate:
+                result = await self._isolated(slot, hook(event), loop, deadline)  # type: ignore[arg-type]
+            else:
+                result = await _inline(hook(event), deadline)  # type: ignore[arg-type]
         except TimeoutError as exc:
             return self._failed(slot, event, "timeout", exc)
         except asyncio.CancelledError:
@@ -250,6 +296,42 @@ class Chain:
             return self._failed(slot, event, "bad_result", error)
         slot.breaker.record_success()
         return result
+
+    async def _isolated(
+        self,
+        slot: Slot,
+        coro: Coroutine[Any, Any, Any],
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+    ) -> Any:
+        """Run the hook in a task of its own with a hard deadline: when it passes, the chain
+        moves on (failure policy) even if the hook delays or ignores its cancellation; the
+        task is cancelled and kept until it ends."""
+        task = loop.create_task(coro)
+        waiter = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        task.add_done_callback(wake)
+        timer = loop.call_at(deadline, wake)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            timer.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_retrieve)
+        log.warning("plugin still running after its deadline; cancelled",
+                    extra={"plugin": slot.name})  # fmt: skip
+        raise TimeoutError
 
     def _failed(
         self, slot: Slot, event: Event, kind: str, error: BaseException | None

@@ -167,6 +167,11 @@ class PluginEntry(_Strict):
         default_factory=RolloutSettings,
         description="run for a share of requests or only for requests with a header",
     )
+    isolate: bool | None = Field(
+        None,
+        description="run each call in its own task (hard deadline); default: unless the "
+        "plugin declares cancellation_safe",
+    )
     breaker_failures: int = Field(
         20, ge=1, description="consecutive failures that open the plugin's breaker"
     )

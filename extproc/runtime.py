@@ -178,6 +178,7 @@ async def build_generation(
                 ),
                 shadow=entry.shadow,
                 needs=plugin.needs_for(plugin_config),
+                isolate=not cls.cancellation_safe if entry.isolate is None else entry.isolate,
                 gate=make_gate(entry.rollout, salt=name),
             )
         )

@@ -17,6 +17,7 @@ from types import CodeType
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -36,6 +37,11 @@ __all__ = ["ExtProcServicer", "Server", "grpc_address"]
 log = logging.getLogger("extproc.server")
 
 HEALTH_SERVICE = "extproc"
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def _as_bytes(reply: bytes | pb.ProcessingResponse) -> bytes:
+    return reply if type(reply) is bytes else reply.SerializeToString()  # type: ignore[union-attr]
 
 
 def grpc_address(listen: str) -> str:
@@ -69,6 +75,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._remote = errors.labels("remote")
         self._local = errors.labels("local")
         self.open_streams = 0
+        self._active: dict[asyncio.Task[Any], float] = {}
+        self._idled: set[asyncio.Task[Any]] = set()
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         gen = self.runtime.current
@@ -85,44 +93,37 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             max_body_bytes=settings.max_body_bytes,
         )
         loop = asyncio.get_running_loop()
-        idle = settings.stream_idle_timeout_s
+        task = asyncio.current_task()
+        active = self._active
         extend_ms = settings.max_message_timeout_ms
-        soft = settings.soft_budget_s
         end = "ok"
         span: StreamSpan | None = None
         first = True
         reply: Reply | ImmediateReply | None = None
         try:
-            async with asyncio.timeout(idle) as idle_timer:
-                while True:
-                    request = await context.read()
-                    if request is grpc.aio.EOF:
-                        break
-                    started = loop.time()
-                    idle_timer.reschedule(started + idle)
-                    msg = codec.decode(request)
-                    if first:
-                        first = False
-                        if self.tracer is not None:
-                            span = self.tracer.start_stream(
-                                context.invocation_metadata, msg.headers
-                            )
-                    if span is not None:
-                        span.message(msg.phase.value)
-                    if extend_ms is None or msg.observability_mode:
-                        reply = await stream.handle(msg, started)
-                    else:
-                        reply = await self._handle_extending(
-                            stream, msg, started, soft, extend_ms, context
-                        )
-                    if reply is not None:
-                        await context.write(codec.encode(msg.phase, reply))
-                    if stream.closed:
-                        break
-        except TimeoutError:
-            end = "idle"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle")
-        except (RemoteProtocolError, codec.DecodeError) as exc:
+            while True:
+                if task is not None:
+                    active[task] = loop.time()  # the idle sweep reads this
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
+                started = loop.time()
+                msg = codec.decode(request)
+                if first:
+                    first = False
+                    if self.tracer is not None:
+                        span = self.tracer.start_stream(context.invocation_metadata, msg.headers)
+                if span is not None:
+                    span.message(msg.phase.value)
+                if extend_ms is None or msg.observability_mode:
+                    reply = await stream.handle(msg, started)
+                else:
+                    reply = await self._handle_extending(stream, msg, started, extend_ms, context)
+                if reply is not None:
+                    await context.write(codec.encode_bytes(msg.phase, reply))
+                if stream.closed:
+                    break
+        except (RemoteProtocolError, codec.DecodeError, ProtobufDecodeError) as exc:
             end = "remote_error"
             self._remote.inc()
             log.warning("unexpected message from Envoy", extra={"error": str(exc)})
@@ -133,9 +134,16 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             log.error("no valid reply could be sent", extra={"error": str(exc)})
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         except asyncio.CancelledError:
-            end = "cancelled"
-            raise
+            if task is None or task not in self._idled:
+                end = "cancelled"
+                raise
+            end = "idle"  # cancelled by the idle sweep: end the RPC with a clear status
+            task.uncancel()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle")
         finally:
+            if task is not None:
+                active.pop(task, None)
+                self._idled.discard(task)
             if span is not None:
                 immediate = isinstance(reply, ImmediateReply)
                 span.end(
@@ -147,25 +155,44 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self.open_streams -= 1
             gen.release()
 
+    async def sweep_idle(self) -> None:
+        """Cancel streams that received no message for ``stream_idle_timeout_s``: one timer
+        for the whole process instead of one per stream, re-armed on every message."""
+        idle = self.settings.stream_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.05, min(idle / 4, 5.0)))
+            cutoff = loop.time() - idle
+            for task, last in list(self._active.items()):
+                if last < cutoff and task not in self._idled:
+                    self._idled.add(task)
+                    task.cancel()
+
     async def _handle_extending(
         self,
         stream: StreamProcessor,
         msg: Message,
         started: float,
-        soft: float,
         extend_ms: int,
         context: grpc.aio.ServicerContext,
     ) -> Reply | ImmediateReply | None:
         """Run the chain; if it is still busy when Envoy's ``message_timeout`` is about to
-        expire, send ``override_message_timeout`` once so Envoy waits for the answer."""
-        work = asyncio.ensure_future(stream.handle(msg, started))
-        done, _ = await asyncio.wait(
-            (work,), timeout=max(0.0, started + soft - asyncio.get_running_loop().time())
-        )
-        if not done:
+        expire, send ``override_message_timeout`` once so Envoy waits for the answer. A timer,
+        not a task: a message that is answered in time costs one call_at and its cancel."""
+        loop = asyncio.get_running_loop()
+        sent: list[asyncio.Task[None]] = []
+
+        def extend() -> None:
             self._extended.inc()
-            await context.write(codec.encode_timeout_extension(extend_ms))
-        return await work
+            sent.append(loop.create_task(context.write(codec.encode_timeout_extension(extend_ms))))
+
+        timer = loop.call_at(started + self.settings.soft_budget_s, extend)
+        try:
+            return await stream.handle(msg, started)
+        finally:
+            timer.cancel()
+            if sent:
+                await sent[0]  # the extension goes out before the answer
 
 
 class Server:
@@ -249,7 +276,16 @@ class Server:
         self.servicer = ExtProcServicer(
             self.runtime, self.loaded.config, self.services.registry, self.tracer
         )
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
+        # Our own method handler (same service and method names as the generated one): replies
+        # are written as bytes, so the prebuilt answers without changes are never re-encoded.
+        process = grpc.stream_stream_rpc_method_handler(
+            self.servicer.Process,
+            request_deserializer=pb.ProcessingRequest.FromString,
+            response_serializer=_as_bytes,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": process}),)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.tls is not None:
             from extproc.tls import server_credentials
@@ -268,6 +304,7 @@ class Server:
         )
         self.watchdog.start()
         self._tasks.append(asyncio.ensure_future(self._health_loop()))
+        self._tasks.append(asyncio.ensure_future(self.servicer.sweep_idle()))
         if self.admin_address:
             self._admin = AdminServer(self, self.admin_address)
             await self._admin.start()
@@ -426,6 +463,3 @@ async def serve(
     if watcher is not None:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-
-
-_ = pb  # the generated module is imported for its descriptors

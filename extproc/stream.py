@@ -27,6 +27,7 @@ from extproc.plugin import (
     ResponseTrailers,
 )
 from extproc.protocol.events import (
+    EMPTY_REPLY,
     BodySendMode,
     ImmediateReply,
     Message,
@@ -45,7 +46,7 @@ __all__ = ["StreamMetrics", "StreamProcessor"]
 
 log = logging.getLogger("extproc.stream")
 
-_EMPTY_REPLY: Final = Reply()
+_EMPTY_REPLY: Final = EMPTY_REPLY
 _WHOLE_BODY_MODES: Final = frozenset(
     {BodySendMode.BUFFERED, BodySendMode.BUFFERED_PARTIAL, BodySendMode.GRPC}
 )
@@ -178,6 +179,8 @@ class StreamProcessor:
         mode = self.state.body_mode(phase)
         if mode in _WHOLE_BODY_MODES:
             # Envoy already gathered the body: every plugin gets it as one event
+            if len(msg.body) > self.max_body_bytes:
+                return _reject_outcome(_TOO_LARGE)
             return await self.chain.run(
                 self._body_event(phase, msg.body, msg.end_of_stream), started=started
             )

@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.plugin import Headers, Phase
 from extproc.protocol.events import (
+    EMPTY_REPLY,
     BodySendMode,
     HeaderMutation,
     ImmediateReply,
@@ -24,7 +25,14 @@ from extproc.protocol.events import (
     Reply,
 )
 
-__all__ = ["DecodeError", "decode", "encode", "encode_timeout_extension", "struct_to_dict"]
+__all__ = [
+    "DecodeError",
+    "decode",
+    "encode",
+    "encode_bytes",
+    "encode_timeout_extension",
+    "struct_to_dict",
+]
 
 
 class DecodeError(ValueError):
@@ -165,7 +173,7 @@ def encode(phase: Phase, reply: Reply | ImmediateReply) -> pb.ProcessingResponse
     """The ``ProcessingResponse`` answering a message of ``phase`` with ``reply``."""
     if isinstance(reply, ImmediateReply):
         return _encode_immediate(reply)
-    if reply == _EMPTY:
+    if reply is EMPTY_REPLY or reply == EMPTY_REPLY:
         return _NOOP[phase]
     resp = pb.ProcessingResponse()
     part = getattr(resp, _FIELD_OF[phase])
@@ -199,7 +207,14 @@ def encode(phase: Phase, reply: Reply | ImmediateReply) -> pb.ProcessingResponse
     return resp
 
 
-_EMPTY: Final = Reply()
+def encode_bytes(phase: Phase, reply: Reply | ImmediateReply) -> bytes:
+    """:func:`encode`, serialized; the answers without changes come from a cache."""
+    if reply is EMPTY_REPLY:
+        return _NOOP_BYTES[phase]
+    return encode(phase, reply).SerializeToString()
+
+
+_NOOP_BYTES: Final = {phase: msg.SerializeToString() for phase, msg in _NOOP.items()}
 
 
 def _fill_mode(target: Any, mode: ModeOverride) -> None:

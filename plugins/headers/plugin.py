@@ -28,6 +28,7 @@ class HeadersPlugin(Plugin):
     name = "headers"
     version = "1.0.0"
     priority = 100
+    cancellation_safe = True  # our hooks end promptly when cancelled (tested)
     Config = HeadersConfig
     needs: ClassVar[Needs] = Needs(request_headers=True, response_headers=True)
 

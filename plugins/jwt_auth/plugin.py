@@ -93,6 +93,7 @@ class JwtAuthPlugin(Plugin):
     name = "jwt_auth"
     version = "1.0.0"
     priority = 1000
+    cancellation_safe = True  # our hooks end promptly when cancelled (tested)
     needs = Needs(request_headers=True)
     Config: ClassVar[type[JwtAuthConfig]] = JwtAuthConfig
 

@@ -160,6 +160,7 @@ class RateLimitPlugin(Plugin):
     name: ClassVar[str] = "rate_limit"
     version: ClassVar[str] = "0.1.0"
     priority: ClassVar[int] = 900
+    cancellation_safe: ClassVar[bool] = True  # awaits end promptly when cancelled (tested)
     needs: ClassVar[Needs] = Needs(request_headers=True)
     attributes: ClassVar[tuple[str, ...]] = ("source.address",)
     Config = RateLimitConfig
