@@ -14,7 +14,7 @@ import time
 import types
 from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from extproc.context import _deadline
 from extproc.observability.metrics import BoundCounter, BoundHistogram, Registry
@@ -111,7 +111,8 @@ class Outcome:
         for key, value in result.set_headers.items():
             k = key.lower()
             self.set_headers[k] = value
-            self.append_headers = [(a, v) for a, v in self.append_headers if a != k]
+            if self.append_headers:
+                self.append_headers = [(a, v) for a, v in self.append_headers if a != k]
             if k in self.remove_headers:  # an overwrite replaces every earlier value anyway
                 self.remove_headers.remove(k)
         for key, value in result.append_headers.items():
@@ -165,16 +166,7 @@ def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any,
                 return stop.value
 
 
-async def _inline(coro: Coroutine[Any, Any, Any], deadline: float) -> Any:
-    """Run a cancellation-safe hook in the current task. Most hooks finish without waiting
-    for anything (a cache hit, a header rule): their first step returns, and no timer is
-    armed at all. A hook that suspends runs on under ``asyncio.timeout_at(deadline)``."""
-    try:
-        pending = coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    async with asyncio.timeout_at(deadline):
-        return await _resume(coro, pending)
+_REQUEST_SIDE: Final = frozenset(p for p in Phase if p.is_request)
 
 
 def _result_name(result: Continue | Respond | Reject) -> str:
@@ -240,13 +232,13 @@ class Chain:
                     result = await self._call(slot, event, loop, message_deadline)
                     call.set_result(_result_name(result))
             metrics = slot.metrics
-            if isinstance(result, Continue):
+            if type(result) is Continue:
                 if metrics:
                     metrics.results[(phase, "continue")].inc()
                 if not result.is_noop and not slot.shadow:
                     outcome.merge(slot.name, result)
                 continue
-            respond = result.to_respond() if isinstance(result, Reject) else result
+            respond = result.to_respond() if isinstance(result, Reject) else cast(Respond, result)
             if slot.shadow:
                 if metrics:
                     metrics.results[(phase, "shadow_deny")].inc()
@@ -268,15 +260,26 @@ class Chain:
     ) -> Continue | Respond | Reject:
         if not slot.breaker.allow():
             return self._failed(slot, event, "breaker_open", None)
-        deadline = min(loop.time() + slot.timeout, message_deadline)
-        hook = slot.plugin.on_request if event.phase.is_request else slot.plugin.on_response
+        deadline = loop.time() + slot.timeout
+        deadline = min(deadline, message_deadline)
+        hook = slot.plugin.on_request if event.phase in _REQUEST_SIDE else slot.plugin.on_response
         token = _deadline.set(deadline)
         t0 = time.perf_counter()
         try:
+            coro = hook(event)  # type: ignore[arg-type]
             if slot.isolate:
-                result = await self._isolated(slot, hook(event), loop, deadline)  # type: ignore[arg-type]
+                result = await self._isolated(slot, coro, loop, deadline)
             else:
-                result = await _inline(hook(event), deadline)  # type: ignore[arg-type]
+                # Most hooks finish without waiting for anything (a cache hit, a header
+                # rule): their first step returns, and no timer is armed at all. A hook that
+                # suspends goes on in this task under asyncio.timeout_at(deadline).
+                try:
+                    pending = coro.send(None)
+                except StopIteration as stop:
+                    result = stop.value
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        result = await _resume(coro, pending)
         except TimeoutError as exc:
             return self._failed(slot, event, "timeout", exc)
         except asyncio.CancelledError:

@@ -173,7 +173,7 @@ def encode(phase: Phase, reply: Reply | ImmediateReply) -> pb.ProcessingResponse
     """The ``ProcessingResponse`` answering a message of ``phase`` with ``reply``."""
     if isinstance(reply, ImmediateReply):
         return _encode_immediate(reply)
-    if reply is EMPTY_REPLY or reply == EMPTY_REPLY:
+    if reply is EMPTY_REPLY:
         return _NOOP[phase]
     resp = pb.ProcessingResponse()
     part = getattr(resp, _FIELD_OF[phase])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from extproc.plugin import Headers, Phase
@@ -56,7 +56,12 @@ class AppendAction(enum.IntEnum):
 HEADER_PHASES: Final = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS})
 
 
-@dataclass(frozen=True, slots=True)
+# Internal hot-path types are plain slotted dataclasses: a frozen dataclass's __init__ goes
+# through object.__setattr__ per field (several times slower) and these are built per message.
+# Nothing mutates them after construction; HeaderMutation stays frozen (it is shared).
+
+
+@dataclass(slots=True)
 class ProtocolConfig:
     """What Envoy tells us about its body modes, in the first message of a stream."""
 
@@ -65,7 +70,7 @@ class ProtocolConfig:
     send_body_without_waiting_for_header_response: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """One decoded ``ProcessingRequest``.
 
@@ -95,7 +100,7 @@ class HeaderMutation:
         return bool(self.set or self.remove)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ModeOverride:
     """A per-request change of the processing mode (headers responses only)."""
 
@@ -106,7 +111,10 @@ class ModeOverride:
     response_trailer_mode: HeaderSendMode | None = None
 
 
-@dataclass(frozen=True, slots=True)
+NO_MUTATION: Final = HeaderMutation()
+
+
+@dataclass(slots=True)
 class Reply:
     """The answer of the matching type to one message (``CONTINUE`` with changes).
 
@@ -114,7 +122,7 @@ class Reply:
     chunk sent back in FULL_DUPLEX_STREAMED mode, with its end-of-stream flag.
     """
 
-    header_mutation: HeaderMutation = field(default_factory=HeaderMutation)
+    header_mutation: HeaderMutation = NO_MUTATION
     body: bytes | None = None
     clear_body: bool = False
     streamed_body: tuple[bytes, bool] | None = None
@@ -126,12 +134,12 @@ class Reply:
     override_message_timeout_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ImmediateReply:
     """Stop processing and answer the client with this response."""
 
     status: int
-    headers: HeaderMutation = field(default_factory=HeaderMutation)
+    headers: HeaderMutation = NO_MUTATION
     body: bytes = b""
     details: str = ""
     grpc_status: int | None = None

@@ -61,6 +61,8 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a call go through now? In half-open state only one trial at a time."""
+        if self._state is BreakerState.CLOSED:
+            return True
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -70,6 +72,8 @@ class CircuitBreaker:
         return False
 
     def record_success(self) -> None:
+        if not self._failures and self._state is BreakerState.CLOSED:
+            return  # the common case: nothing to reset
         self._failures = 0
         self._trial_in_flight = False
         self._state = BreakerState.CLOSED

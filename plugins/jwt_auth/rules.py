@@ -190,6 +190,9 @@ def compile_rule(index: int, rule: Rule, all_providers: Sequence[str]) -> Compil
     )
 
 
+_MEMO_SIZE = 8192
+
+
 class RuleSet:
     """Rules compiled once per configuration; :meth:`match` is the per-request call."""
 
@@ -202,6 +205,7 @@ class RuleSet:
             requirement=default,
             providers=tuple(default.provider_names(list(all_providers))),
         )
+        self._memo: dict[tuple[str, str], CompiledRule | BadPathError] = {}
 
     def match_reading(self, method: str, path: str) -> CompiledRule:
         for rule in self.rules:
@@ -211,7 +215,30 @@ class RuleSet:
 
     def match(self, method: str, raw_path: str) -> CompiledRule:
         """The rule for a request: the strictest over all readings of the path. Raises
-        :class:`BadPathError` for malformed paths."""
+        :class:`BadPathError` for malformed paths.
+
+        Decisions are memoised per (method, path): APIs see the same few thousand paths over
+        and over, and normalising every reading costs more than the token check. The memo is
+        bounded (cleared when full), so a flood of distinct paths costs memory only up to it.
+        """
+        key = (method, raw_path)
+        hit = self._memo.get(key)
+        if hit is not None:
+            if isinstance(hit, BadPathError):
+                raise hit
+            return hit
+        try:
+            decided: CompiledRule | BadPathError = self._match(method, raw_path)
+        except BadPathError as exc:
+            decided = exc
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = decided
+        if isinstance(decided, BadPathError):
+            raise decided
+        return decided
+
+    def _match(self, method: str, raw_path: str) -> CompiledRule:
         method = method.upper()
         readings = path_readings(raw_path)
         best = self.match_reading(method, readings[0])
