@@ -56,9 +56,7 @@ def _request_bytes(token: str, i: int) -> bytes:
 def _config(plugins: Sequence[str], jwks: dict[str, Any], redis_url: str | None) -> str:
     entries: list[dict[str, Any]] = []
     if "headers" in plugins:
-        entries.append(
-            {"plugin": "headers", "config": {"rules": [{"request_set": {"x-a": "1"}}]}}
-        )
+        entries.append({"plugin": "headers", "config": {"rules": [{"request_set": {"x-a": "1"}}]}})
     if "jwt" in plugins:
         entries.append({
             "plugin": "jwt_auth",

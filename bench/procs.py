@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 import venv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from extproc.testing.processes import stop_popen
 
 __all__ = [
     "SDK_PACKAGES",
@@ -131,17 +132,8 @@ class Proc:
             return "(no log)"
 
     def stop(self, timeout: float = 5.0) -> None:
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(5)
+        if self._proc is not None:
+            stop_popen(self._proc, timeout)  # SIGTERM, then SIGKILL: the tests' helper
 
 
 def sdk_python() -> Path:

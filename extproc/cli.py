@@ -76,12 +76,19 @@ def envoy_spec_for(
     )
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def _load_or_report(path: str) -> LoadedConfig | None:
+    """The validated configuration, or ``None`` after printing every problem (file:line)."""
     try:
-        loaded = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
+        return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return 1
     names = ", ".join(f"{instance_name(e, c)} ({c.name} {c.version})" for e, c, _ in loaded.plugins)
     print(f"{args.config}: OK - plugins: {names or 'none'}")
@@ -91,11 +98,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import serve
 
-    try:
-        loaded = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return 1
     if args.workers > 1:
         from extproc.observability.logging import configure_logging
@@ -112,11 +116,8 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
     from extproc.envoy_config import render_yaml
     from extproc.supervisor import worker_addresses
 
-    try:
-        loaded = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return 1
     tls = None
     if args.sidecar_ca:

@@ -84,19 +84,27 @@ class _Family:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class Counter:
-    """A monotonically increasing count, by labels."""
+class _Labelled:
+    """A metric family whose series are bound once per label values and then kept."""
 
     def __init__(self, family: _Family) -> None:
         self._f = family
 
-    def labels(self, *values: str) -> BoundCounter:
+    def _child(self, values: tuple[str, ...], make: Callable[[], object]) -> object:
         child = self._f.children.get(values)
         if child is None:
             if len(values) != len(self._f.label_names):
                 raise ValueError(f"{self._f.name} takes labels {self._f.label_names}")
             with self._f.lock:
-                child = self._f.children.setdefault(values, BoundCounter())
+                child = self._f.children.setdefault(values, make())
+        return child
+
+
+class Counter(_Labelled):
+    """A monotonically increasing count, by labels."""
+
+    def labels(self, *values: str) -> BoundCounter:
+        child = self._child(values, BoundCounter)
         assert isinstance(child, BoundCounter)
         return child
 
@@ -104,20 +112,15 @@ class Counter:
         self.labels().inc(amount)
 
 
-class Histogram:
+class Histogram(_Labelled):
     """A distribution (durations in seconds), by labels, with fixed buckets."""
 
     def __init__(self, family: _Family, buckets: tuple[float, ...]) -> None:
-        self._f = family
+        super().__init__(family)
         self.buckets = buckets
 
     def labels(self, *values: str) -> BoundHistogram:
-        child = self._f.children.get(values)
-        if child is None:
-            if len(values) != len(self._f.label_names):
-                raise ValueError(f"{self._f.name} takes labels {self._f.label_names}")
-            with self._f.lock:
-                child = self._f.children.setdefault(values, BoundHistogram(self.buckets))
+        child = self._child(values, lambda: BoundHistogram(self.buckets))
         assert isinstance(child, BoundHistogram)
         return child
 

@@ -344,85 +344,74 @@ class FakeEnvoy:
                 ex.dynamic_metadata.update(codec.struct_to_dict(resp.dynamic_metadata))
             return resp
 
-        has_body = bool(body) or trailers is not None
-        # ---- request headers
-        if mode.request_headers:
-            r = new(Phase.REQUEST_HEADERS)
-            _fill(r.request_headers.headers, req_headers)
-            r.request_headers.end_of_stream = not has_body
-            resp = await send(Phase.REQUEST_HEADERS, r)
-            if ex.immediate:
-                return ex
-            if resp is not None:
-                _apply(req_headers, resp.request_headers.response.header_mutation)
-        # ---- request body
-        sent_body = body
-        if body and mode.request_body is not BodySendMode.NONE:
-            out = bytearray()
-            chunks = self._chunks(body, mode.request_body)
-            for i, chunk in enumerate(chunks):
-                last = i == len(chunks) - 1 and trailers is None
-                r = new(Phase.REQUEST_BODY)
-                r.request_body.body = chunk
-                r.request_body.end_of_stream = last
-                resp = await send(Phase.REQUEST_BODY, r)
+        async def side(
+            prefix: str,
+            headers: Headers,
+            send_headers: bool,
+            content: bytes,
+            body_mode: BodySendMode,
+            trailer_map: Headers | None,
+            send_trailers: bool,
+        ) -> bytes | None:
+            """One direction (request or response) as Envoy sends it; mutates ``headers``
+            and ``trailer_map`` in place and returns the body that goes on, or ``None``
+            when an immediate response ended the exchange."""
+            phases = {k: Phase(f"{prefix}_{k}") for k in ("headers", "body", "trailers")}
+            if send_headers:
+                r = new(phases["headers"])
+                part = getattr(r, f"{prefix}_headers")
+                _fill(part.headers, headers)
+                part.end_of_stream = not (content or trailer_map is not None)
+                resp = await send(phases["headers"], r)
                 if ex.immediate:
-                    return ex
-                out += _body_after(
-                    chunk, resp, mode.request_body, req_headers, lambda p: p.request_body.response
-                )
-            sent_body = bytes(out)
-        # ---- request trailers
+                    return None
+                if resp is not None:
+                    _apply(headers, getattr(resp, f"{prefix}_headers").response.header_mutation)
+            passed = content
+            if content and body_mode is not BodySendMode.NONE:
+                out = bytearray()
+                chunks = self._chunks(content, body_mode)
+                for i, chunk in enumerate(chunks):
+                    r = new(phases["body"])
+                    part = getattr(r, f"{prefix}_body")
+                    part.body = chunk
+                    part.end_of_stream = i == len(chunks) - 1 and trailer_map is None
+                    resp = await send(phases["body"], r)
+                    if ex.immediate:
+                        return None
+                    out += _body_after(
+                        chunk, resp, body_mode, headers,
+                        lambda p: getattr(p, f"{prefix}_body").response,
+                    )  # fmt: skip
+                passed = bytes(out)
+            if trailer_map is not None and send_trailers:
+                r = new(phases["trailers"])
+                _fill(getattr(r, f"{prefix}_trailers").trailers, trailer_map)
+                resp = await send(phases["trailers"], r)
+                if ex.immediate:
+                    return None
+                if resp is not None:
+                    _apply(trailer_map, getattr(resp, f"{prefix}_trailers").header_mutation)
+            return passed
+
         up_trailers = _to_map(trailers) if trailers is not None else None
-        if trailers is not None and mode.request_trailers:
-            r = new(Phase.REQUEST_TRAILERS)
-            _fill(r.request_trailers.trailers, up_trailers or {})
-            resp = await send(Phase.REQUEST_TRAILERS, r)
-            if ex.immediate:
-                return ex
-            if resp is not None and up_trailers is not None:
-                _apply(up_trailers, resp.request_trailers.header_mutation)
+        sent_body = await side(
+            "request", req_headers, mode.request_headers, body, mode.request_body,
+            up_trailers, mode.request_trailers,
+        )  # fmt: skip
+        if sent_body is None:
+            return ex
         ex.upstream_headers = req_headers
         ex.upstream_body = sent_body
         ex.upstream_trailers = up_trailers
-        # ---- response
         resp_headers = {":status": [str(upstream_status)], **_to_map(upstream_headers or {})}
-        has_resp_body = bool(upstream_body) or upstream_trailers is not None
-        if mode.response_headers:
-            r = new(Phase.RESPONSE_HEADERS)
-            _fill(r.response_headers.headers, resp_headers)
-            r.response_headers.end_of_stream = not has_resp_body
-            resp = await send(Phase.RESPONSE_HEADERS, r)
-            if ex.immediate:
-                return ex
-            if resp is not None:
-                _apply(resp_headers, resp.response_headers.response.header_mutation)
-        client_body = upstream_body
-        if upstream_body and mode.response_body is not BodySendMode.NONE:
-            out = bytearray()
-            chunks = self._chunks(upstream_body, mode.response_body)
-            for i, chunk in enumerate(chunks):
-                last = i == len(chunks) - 1 and upstream_trailers is None
-                r = new(Phase.RESPONSE_BODY)
-                r.response_body.body = chunk
-                r.response_body.end_of_stream = last
-                resp = await send(Phase.RESPONSE_BODY, r)
-                if ex.immediate:
-                    return ex
-                out += _body_after(
-                    chunk,
-                    resp,
-                    mode.response_body,
-                    resp_headers,
-                    lambda p: p.response_body.response,
-                )
-            client_body = bytes(out)
-        if upstream_trailers is not None and mode.response_trailers:
-            r = new(Phase.RESPONSE_TRAILERS)
-            _fill(r.response_trailers.trailers, _to_map(upstream_trailers))
-            resp = await send(Phase.RESPONSE_TRAILERS, r)
-            if ex.immediate:
-                return ex
+        down_trailers = _to_map(upstream_trailers) if upstream_trailers is not None else None
+        client_body = await side(
+            "response", resp_headers, mode.response_headers, upstream_body, mode.response_body,
+            down_trailers, mode.response_trailers,
+        )  # fmt: skip
+        if client_body is None:
+            return ex
         ex.status = int(resp_headers.get(":status", ["0"])[0])
         ex.response_headers = {k: v for k, v in resp_headers.items() if not k.startswith(":")}
         ex.response_body = client_body

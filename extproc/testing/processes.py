@@ -113,7 +113,7 @@ def _can_connect(host: str, port: int) -> bool:
         return False
 
 
-def _stop_popen(proc: subprocess.Popen[bytes], timeout: float) -> None:
+def stop_popen(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM the process (ours, by pid), then SIGKILL it if it is still there."""
     if proc.poll() is not None:
         return
@@ -173,7 +173,7 @@ class _ManagedProcess:
                 start_new_session=True,  # a terminal's Ctrl-C does not reach it; we stop it
             )
         # a safety net for a helper dropped without stop(): never leave the process behind
-        self._finalizer = weakref.finalize(self, _stop_popen, self._proc, 5.0)
+        self._finalizer = weakref.finalize(self, stop_popen, self._proc, 5.0)
 
     def _fail(self, reason: str) -> ProcessStartError:
         self._failed = True  # keep the work directory: the log is named in the error
@@ -189,7 +189,7 @@ class _ManagedProcess:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
         if self._proc is not None:
-            _stop_popen(self._proc, timeout)
+            stop_popen(self._proc, timeout)
         if self._finalizer is not None:
             self._finalizer.detach()
         if self._own_workdir and not self._failed and not self.running:
