@@ -24,6 +24,7 @@ from extproc.plugin import (
     BodyMode,
     Continue,
     ErrorEvent,
+    ErrorKind,
     Event,
     Needs,
     Phase,
@@ -115,7 +116,8 @@ class Outcome:
                 self.append_headers = [(a, v) for a, v in self.append_headers if a != k]
             if k in self.remove_headers:  # an overwrite replaces every earlier value anyway
                 self.remove_headers.remove(k)
-        for key, value in result.append_headers.items():
+        pairs = result.append_headers
+        for key, value in pairs.items() if isinstance(pairs, Mapping) else pairs:
             self.append_headers.append((key.lower(), value))
         if result.body is not None:
             self.body = result.body
@@ -337,7 +339,7 @@ class Chain:
         raise TimeoutError
 
     def _failed(
-        self, slot: Slot, event: Event, kind: str, error: BaseException | None
+        self, slot: Slot, event: Event, kind: ErrorKind, error: BaseException | None
     ) -> Continue | Respond | Reject:
         if kind != "breaker_open":
             slot.breaker.record_failure()

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict
 
@@ -35,6 +35,7 @@ __all__ = [
     "BodyMode",
     "Continue",
     "ErrorEvent",
+    "ErrorKind",
     "Event",
     "Headers",
     "HealthState",
@@ -173,6 +174,11 @@ class Headers(Mapping[str, str]):
     def __hash__(self) -> int:
         return hash(self._items)
 
+    def raw(self, key: str) -> bytes | None:
+        """The first value as the bytes Envoy sent (values need not be UTF-8)."""
+        value = self._first.get(key)
+        return None if value is None else value.encode("utf-8", "surrogateescape")
+
     def get_all(self, key: str) -> tuple[str, ...]:
         return tuple(v for k, v in self._items if k == key)
 
@@ -276,6 +282,10 @@ ResponseEvent = ResponseHeaders | ResponseBody | ResponseTrailers
 Event = RequestEvent | ResponseEvent
 
 
+#: why a hook failed (``ErrorEvent.kind``)
+ErrorKind = Literal["exception", "timeout", "breaker_open", "bad_result"]
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorEvent:
     """Given to ``on_error`` when one of the plugin's own hooks failed.
@@ -286,7 +296,7 @@ class ErrorEvent:
     """
 
     phase: Phase
-    kind: str
+    kind: ErrorKind
     error: BaseException | None
     request: HttpRequest
     context: RequestContext
@@ -303,7 +313,9 @@ class Continue:
     namespace (``extproc.<plugin name>``)."""
 
     set_headers: Mapping[str, str] = field(default_factory=_empty)
-    append_headers: Mapping[str, str] = field(default_factory=_empty)
+    #: another value for a header: a mapping, or (key, value) pairs to repeat a key
+    #: (two ``set-cookie`` values, say)
+    append_headers: Mapping[str, str] | Sequence[tuple[str, str]] = field(default_factory=_empty)
     remove_headers: tuple[str, ...] = ()
     body: bytes | None = None
     metadata: Mapping[str, Any] | None = None
@@ -351,13 +363,16 @@ class Reject:
     message: str = ""
     headers: Mapping[str, str] = field(default_factory=_empty)
     details: str = ""
+    #: more fields for the JSON body (validation errors, say); ``error`` and ``message`` win
+    extra: Mapping[str, Any] = field(default_factory=_empty)
 
     def __post_init__(self) -> None:
         if not 400 <= self.status <= 599:
             raise ValueError(f"Reject.status must be 400..599, got {self.status}")
 
     def to_respond(self) -> Respond:
-        body = json.dumps({"error": self.error, "message": self.message}).encode()
+        doc = {**self.extra, "error": self.error, "message": self.message}
+        body = json.dumps(doc).encode()
         headers = {"content-type": "application/json", **self.headers}
         return Respond(self.status, body, headers, self.details or self.error)
 
@@ -378,7 +393,7 @@ class HealthState(enum.Enum):
 class HealthStatus:
     state: HealthState = HealthState.HEALTHY
     detail: str = ""
-    info: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=_empty)
 
     @classmethod
     def healthy(cls, detail: str = "") -> HealthStatus:
