@@ -136,8 +136,6 @@ class Outcome:
         )
 
 
-_UNAVAILABLE: Final = Reject(503, "unavailable", "The request could not be processed.")
-_INTERNAL: Final = Reject(500, "internal_error", "The request could not be processed.")
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
