@@ -136,8 +136,6 @@ class Outcome:
         )
 
 
-
-
 def _retrieve(task: asyncio.Future[Any]) -> None:
     """Consume the outcome of an abandoned hook so asyncio does not report it as lost."""
     if not task.cancelled():

@@ -393,6 +393,11 @@ class Server:
                 "configuration failed to start; the running one stays", extra={"error": str(exc)}
             )
             return False
+        if loaded.config.server != self.loaded.config.server:
+            log.warning(
+                "server settings changed: the plugin chain and its time budget are reloaded now; "
+                "listen addresses, TLS and stream limits apply after a restart"
+            )
         self.loaded = loaded
         self._plugins_changed()
         log.info(
