@@ -131,7 +131,8 @@ class StreamProcessor:
             outcome = await self._body(msg, started)
         else:
             event = self._event(msg)
-            outcome = await self._flush_buffered(phase, started)
+            # trailers may end a streamed body that buffering plugins are still gathering
+            outcome = await self._flush_buffered(phase, started) if self._buffers else None
             if self.chain.wants(phase) and (outcome is None or outcome.respond is None):
                 ran = await self.chain.run(event, started=started)
                 outcome = ran if outcome is None else _join(ran, outcome)
