@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast lint typecheck proto proto-check check bench bench-quick lock clean
+.PHONY: install system-deps run test test-fast lint typecheck proto proto-check check bench bench-quick lock clean
 
 # The published Envoy protos (xds-protos) are for the wire-compatibility test only. They go
 # into a directory of their own: the package also ships opentelemetry/proto modules that would
@@ -22,14 +22,30 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/xds-protos '$(XDS_PROTOS)'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# System tools the tests drive for real: redis-server (rate limiting, faults) and wrk (the
+# benchmark's smoke test). Installed with apt when missing and we may; else a clear hint.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "missing system packages:$$missing (install them, e.g. apt-get install$$missing)"; \
+	    exit 1; \
+	  fi; \
+	fi
 
 ## The local stack: Envoy on :10000 -> sidecar -> demo upstream (embedded defaults, no Redis).
 run: $(STAMP)
 	$(BIN)/extproc dev
 
 ## Everything CI runs: lint, types, generated code up to date, the whole test suite.
-test: $(STAMP) check
+test: $(STAMP) system-deps check
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
@@ -50,10 +66,10 @@ proto-check: $(STAMP)
 
 check: lint typecheck proto-check
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.run --full
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) system-deps
 	$(BIN)/python -m bench.run --quick
 
 lock: $(STAMP)
