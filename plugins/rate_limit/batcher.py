@@ -71,6 +71,7 @@ class Batcher(Generic[T, R]):
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._flushing = False
@@ -102,8 +103,18 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append(_Entry(item, future, deadline, loop.time()))
         self._idle.clear()
-        self._pump()
+        if self._in_flight or self._flushing:
+            self._pump()
+        elif self._soon is None:
+            # Idle: send on the next loop tick, which is when a round trip started now would
+            # begin anyway (its task runs then) - with every request submitted during this
+            # tick in the same round trip. No added wait; under load, free batching.
+            self._soon = loop.call_soon(self._on_soon)
         return future
+
+    def _on_soon(self) -> None:
+        self._soon = None
+        self._pump()
 
     def _purge_cancelled(self) -> None:
         self._queue = collections.deque(e for e in self._queue if not e.future.done())
@@ -202,6 +213,9 @@ class Batcher(Generic[T, R]):
         self._closed = True
         done = await self.flush(within)
         self._cancel_timer()
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         while self._queue:
             entry = self._queue.popleft()
             if not entry.future.done():

@@ -53,6 +53,16 @@ async def test_idle_sends_at_once_alone() -> None:
     assert store.batches == [[1]]  # no waiting for company when idle
 
 
+async def test_idle_batches_what_arrives_in_the_same_loop_tick() -> None:
+    """Requests handled in one pass of the event loop (several streams read from one poll)
+    share the round trip that would only start on the next tick anyway."""
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    futures = [b.submit(i, FAR) for i in range(4)]  # no await in between: one tick
+    assert await asyncio.gather(*futures) == [0, 10, 20, 30]
+    assert store.batches == [[0, 1, 2, 3]]
+
+
 async def test_gathers_while_in_flight_and_sends_on_return() -> None:
     store = GatedStore()
     b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
