@@ -20,6 +20,7 @@ from extproc.context import _deadline
 from extproc.observability.metrics import BoundCounter, BoundHistogram, Registry
 from extproc.observability.tracing import current_stream
 from extproc.plugin import (
+    _REQUEST_PHASES,
     CONTINUE,
     BodyMode,
     Continue,
@@ -164,9 +165,6 @@ def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any,
                 return stop.value
 
 
-_REQUEST_SIDE: Final = frozenset(p for p in Phase if p.is_request)
-
-
 def _result_name(result: Continue | Respond | Reject) -> str:
     if isinstance(result, Continue):
         return "continue"
@@ -260,7 +258,7 @@ class Chain:
             return self._failed(slot, event, "breaker_open", None)
         deadline = loop.time() + slot.timeout
         deadline = min(deadline, message_deadline)
-        hook = slot.plugin.on_request if event.phase in _REQUEST_SIDE else slot.plugin.on_response
+        hook = slot.plugin.on_request if event.phase in _REQUEST_PHASES else slot.plugin.on_response
         token = _deadline.set(deadline)
         t0 = time.perf_counter()
         try:
