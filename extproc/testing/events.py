@@ -94,6 +94,11 @@ def _request(
     return request if request is not None else http_request(path, method=method, headers=headers)
 
 
+def _context(context: RequestContext | None) -> RequestContext:
+    """The given request context, or a fresh one (each event builder takes either)."""
+    return context if context is not None else RequestContext()
+
+
 def request_headers(
     path: str = "/",
     *,
@@ -118,9 +123,7 @@ def request_headers(
         attributes=attributes,
         metadata=metadata,
     )
-    return RequestHeaders(
-        request, context if context is not None else RequestContext(), end_of_stream
-    )
+    return RequestHeaders(request, _context(context), end_of_stream)
 
 
 def _body_bytes(body: bytes | str | None, json: Any) -> bytes:
@@ -148,7 +151,7 @@ def request_body(
     object). ``request`` reuses the :class:`HttpRequest` of an earlier ``request_headers``."""
     return RequestBody(
         _request(request, path, method, headers),
-        context if context is not None else RequestContext(),
+        _context(context),
         _body_bytes(body, json),
         end_of_stream,
     )
@@ -164,7 +167,7 @@ def request_trailers(
 ) -> RequestTrailers:
     return RequestTrailers(
         _request(request, path, method, None),
-        context if context is not None else RequestContext(),
+        _context(context),
         make_headers(trailers),
     )
 
@@ -182,7 +185,7 @@ def response_headers(
     """The upstream's response headers (``:status`` included) for a request to ``path``."""
     return ResponseHeaders(
         _request(request, path, method, None),
-        context if context is not None else RequestContext(),
+        _context(context),
         status,
         make_headers(headers, status=str(status)),
         end_of_stream,
@@ -201,7 +204,7 @@ def response_body(
 ) -> ResponseBody:
     return ResponseBody(
         _request(request, path, method, None),
-        context if context is not None else RequestContext(),
+        _context(context),
         _body_bytes(body, json),
         end_of_stream,
     )
@@ -217,6 +220,6 @@ def response_trailers(
 ) -> ResponseTrailers:
     return ResponseTrailers(
         _request(request, path, method, None),
-        context if context is not None else RequestContext(),
+        _context(context),
         make_headers(trailers),
     )
