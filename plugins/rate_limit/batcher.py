@@ -1,9 +1,16 @@
-"""Adaptive batching of store calls.
+"""Adaptive batching of store calls: a request waits for company only when waiting is cheap.
 
-* Idle (no round trip in flight): a request is sent at once, alone: light load never waits.
-* Busy: requests gather in a bounded queue until a round trip returns, the batch is full
+* Spare CPU and no round trip in flight: a request is sent on the next loop tick, with whatever
+  else arrived during this tick: light load never waits.
+* A round trip in flight: requests gather in a bounded queue until it returns, the batch is full
   (``max_batch``) or the oldest has waited ``max_wait`` - whichever comes first - but never more
   than ``max_in_flight`` round trips run at once.
+* Saturated worker: the event loop's thread is on the CPU nearly all the time (``saturation()``
+  in [0, 1], see :class:`LoopSaturation`). A batch then gathers for ``window = saturation x
+  max_wait`` (or until full) even when no round trip is in flight. There the requests wait in
+  queues for the CPU anyway, and every round trip saved is client and Redis CPU given back to
+  the requests: fewer round trips, more throughput, at most ``max_wait`` more latency, and only
+  when the worker could not have answered sooner.
 * A full queue refuses the request (:class:`QueueFullError`, counted in ``dropped``) instead of
   growing: the caller applies its failure policy.
 * ``flush`` / ``close`` wait (bounded) for queued and in-flight batches.
@@ -16,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Batcher", "BatcherClosedError", "QueueFullError"]
+__all__ = ["Batcher", "BatcherClosedError", "LoopSaturation", "QueueFullError"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -32,6 +40,50 @@ class QueueFullError(Exception):
 
 class BatcherClosedError(Exception):
     """The batcher was closed before the item was decided."""
+
+
+class LoopSaturation:
+    """How saturated the calling thread (the event loop's) is, in [0, 1].
+
+    The share of wall time the thread spent on the CPU, sampled at most every ``interval``
+    seconds when asked (so an idle worker costs nothing) and smoothed; below ``low`` it is 0,
+    above ``high`` 1, linear between. The loop's *lag* is no signal here: grpc.aio hands the
+    loop about one message per wake-up, so a saturated loop still answers a probe within a
+    millisecond. Clocks are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = 0.05,
+        low: float = 0.6,
+        high: float = 0.9,
+        cpu_clock: Callable[[], float] = time.thread_time,
+        wall_clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not 0 <= low < high <= 1 or interval <= 0:
+            raise ValueError("need 0 <= low < high <= 1 and interval > 0")
+        self.interval = interval
+        self.low = low
+        self.high = high
+        self._cpu_clock = cpu_clock
+        self._wall_clock = wall_clock
+        self._cpu = cpu_clock()
+        self._wall = wall_clock()
+        self.busy = 0.0  # smoothed CPU share
+        self.level = 0.0
+
+    def __call__(self) -> float:
+        wall = self._wall_clock()
+        elapsed = wall - self._wall
+        if elapsed >= self.interval:
+            cpu = self._cpu_clock()
+            share = min(1.0, (cpu - self._cpu) / elapsed)
+            # after a quiet spell the old value says nothing: take the new sample as it is
+            self.busy = share if elapsed > 4 * self.interval else (self.busy + share) / 2
+            self._cpu, self._wall = cpu, wall
+            self.level = min(1.0, max(0.0, (self.busy - self.low) / (self.high - self.low)))
+        return self.level
 
 
 @dataclass(slots=True)
@@ -57,6 +109,7 @@ class Batcher(Generic[T, R]):
         max_wait: float = 0.001,
         max_in_flight: int = 2,
         max_queue: int = 10_000,
+        saturation: Callable[[], float] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_queue < 1 or max_wait < 0:
@@ -66,7 +119,10 @@ class Batcher(Generic[T, R]):
         self.max_wait = max_wait
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
+        self._saturation = saturation if saturation is not None else LoopSaturation()
         self._on_batch = on_batch
+        #: how long a batch gathers with no round trip in flight (0: spare CPU, send at once)
+        self.window = 0.0
         self._queue: collections.deque[_Entry[T, R]] = collections.deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -103,7 +159,8 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append(_Entry(item, future, deadline, loop.time()))
         self._idle.clear()
-        if self._in_flight or self._flushing:
+        self.window = self._saturation() * self.max_wait
+        if self._in_flight or self._flushing or self.window:
             self._pump()
         elif self._soon is None:
             # Idle: send on the next loop tick, which is when a round trip started now would
@@ -123,13 +180,17 @@ class Batcher(Generic[T, R]):
         """Start round trips while allowed; otherwise make sure a timer will come back."""
         loop = asyncio.get_running_loop()
         while self._queue and self._in_flight < self.max_in_flight:
+            wait = self.max_wait if self._in_flight else self.window
+            if wait:  # never gather for more than a quarter of the oldest request's budget
+                first = self._queue[0]
+                wait = min(wait, (first.deadline - first.enqueued) * 0.25)
             if (
-                self._in_flight
+                wait > 0
                 and not self._flushing
                 and len(self._queue) < self.max_batch
-                and loop.time() - self._queue[0].enqueued < self.max_wait
+                and loop.time() - self._queue[0].enqueued < wait
             ):
-                self._arm_timer(self._queue[0].enqueued + self.max_wait)
+                self._arm_timer(self._queue[0].enqueued + wait)
                 return
             if not self._dispatch():
                 break

@@ -233,9 +233,13 @@ class BatchConfig(PluginConfig):
     max_batch: Annotated[int, Field(ge=1, le=1_000)] = Field(
         default=100, description="requests per Redis round trip at most (1 = no batching)"
     )
-    max_wait_ms: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
-        default=1.0,
-        description="longest a request gathers while a round trip is in flight (never when idle)",
+    max_wait_ms: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        default=10.0,
+        description=(
+            "longest a request waits for its batch: while a round trip is in flight, or, in"
+            " proportion to how saturated the worker's CPU is, when none is (with spare CPU"
+            " and nothing in flight a request is sent at once)"
+        ),
     )
     max_in_flight: Annotated[int, Field(ge=1, le=16)] = Field(
         default=2, description="Redis round trips in flight at once"

@@ -271,6 +271,9 @@ class RateLimitPlugin(Plugin):
             out["queued"] = float(self._batcher.queued)
             out["in_flight"] = float(self._batcher.in_flight)
             out["queue_full"] = float(self._batcher.dropped)
+            # how long batches gather with nothing in flight: 0 with spare CPU, up to
+            # batch.max_wait_ms when the worker is saturated
+            out["batch_window_ms"] = self._batcher.window * 1000.0
         return out
 
     async def shutdown(self) -> None:

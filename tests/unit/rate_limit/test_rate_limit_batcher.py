@@ -7,9 +7,18 @@ from collections.abc import Sequence
 
 import pytest
 
-from plugins.rate_limit.batcher import Batcher, BatcherClosedError, QueueFullError
+from plugins.rate_limit.batcher import Batcher, BatcherClosedError, LoopSaturation, QueueFullError
 
 FAR = 1e12  # a deadline that never matters
+
+
+def idle() -> float:
+    """A worker with spare CPU (the real meter would read this test's own CPU use)."""
+    return 0.0
+
+
+def saturated() -> float:
+    return 1.0
 
 
 class GatedStore:
@@ -48,7 +57,9 @@ async def settle() -> None:
 
 async def test_idle_sends_at_once_alone() -> None:
     store = GatedStore(auto=True)
-    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=10.0, max_in_flight=1
+    )
     assert await b.submit(1, FAR) == 10
     assert store.batches == [[1]]  # no waiting for company when idle
 
@@ -57,7 +68,9 @@ async def test_idle_batches_what_arrives_in_the_same_loop_tick() -> None:
     """Requests handled in one pass of the event loop (several streams read from one poll)
     share the round trip that would only start on the next tick anyway."""
     store = GatedStore(auto=True)
-    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=10.0, max_in_flight=1
+    )
     futures = [b.submit(i, FAR) for i in range(4)]  # no await in between: one tick
     assert await asyncio.gather(*futures) == [0, 10, 20, 30]
     assert store.batches == [[0, 1, 2, 3]]
@@ -65,7 +78,9 @@ async def test_idle_batches_what_arrives_in_the_same_loop_tick() -> None:
 
 async def test_gathers_while_in_flight_and_sends_on_return() -> None:
     store = GatedStore()
-    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=10.0, max_in_flight=1
+    )
     first = b.submit(0, FAR)
     await settle()
     rest = [b.submit(i, FAR) for i in range(1, 6)]
@@ -81,7 +96,9 @@ async def test_gathers_while_in_flight_and_sends_on_return() -> None:
 
 async def test_full_batch_goes_while_another_is_in_flight() -> None:
     store = GatedStore()
-    b: Batcher[int, int] = Batcher(store.send, max_batch=3, max_wait=10.0, max_in_flight=2)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=3, max_wait=10.0, max_in_flight=2
+    )
     futures = [b.submit(0, FAR)]
     await settle()
     futures += [b.submit(i, FAR) for i in range(1, 8)]
@@ -101,7 +118,9 @@ async def test_full_batch_goes_while_another_is_in_flight() -> None:
 
 async def test_max_wait_sends_a_partial_batch_when_a_slot_is_free() -> None:
     store = GatedStore()
-    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=0.005, max_in_flight=2)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=0.005, max_in_flight=2
+    )
     b.submit(0, FAR)
     await settle()
     second = b.submit(1, FAR)
@@ -119,7 +138,7 @@ async def test_max_wait_sends_a_partial_batch_when_a_slot_is_free() -> None:
 async def test_bounded_queue_refuses_and_counts() -> None:
     store = GatedStore()
     b: Batcher[int, int] = Batcher(
-        store.send, max_batch=10, max_wait=10.0, max_in_flight=1, max_queue=3
+        store.send, saturation=idle, max_batch=10, max_wait=10.0, max_in_flight=1, max_queue=3
     )
     b.submit(0, FAR)
     await settle()
@@ -136,7 +155,9 @@ async def test_bounded_queue_refuses_and_counts() -> None:
 
 async def test_cancelled_waiters_are_not_sent() -> None:
     store = GatedStore()
-    b: Batcher[int, int] = Batcher(store.send, max_batch=10, max_wait=10.0, max_in_flight=1)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=10, max_wait=10.0, max_in_flight=1
+    )
     b.submit(0, FAR)
     await settle()
     gone = b.submit(1, FAR)
@@ -152,14 +173,18 @@ async def test_cancelled_waiters_are_not_sent() -> None:
 async def test_store_error_reaches_every_waiter_of_the_batch() -> None:
     store = GatedStore(auto=True)
     store.fail = RuntimeError("down")
-    b: Batcher[int, int] = Batcher(store.send, max_batch=10, max_wait=10.0, max_in_flight=1)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=10, max_wait=10.0, max_in_flight=1
+    )
     with pytest.raises(RuntimeError):
         await b.submit(1, FAR)
 
 
 async def test_flush_sends_gathered_items_and_waits() -> None:
     store = GatedStore(auto=True)
-    b: Batcher[int, int] = Batcher(store.send, max_batch=100, max_wait=10.0, max_in_flight=1)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=10.0, max_in_flight=1
+    )
     futures = [b.submit(i, FAR) for i in range(5)]
     assert await b.flush(within=1.0)
     assert all(f.done() for f in futures)
@@ -168,7 +193,9 @@ async def test_flush_sends_gathered_items_and_waits() -> None:
 
 async def test_close_is_bounded_and_fails_what_is_left() -> None:
     store = GatedStore()  # never released: the round trip hangs
-    b: Batcher[int, int] = Batcher(store.send, max_batch=1, max_wait=10.0, max_in_flight=1)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=1, max_wait=10.0, max_in_flight=1
+    )
     hung = b.submit(1, FAR)
     queued = b.submit(2, FAR)
     loop = asyncio.get_running_loop()
@@ -188,3 +215,88 @@ def test_bounds_are_checked() -> None:
 
     with pytest.raises(ValueError, match="positive"):
         Batcher(send, max_batch=0)
+
+
+async def test_saturated_worker_gathers_for_the_window_with_nothing_in_flight() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=saturated, max_batch=100, max_wait=0.02, max_in_flight=2
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    futures = [b.submit(0, FAR)]
+    await settle()
+    assert store.batches == []  # nothing in flight, yet it waits for company
+    assert b.window == pytest.approx(0.02)
+    futures += [b.submit(i, FAR) for i in range(1, 4)]
+    assert await asyncio.gather(*futures) == [0, 10, 20, 30]
+    assert store.batches == [[0, 1, 2, 3]]  # one round trip for all four
+    assert loop.time() - started >= 0.015  # uvloop's clock has millisecond steps
+
+
+async def test_saturated_worker_sends_a_full_batch_at_once() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=saturated, max_batch=3, max_wait=10.0, max_in_flight=1
+    )
+    futures = [b.submit(i, FAR) for i in range(3)]
+    async with asyncio.timeout(5):  # not 10 s: the full batch goes without waiting
+        assert await asyncio.gather(*futures) == [0, 10, 20]
+    assert store.batches == [[0, 1, 2]]
+
+
+async def test_half_saturated_worker_waits_half_of_max_wait() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(store.send, saturation=lambda: 0.5, max_wait=0.04)
+    future = b.submit(1, FAR)
+    assert b.window == pytest.approx(0.02)
+    assert await future == 10
+
+
+async def test_gathering_never_takes_more_than_a_quarter_of_the_budget() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(store.send, saturation=saturated, max_wait=10.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        assert await b.submit(1, started + 0.04) == 10  # budget 40 ms: waits about 10 ms
+    assert loop.time() - started < 1.0
+
+
+class FakeClocks:
+    def __init__(self) -> None:
+        self.cpu = 0.0
+        self.wall = 0.0
+
+    def run(self, wall: float, share: float) -> None:
+        self.wall += wall
+        self.cpu += wall * share
+
+
+def test_loop_saturation_maps_the_smoothed_cpu_share_between_low_and_high() -> None:
+    c = FakeClocks()
+    meter = LoopSaturation(
+        interval=0.05, low=0.6, high=0.9, cpu_clock=lambda: c.cpu, wall_clock=lambda: c.wall
+    )
+    assert meter() == 0.0
+    c.run(0.3, 0.3)  # a first sample after a quiet spell is taken as it is
+    assert (meter(), meter.busy) == (0.0, pytest.approx(0.3))
+    c.run(0.1, 0.9)
+    assert (meter(), meter.busy) == (0.0, pytest.approx(0.6))  # smoothed: (0.3 + 0.9) / 2
+    c.run(0.1, 0.9)
+    assert meter() == pytest.approx(0.5)  # busy 0.75: half way from low to high
+    c.run(0.1, 1.0)
+    assert meter() == pytest.approx((0.875 - 0.6) / 0.3)
+    c.run(0.1, 1.0)
+    assert meter() == 1.0  # busy 0.9375: above high
+    c.run(0.01, 0.0)
+    assert meter() == 1.0  # within the interval: no new sample, no clock read
+    c.run(1.0, 0.0)
+    assert (meter(), meter.busy) == (0.0, 0.0)  # idle for a second: spare CPU at once
+
+
+def test_loop_saturation_checks_its_bounds() -> None:
+    with pytest.raises(ValueError, match="low < high"):
+        LoopSaturation(low=0.9, high=0.5)
+    with pytest.raises(ValueError, match="interval"):
+        LoopSaturation(interval=0.0)
