@@ -26,6 +26,7 @@ from extproc.plugin import (
     ResponseHeaders,
     ResponseTrailers,
 )
+from extproc.protocol.codec import encode_bytes
 from extproc.protocol.events import (
     EMPTY_REPLY,
     BodySendMode,
@@ -42,7 +43,7 @@ from extproc.protocol.mutations import (
 )
 from extproc.protocol.state import StreamState
 
-__all__ = ["StreamMetrics", "StreamProcessor"]
+__all__ = ["REPLY_CACHE", "ReplyCache", "StreamMetrics", "StreamProcessor"]
 
 log = logging.getLogger("extproc.stream")
 
@@ -50,6 +51,40 @@ _EMPTY_REPLY: Final = EMPTY_REPLY
 _WHOLE_BODY_MODES: Final = frozenset(
     {BodySendMode.BUFFERED, BodySendMode.BUFFERED_PARTIAL, BodySendMode.GRPC}
 )
+_CACHED_PHASES: Final = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS})
+
+ReplyKey = tuple[Phase, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], tuple[str, ...]]
+
+
+class ReplyCache:
+    """Header-only replies by content, serialized once: most requests of a route get the same
+    few mutations (a fixed header, ``x-user`` of the same users), and building and serializing
+    the protobuf costs more than hashing the mutations. Replies are pure functions of the
+    mutations, so the cache is shared by every stream and generation; a reply whose build
+    dropped a header is never cached (each occurrence is reported). Bounded: when full, it
+    starts over."""
+
+    __slots__ = ("_replies", "max_entries")
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._replies: dict[ReplyKey, Reply] = {}
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def get(self, key: ReplyKey) -> Reply | None:
+        return self._replies.get(key)
+
+    def put(self, key: ReplyKey, reply: Reply) -> None:
+        if len(self._replies) >= self.max_entries:
+            self._replies.clear()
+        reply.wire = encode_bytes(key[0], reply)
+        self._replies[key] = reply
+
+
+REPLY_CACHE: Final = ReplyCache()
+
 _TOO_LARGE: Final = Reject(
     413, "payload_too_large", "The request body is too large.", details="extproc_body_too_large"
 )
@@ -88,6 +123,7 @@ class StreamProcessor:
         "_buffers",
         "chain",
         "context",
+        "dropped",
         "max_body_bytes",
         "metrics",
         "request",
@@ -109,6 +145,7 @@ class StreamProcessor:
         self.context = RequestContext()
         self.request = HttpRequest()
         self.status = 0
+        self.dropped = 0  # header mutations dropped on this stream
         self.max_body_bytes = max_body_bytes
         self._buffers: dict[Phase, bytearray] = {}
 
@@ -251,6 +288,19 @@ class StreamProcessor:
                     extra={"plugin": outcome.responder, "phase": phase.value},
                 )
             return reply
+        metadata = outcome.metadata or None
+        key: ReplyKey | None = None
+        if phase in _CACHED_PHASES and metadata is None and outcome.body is None:
+            key = (
+                phase,
+                tuple(outcome.set_headers.items()),
+                tuple(outcome.append_headers),
+                tuple(outcome.remove_headers),
+            )
+            cached = REPLY_CACHE.get(key)
+            if cached is not None:
+                return cached
+        drops = self.dropped
         mutation = header_mutation(
             is_request=phase.is_request,
             set_headers=outcome.set_headers,
@@ -258,7 +308,11 @@ class StreamProcessor:
             remove_headers=outcome.remove_headers,
             report=self._drop,
         )
-        metadata = outcome.metadata or None
+        if key is not None:
+            built = Reply(header_mutation=mutation)
+            if self.dropped == drops:
+                REPLY_CACHE.put(key, built)
+            return built
         if phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS):
             return Reply(trailers_mutation=mutation, dynamic_metadata=metadata)
         if is_body:
@@ -278,6 +332,7 @@ class StreamProcessor:
         return Reply(header_mutation=mutation, dynamic_metadata=metadata)
 
     def _drop(self, key: str, reason: str) -> None:
+        self.dropped += 1
         self.metrics.dropped[drop_code(reason)].inc()
         log.warning("header mutation dropped", extra={"header": key, "reason": reason})
 

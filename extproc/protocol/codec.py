@@ -55,7 +55,7 @@ def _headers(header_map: Any) -> Headers:
     return Headers(
         tuple(
             [
-                (h.key, h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value)
+                (h.key, raw.decode("utf-8", "surrogateescape") if (raw := h.raw_value) else h.value)
                 for h in header_map.headers
             ]
         )
@@ -208,9 +208,12 @@ def encode(phase: Phase, reply: Reply | ImmediateReply) -> pb.ProcessingResponse
 
 
 def encode_bytes(phase: Phase, reply: Reply | ImmediateReply) -> bytes:
-    """:func:`encode`, serialized; the answers without changes come from a cache."""
+    """:func:`encode`, serialized; the answers without changes are prebuilt, and a reply that
+    carries its own ``wire`` bytes (the stream's reply cache) is not encoded again."""
     if reply is EMPTY_REPLY:
         return _NOOP_BYTES[phase]
+    if type(reply) is Reply and reply.wire is not None:
+        return reply.wire
     return encode(phase, reply).SerializeToString()
 
 

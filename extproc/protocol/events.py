@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from extproc.plugin import Headers, Phase
@@ -132,6 +132,9 @@ class Reply:
     clear_route_cache: bool = False
     #: milliseconds; asks Envoy for more time for this message (needs max_message_timeout)
     override_message_timeout_ms: int | None = None
+    #: the serialized ProcessingResponse, when known (set by the stream's reply cache; ignored
+    #: in comparisons)
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

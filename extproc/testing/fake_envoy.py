@@ -152,8 +152,10 @@ class _InProcess(_Transport):
         reply = await self.stream.handle(msg)
         if reply is None:
             return None
-        out = codec.encode(msg.phase, reply)
-        parsed: pb.ProcessingResponse = pb.ProcessingResponse.FromString(out.SerializeToString())
+        # the bytes the server would write (prebuilt and cached replies included)
+        parsed: pb.ProcessingResponse = pb.ProcessingResponse.FromString(
+            codec.encode_bytes(msg.phase, reply)
+        )
         return parsed
 
 

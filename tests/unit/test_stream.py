@@ -13,20 +13,24 @@ from typing import Any
 
 import pytest
 
+from extproc.observability.metrics import Registry
 from extproc.plugin import (
     CONTINUE,
     BodyMode,
     Continue,
     ErrorEvent,
     Event,
+    Headers,
     Needs,
     Phase,
     Plugin,
     Reject,
     Respond,
 )
-from extproc.protocol.events import BodySendMode
+from extproc.protocol import codec
+from extproc.protocol.events import BodySendMode, Message, Reply
 from extproc.protocol.state import LocalProtocolError
+from extproc.stream import REPLY_CACHE, ReplyCache, StreamProcessor
 from extproc.testing.fake_envoy import EnvoyMode, Exchange, FakeEnvoy
 
 RQH, RQB, RQT = Phase.REQUEST_HEADERS, Phase.REQUEST_BODY, Phase.REQUEST_TRAILERS
@@ -452,6 +456,61 @@ async def test_forbidden_mutations_are_dropped_not_sent() -> None:
     assert "x-envoy-internal" not in up
     assert up["x-ok"] == ["1"]
     assert "x-in" not in up
+
+
+def _request_headers_message() -> Message:
+    return Message(RQH, headers=Headers.of({":path": "/", "x-in": "1"}), end_of_stream=True)
+
+
+async def _reply_of(fe: FakeEnvoy) -> Any:
+    t = fe.transport
+    stream = StreamProcessor(t.chain, t.metrics)  # type: ignore[attr-defined]
+    return await stream.handle(_request_headers_message())
+
+
+async def test_same_header_mutations_reuse_one_serialized_reply() -> None:
+    fe = envoy(
+        [Rec("p", on={RQH: Continue(set_headers={"x-cached": "1"}, remove_headers=("x-in",))})]
+    )
+    first = await _reply_of(fe)
+    second = await _reply_of(fe)
+    assert isinstance(first, Reply) and second is first  # built and serialized once
+    assert (
+        first.wire
+        == codec.encode(RQH, Reply(header_mutation=first.header_mutation)).SerializeToString()
+    )
+    ex = await full_request(fe, trailers=False)  # and Envoy sees the mutation
+    assert (ex.upstream_headers or {})["x-cached"] == ["1"] and "x-in" not in (
+        ex.upstream_headers or {}
+    )
+
+
+async def test_a_reply_that_dropped_a_header_is_not_cached_and_reported_each_time() -> None:
+    registry = Registry()
+    fe = FakeEnvoy.for_plugins(
+        [Rec("p", on={RQH: Continue(set_headers={"host": "evil", "x-ok": "2"})})], registry=registry
+    )
+    first = await _reply_of(fe)
+    second = await _reply_of(fe)
+    assert first is not second and first == second
+    assert first.wire is None
+    assert 'extproc_mutations_dropped_total{reason="forbidden_header"} 2' in registry.render_prometheus()
+
+
+async def test_replies_with_metadata_are_not_cached() -> None:
+    fe = envoy([Rec("p", on={RQH: Continue(set_headers={"x-m": "1"}, metadata={"k": "v"})})])
+    first = await _reply_of(fe)
+    second = await _reply_of(fe)
+    assert first is not second and first.wire is None and first.dynamic_metadata
+
+
+def test_reply_cache_is_bounded() -> None:
+    cache = ReplyCache(max_entries=2)
+    for i in range(3):
+        cache.put((RQH, (("x", str(i)),), (), ()), Reply())
+    assert len(cache) == 1  # full at the third: started over
+    assert cache.get((RQH, (("x", "2"),), (), ())) is not None
+    assert len(REPLY_CACHE) <= REPLY_CACHE.max_entries
 
 
 async def test_response_header_and_trailer_mutations() -> None:
