@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import types
-from collections.abc import Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -41,6 +41,43 @@ __all__ = ["Chain", "Outcome", "Slot"]
 log = logging.getLogger("extproc.chain")
 
 _RESULT_TYPES: Final = (Continue, Respond, Reject)
+#: A deadline timer that runs this late (seconds) was held up by the worker - a blocked loop, a
+#: GC pause, no CPU to run on - not by the plugin: the plugin gets the lost time back.
+STALL_TOLERANCE: Final = 0.02
+
+
+class _PluginTimer:
+    """Calls ``expire`` at ``deadline``. When the loop runs the timer more than
+    :data:`STALL_TOLERANCE` late, the plugin could not have used that time (nothing ran), so
+    the timer is re-armed for as long as it was late instead - never past ``limit``, the
+    message's own deadline, which Envoy enforces whatever happened here."""
+
+    __slots__ = ("_expire", "_handle", "_limit", "_loop", "deadline")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        limit: float,
+        expire: Callable[[], object],
+    ) -> None:
+        self._loop = loop
+        self.deadline = deadline
+        self._limit = limit
+        self._expire = expire
+        self._handle = loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        late = now - self.deadline
+        if late > STALL_TOLERANCE and self.deadline < self._limit:
+            self.deadline = min(self._limit, now + late)
+            self._handle = self._loop.call_at(self.deadline, self._fire)
+            return
+        self._expire()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 @dataclass(slots=True)
@@ -264,18 +301,24 @@ class Chain:
         try:
             coro = hook(event)  # type: ignore[arg-type]
             if slot.isolate:
-                result = await self._isolated(slot, coro, loop, deadline)
+                result = await self._isolated(slot, coro, loop, deadline, message_deadline)
             else:
                 # Most hooks finish without waiting for anything (a cache hit, a header
                 # rule): their first step returns, and no timer is armed at all. A hook that
-                # suspends goes on in this task under asyncio.timeout_at(deadline).
+                # suspends goes on in this task under a timeout at its deadline.
                 try:
                     pending = coro.send(None)
                 except StopIteration as stop:
                     result = stop.value
                 else:
-                    async with asyncio.timeout_at(deadline):
-                        result = await _resume(coro, pending)
+                    async with asyncio.timeout(None) as cm:
+                        timer = _PluginTimer(
+                            loop, deadline, message_deadline, lambda: cm.reschedule(loop.time())
+                        )
+                        try:
+                            result = await _resume(coro, pending)
+                        finally:
+                            timer.cancel()
         except TimeoutError as exc:
             return self._failed(slot, event, "timeout", exc)
         except asyncio.CancelledError:
@@ -302,6 +345,7 @@ class Chain:
         coro: Coroutine[Any, Any, Any],
         loop: asyncio.AbstractEventLoop,
         deadline: float,
+        limit: float,
     ) -> Any:
         """Run the hook in a task of its own with a hard deadline: when it passes, the chain
         moves on (failure policy) even if the hook delays or ignores its cancellation; the
@@ -314,7 +358,7 @@ class Chain:
                 waiter.set_result(None)
 
         task.add_done_callback(wake)
-        timer = loop.call_at(deadline, wake)
+        timer = _PluginTimer(loop, deadline, limit, wake)
         try:
             await waiter
         except asyncio.CancelledError:

@@ -1,0 +1,101 @@
+"""Plugin deadlines against a worker that stalls: the time the loop could not run is given
+back to the plugin (within the message budget); a plugin that is slow on its own still times
+out on time. Both ways of running a hook: in a task of its own (isolated) and inline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from extproc.chain import STALL_TOLERANCE, Chain, Slot
+from extproc.observability.metrics import Registry
+from extproc.plugin import CONTINUE, Continue, Plugin, Reject, RequestEvent, Result
+from extproc.services.breaker import CircuitBreaker
+from extproc.testing.events import request_headers
+
+
+class Sleeper(Plugin):
+    """Waits twice (two round trips, say): after a stall it still has work to do."""
+
+    name = "sleeper"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(None)
+        self.seconds = seconds
+
+    async def on_request(self, event: RequestEvent) -> Result:
+        await asyncio.sleep(self.seconds)
+        await asyncio.sleep(self.seconds)
+        return CONTINUE
+
+
+def chain(plugin: Plugin, *, isolate: bool, timeout: float, budget: float) -> Chain:
+    slot = Slot(
+        plugin=plugin,
+        name=plugin.name,
+        priority=0,
+        timeout=timeout,
+        fail_open=False,
+        breaker=CircuitBreaker("plugin:sleeper", failure_threshold=1000),
+        isolate=isolate,
+    )
+    return Chain([slot], budget=budget, registry=Registry())
+
+
+def block_loop_soon(seconds: float) -> None:
+    """Freeze the event loop (as a GC pause or a starved CPU would) one tick from now."""
+    asyncio.get_running_loop().call_soon(time.sleep, seconds)
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "inline"])
+async def test_a_stalled_loop_does_not_time_the_plugin_out(isolate: bool) -> None:
+    c = chain(Sleeper(0.01), isolate=isolate, timeout=0.05, budget=1.0)
+    block_loop_soon(0.15)  # the 50 ms deadline passes while nothing can run
+    outcome = await c.run(request_headers())
+    assert outcome.respond is None  # the plugin finished: no 503
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "inline"])
+async def test_a_slow_plugin_still_times_out_on_time(isolate: bool) -> None:
+    c = chain(Sleeper(5.0), isolate=isolate, timeout=0.05, budget=1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    outcome = await c.run(request_headers())
+    assert outcome.respond is not None and outcome.respond.status == 503
+    assert loop.time() - started < 0.05 + STALL_TOLERANCE + 0.2
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "inline"])
+async def test_the_time_given_back_never_passes_the_message_budget(isolate: bool) -> None:
+    c = chain(Sleeper(5.0), isolate=isolate, timeout=0.05, budget=0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    block_loop_soon(0.3)  # past the whole message budget
+    outcome = await c.run(request_headers())
+    assert outcome.respond is not None and outcome.respond.status == 503
+    assert loop.time() - started < 0.3 + 0.2  # expired at once after the stall, not 0.3 later
+
+
+class Decides(Plugin):
+    """Answers as soon as its own (earlier) timer fires, as the rate limiter's fallback does."""
+
+    name = "decides"
+
+    async def on_request(self, event: RequestEvent) -> Result:
+        try:
+            async with asyncio.timeout(0.02):
+                await asyncio.sleep(5.0)
+        except TimeoutError:
+            await asyncio.sleep(0.005)  # a fallback that itself takes a moment
+            return Reject(429, "fallback", "decided by the plugin's own deadline")
+        return Continue()
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "inline"])
+async def test_after_a_stall_the_plugins_own_deadline_wins(isolate: bool) -> None:
+    c = chain(Decides(None), isolate=isolate, timeout=0.05, budget=1.0)
+    block_loop_soon(0.15)  # both deadlines pass during the stall
+    outcome = await c.run(request_headers())
+    assert outcome.respond is not None and outcome.respond.status == 429
