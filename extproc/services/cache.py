@@ -129,8 +129,8 @@ class TieredCache(Generic[V]):
     """L1 :class:`MemoryCache` in front of an optional Redis (L2).
 
     Values cross into Redis through ``encode``/``decode`` (bytes); a value that fails to decode
-    is a miss. L2 calls are bounded by ``l2_timeout`` and by what the running plugin has left;
-    an L2 hit is copied into L1 for the TTL Redis reports (capped by ``l1_max_ttl``).
+    is a miss. L2 calls are bounded by ``l2_timeout`` and by half of what the running plugin
+    has left; an L2 hit is copied into L1 for the TTL Redis reports (capped by ``l1_max_ttl``).
     """
 
     def __init__(
@@ -159,7 +159,9 @@ class TieredCache(Generic[V]):
         return self.l1.get_nowait(key)
 
     def _budget(self) -> float:
-        return min(self._l2_timeout, time_left())
+        # at most half of what the running plugin has left: a slow L2 must end as a miss the
+        # plugin can still act on (verify the token itself), not as the plugin's own timeout
+        return min(self._l2_timeout, time_left() / 2)
 
     async def get(self, key: str) -> V | None:
         value = self.l1.get_nowait(key)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from collections.abc import Sequence
 
 import pytest
 
-from plugins.rate_limit.batcher import Batcher, BatcherClosedError, LoopSaturation, QueueFullError
+from plugins.rate_limit.batcher import (
+    Batcher,
+    BatcherClosedError,
+    LoopSaturation,
+    QueueFullError,
+    thread_demand,
+)
 
 FAR = 1e12  # a deadline that never matters
 
@@ -300,3 +308,13 @@ def test_loop_saturation_checks_its_bounds() -> None:
         LoopSaturation(low=0.9, high=0.5)
     with pytest.raises(ValueError, match="interval"):
         LoopSaturation(interval=0.0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="schedstat is Linux's; elsewhere CPU time")
+def test_thread_demand_counts_the_time_this_thread_runs() -> None:
+    before, cpu = thread_demand(), time.thread_time()
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:
+        pass
+    ran = time.thread_time() - cpu
+    assert thread_demand() - before >= ran * 0.9  # run time, plus any wait for a CPU

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from extproc.context import _deadline
 from extproc.services.cache import Cache, MemoryCache, TieredCache
 
 
@@ -153,6 +154,20 @@ async def test_slow_l2_is_bounded() -> None:
     assert await c.get("k") is None
     await c.set("k", "v", 30)
     assert loop.time() - start < 2.0 and c.l2_errors == 2
+
+
+async def test_slow_l2_takes_at_most_half_of_what_the_plugin_has_left() -> None:
+    redis = FakeRedis()
+    redis.hang = True
+    c = TieredCache(MemoryCache(10), redis, encode=str.encode, decode=bytes.decode, l2_timeout=10)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    token = _deadline.set(start + 0.4)  # as inside a plugin hook with 400 ms left
+    try:
+        assert await c.get("k") is None  # a miss the plugin can still act on
+    finally:
+        _deadline.reset(token)
+    assert 0.15 <= loop.time() - start <= 0.3
 
 
 async def test_undecodable_l2_value_is_a_miss() -> None:
