@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from extproc.services.cache import MemoryCache, TieredCache
 
@@ -38,6 +39,10 @@ class VerifiedToken:
     subject: str | None
     #: request headers derived from the claims (claim_to_headers, payload_header)
     headers: Mapping[str, str]
+
+
+#: share of an entry's TTL taken off at random (see :meth:`TokenCache.put`)
+TTL_JITTER: Final = 0.1
 
 
 def token_digest(token: str) -> str:
@@ -95,12 +100,15 @@ class TokenCache:
         return await self.tiered.get(key)
 
     def put(self, key: str, entry: VerifiedToken, now: float) -> None:
-        """Store with TTL = ``ttl_fraction`` of the remaining lifetime, capped."""
+        """Store with TTL = ``ttl_fraction`` of the remaining lifetime, capped, less up to
+        :data:`TTL_JITTER` of it at random: tokens first seen together (a restart, a burst of
+        new clients) must not all expire, and be verified again, in the same instant."""
         ttl = self.config.max_ttl_s
         if entry.exp is not None:
             ttl = min(ttl, (entry.exp - now) * self.config.ttl_fraction)
         if ttl <= 0:
             return
+        ttl *= 1.0 - TTL_JITTER * random.random()
         self.tiered.set_background(key, entry, ttl)
 
     def drop_kids_not_in(self, provider: str, kids: frozenset[str | None]) -> int:

@@ -308,6 +308,19 @@ async def test_require_exp_false_and_leeway(make_plugin: Any, tokens: TokenFacto
 # ---------------------------------------------------------------- cache
 
 
+async def test_tokens_first_seen_together_do_not_all_expire_together(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair
+) -> None:
+    plugin = await make_plugin(_config([rsa_key]))
+    for i in range(40):  # a burst of new clients: all verified within the same instant
+        token = tokens.mint({"exp": int(NOW) + 1000, "sub": f"user-{i}"})
+        assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    assert plugin.token_cache is not None
+    ttls = [plugin.token_cache.l1.ttl(k) for k in plugin.token_cache.l1]
+    assert all(270 <= t <= 300 for t in ttls)  # max_ttl_s 300 less up to 10 %
+    assert max(ttls) - min(ttls) > 5  # spread out: no re-verification stampede later
+
+
 async def test_cache_hit_still_enforces_exp_and_rules(
     make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, wall: Any, mono: Any
 ) -> None:
@@ -322,8 +335,8 @@ async def test_cache_hit_still_enforces_exp_and_rules(
     # a cache hit does not skip the route's rules
     denied = await plugin.on_request(bearer(token, "/admin/"))
     assert isinstance(denied, Reject) and denied.status == 403
-    # the TTL is 80% of the remaining lifetime: gone after 81 s (monotonic clock) ...
-    assert plugin.token_cache.l1.ttl(next(iter(plugin.token_cache.l1))) == pytest.approx(80)
+    # the TTL is 80% of the remaining lifetime, less up to 10% jitter (monotonic clock) ...
+    assert 72 <= plugin.token_cache.l1.ttl(next(iter(plugin.token_cache.l1))) <= 80
     # ... and a hit re-checks exp against the wall clock even before the entry expires
     wall.now += 200
     assert_401(await plugin.on_request(bearer(token)), "expired")
