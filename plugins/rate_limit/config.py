@@ -230,6 +230,16 @@ class Rule(PluginConfig):
 
 
 class BatchConfig(PluginConfig):
+    """How requests share Redis round trips (one ``EVALSHA`` per batch; see ``batcher.py``).
+
+    With spare CPU a request goes at once (with whatever arrived in the same loop tick), so
+    light load adds no latency. When the worker's CPU is saturated, batches gather for up to
+    ``max_wait_ms`` (scaled by how saturated it is): that wait is mostly spent queueing for
+    the CPU anyway, and each round trip saved gives client and Redis CPU back to requests.
+    The admin ``/status`` shows the window in force (``batch_window_ms``); the
+    ``batch_size`` histogram the result. ``max_wait_ms: 0`` never waits for company.
+    """
+
     max_batch: Annotated[int, Field(ge=1, le=1_000)] = Field(
         default=100, description="requests per Redis round trip at most (1 = no batching)"
     )

@@ -494,7 +494,10 @@ async def test_a_reply_that_dropped_a_header_is_not_cached_and_reported_each_tim
     second = await _reply_of(fe)
     assert first is not second and first == second
     assert first.wire is None
-    assert 'extproc_mutations_dropped_total{reason="forbidden_header"} 2' in registry.render_prometheus()
+    assert (
+        'extproc_mutations_dropped_total{reason="forbidden_header"} 2'
+        in registry.render_prometheus()
+    )
 
 
 async def test_replies_with_metadata_are_not_cached() -> None:
