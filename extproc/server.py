@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from types import CodeType
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -36,12 +36,10 @@ __all__ = ["ExtProcServicer", "Server", "grpc_address"]
 
 log = logging.getLogger("extproc.server")
 
+from_bytes: Final = pb.ProcessingRequest.FromString
+
 HEALTH_SERVICE = "extproc"
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-
-
-def _as_bytes(reply: bytes | pb.ProcessingResponse) -> bytes:
-    return reply if type(reply) is bytes else reply.SerializeToString()  # type: ignore[union-attr]
 
 
 def grpc_address(listen: str) -> str:
@@ -108,7 +106,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 if request is grpc.aio.EOF:
                     break
                 started = loop.time()
-                msg = codec.decode(request)
+                msg = codec.decode(from_bytes(request))
                 if first:
                     first = False
                     if self.tracer is not None:
@@ -184,7 +182,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 
         def extend() -> None:
             self._extended.inc()
-            sent.append(loop.create_task(context.write(codec.encode_timeout_extension(extend_ms))))
+            extension = codec.encode_timeout_extension(extend_ms).SerializeToString()
+            sent.append(loop.create_task(context.write(extension)))
 
         timer = loop.call_at(started + self.settings.soft_budget_s, extend)
         try:
@@ -276,13 +275,10 @@ class Server:
         self.servicer = ExtProcServicer(
             self.runtime, self.loaded.config, self.services.registry, self.tracer
         )
-        # Our own method handler (same service and method names as the generated one): replies
-        # are written as bytes, so the prebuilt answers without changes are never re-encoded.
-        process = grpc.stream_stream_rpc_method_handler(
-            self.servicer.Process,
-            request_deserializer=pb.ProcessingRequest.FromString,
-            response_serializer=_as_bytes,
-        )
+        # Our own method handler (same service and method names as the generated one), on
+        # bytes both ways: the servicer parses requests itself and writes prebuilt or cached
+        # reply bytes, so grpc's (de)serializer hooks are not called per message.
+        process = grpc.stream_stream_rpc_method_handler(self.servicer.Process)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": process}),)
         )
