@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--duration", type=float, help="seconds per scenario per round")
     parser.add_argument("--connections", type=int)
+    parser.add_argument("--latency-rate", type=float, help="req/s of the open-loop phase")
+    parser.add_argument("--latency-rounds", type=int, help="rounds of the open-loop phase")
+    parser.add_argument("--latency-duration", type=float, help="seconds per open-loop round")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -382,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("rounds", args.rounds),
                 ("duration_s", args.duration),
                 ("connections", args.connections),
+                ("latency_rate", args.latency_rate),
+                ("latency_rounds", args.latency_rounds),
+                ("latency_duration_s", args.latency_duration),
             )
             if v is not None
         }
