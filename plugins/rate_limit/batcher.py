@@ -3,8 +3,8 @@
 * Spare CPU and no round trip in flight: a request is sent on the next loop tick, with whatever
   else arrived during this tick: light load never waits.
 * A round trip in flight: requests gather in a bounded queue until it returns, the batch is full
-  (``max_batch``) or the oldest has waited ``max_wait`` - whichever comes first - but never more
-  than ``max_in_flight`` round trips run at once.
+  (``max_batch``) or the oldest has waited ``in_flight_wait`` (1 ms; at most ``max_wait``) -
+  whichever comes first - but never more than ``max_in_flight`` round trips run at once.
 * Saturated worker: the event loop's thread is on a CPU or waiting for one nearly all the time
   (``saturation()`` in [0, 1], see :class:`LoopSaturation`). A batch then gathers for
   ``window = saturation x max_wait`` (or until full) even when no round trip is in flight.
@@ -77,8 +77,8 @@ class LoopSaturation:
         self,
         *,
         interval: float = 0.05,
-        low: float = 0.6,
-        high: float = 0.9,
+        low: float = 0.75,
+        high: float = 0.95,
         cpu_clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -130,6 +130,7 @@ class Batcher(Generic[T, R]):
         max_wait: float = 0.001,
         max_in_flight: int = 2,
         max_queue: int = 10_000,
+        in_flight_wait: float = 0.001,
         saturation: Callable[[], float] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
@@ -140,6 +141,7 @@ class Batcher(Generic[T, R]):
         self.max_wait = max_wait
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
+        self.in_flight_wait = min(in_flight_wait, max_wait)
         self._saturation = saturation if saturation is not None else LoopSaturation()
         self._on_batch = on_batch
         #: how long a batch gathers with no round trip in flight (0: spare CPU, send at once)
@@ -201,7 +203,7 @@ class Batcher(Generic[T, R]):
         """Start round trips while allowed; otherwise make sure a timer will come back."""
         loop = asyncio.get_running_loop()
         while self._queue and self._in_flight < self.max_in_flight:
-            wait = self.max_wait if self._in_flight else self.window
+            wait = self.window or (self.in_flight_wait if self._in_flight else 0.0)
             if wait:  # never gather for more than a quarter of the oldest request's budget
                 first = self._queue[0]
                 wait = min(wait, (first.deadline - first.enqueued) * 0.25)

@@ -246,9 +246,9 @@ class BatchConfig(PluginConfig):
     max_wait_ms: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
         default=10.0,
         description=(
-            "longest a request waits for its batch: while a round trip is in flight, or, in"
-            " proportion to how saturated the worker's CPU is, when none is (with spare CPU"
-            " and nothing in flight a request is sent at once)"
+            "longest a request waits for its batch when the worker's CPU is saturated (in"
+            " proportion to how saturated); with spare CPU a request waits at most 1 ms for a"
+            " round trip in flight and not at all when none is"
         ),
     )
     max_in_flight: Annotated[int, Field(ge=1, le=16)] = Field(

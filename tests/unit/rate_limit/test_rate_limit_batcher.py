@@ -143,6 +143,25 @@ async def test_max_wait_sends_a_partial_batch_when_a_slot_is_free() -> None:
     await b.close(within=1.0)
 
 
+async def test_spare_cpu_waits_at_most_in_flight_wait_not_max_wait() -> None:
+    """max_wait is the saturated worker's window; with spare CPU a request gives the round
+    trip in flight 1 ms to come back, then takes the free slot."""
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(store.send, saturation=idle, max_wait=10.0, max_in_flight=2)
+    b.submit(0, FAR)
+    await settle()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    second = b.submit(1, FAR)
+    async with asyncio.timeout(5):
+        await store.second.wait()
+    assert loop.time() - started < 1.0  # about 1 ms, certainly not max_wait (10 s)
+    store.release(1)
+    assert await second == 10
+    store.release(0)
+    await b.close(within=1.0)
+
+
 async def test_bounded_queue_refuses_and_counts() -> None:
     store = GatedStore()
     b: Batcher[int, int] = Batcher(
