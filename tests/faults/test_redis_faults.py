@@ -17,13 +17,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 CONFIG = """
 version: 1
-server: {{message_timeout_ms: 200, drain_delay_s: 0}}
-redis: {{url: "{url}", timeout_ms: 100}}
+server: {{message_timeout_ms: 400, drain_delay_s: 0}}
+redis: {{url: "{url}", timeout_ms: 250}}
 plugins:
   - plugin: rate_limit
-    timeout_ms: 150
+    timeout_ms: 300
     config:
-      redis_timeout_ms: 100
+      redis_timeout_ms: 250
       breaker: {{failure_threshold: 5, reset_timeout_s: 0.5}}
       rules:
         - {{name: closed, match: {{path_prefix: /closed}}, fail: closed,
@@ -103,7 +103,9 @@ async def test_redis_paused_stopped_restarted(tmp_path: Path, figures: dict[str,
             assert set(got) == {status}, (phase, kind, got)
     for phase in ("healthy", "after"):
         assert set(load.statuses(phase)) == {200}, (phase, load.statuses(phase))
-    # nobody waits much longer than the 100 ms Redis budget (ceiling for a noisy machine)
+    # nobody waits much longer than the 250 ms Redis budget (ceiling for a noisy machine); the
+    # budget itself is wide enough that a scheduling hiccup on a shared CI machine does not
+    # turn a healthy-phase request into a fail-closed 503
     slowest = max(o.elapsed for o in load.outcomes)
     assert slowest < 1.0, slowest
     # counting is exact again after the restart (the scripts were loaded again)
