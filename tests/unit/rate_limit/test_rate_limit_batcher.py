@@ -332,8 +332,9 @@ def test_loop_saturation_checks_its_bounds() -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="schedstat is Linux's; elsewhere CPU time")
 def test_thread_demand_counts_the_time_this_thread_runs() -> None:
     before, cpu = thread_demand(), time.thread_time()
-    end = time.perf_counter() + 0.05
+    end = time.perf_counter() + 0.2
     while time.perf_counter() < end:
         pass
     ran = time.thread_time() - cpu
-    assert thread_demand() - before >= ran * 0.9  # run time, plus any wait for a CPU
+    # run time (the kernel updates it at scheduler ticks: up to one tick stale), plus any wait
+    assert thread_demand() - before >= ran * 0.8
