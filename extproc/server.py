@@ -9,6 +9,7 @@ Explicit ``context.read()`` / ``context.write()`` measured cheaper than an async
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -40,6 +41,24 @@ from_bytes: Final = pb.ProcessingRequest.FromString
 
 HEALTH_SERVICE = "extproc"
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def freeze_heap() -> None:
+    """Put what is alive now (modules, protobuf descriptors, grpc, the loaded plugins) out of
+    the cyclic collector's reach. Without it every full collection walks the whole heap with the
+    event loop stopped: under the benchmark's load, 30-58 ms pauses that freed under 1,000
+    objects each (and the plugin timeouts they caused); with it, at most ~5 ms. Frozen objects
+    are still freed by reference counting; only cycles among them wait for the next
+    :func:`refreeze_heap`."""
+    gc.collect()
+    gc.freeze()
+
+
+def refreeze_heap() -> None:
+    """After a reload: release what the previous freeze holds (the old plugins' cycles are
+    collected now, in one pause), then freeze the new state."""
+    gc.unfreeze()
+    freeze_heap()
 
 
 def grpc_address(listen: str) -> str:
@@ -227,6 +246,9 @@ class Server:
         self._span_processors = tuple(span_processors)
         self.meter_provider: Any = None
         self._hook_codes: Callable[[], Mapping[CodeType, str]] = dict
+        #: freeze the heap once serving and after each reload (the ``serve`` entry point sets
+        #: it; in-process embedders and tests keep their own collector settings)
+        self.freeze_heap = False
 
     async def start(self) -> None:
         from extproc.admin import AdminServer
@@ -292,6 +314,8 @@ class Server:
             self.bound_port = server.add_insecure_port(grpc_address(self.listen))
         if not self.listen.startswith("unix:") and self.bound_port == 0:
             raise OSError(f"cannot listen on {self.listen}")
+        if self.freeze_heap:  # plugins are loaded; before the first stream and the watchdog
+            freeze_heap()
         await server.start()
         self._server = server
         await self._set_health()
@@ -396,6 +420,8 @@ class Server:
             )
         self.loaded = loaded
         self._plugins_changed()
+        if self.freeze_heap:
+            refreeze_heap()
         log.info(
             "configuration reloaded",
             extra={"generation": self.runtime.current.number if self.runtime.current else 0},
@@ -453,6 +479,7 @@ async def serve(
     loaded = load_config(config_path)
     configure_logging(loaded.config.logging)
     server = Server(loaded, config_path=config_path, listen=listen, admin=admin)
+    server.freeze_heap = True
     await server.start()
     server.install_signal_handlers()
     watcher = None
