@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from extproc.services.breaker import CircuitBreaker
@@ -182,7 +184,7 @@ def _parse(batch: Sequence[Sequence[Hit]], reply: bytes | str) -> list[list[Outc
     if isinstance(reply, str):
         reply = reply.encode()
     if not isinstance(reply, bytes):
-        raise StoreUnavailableError("unexpected script reply type")
+        raise ValueError("unexpected script reply type")
     raw = [int(v) for v in reply.split(b",")] if reply else []
     out: list[list[Outcome]] = []
     p = 0
@@ -194,7 +196,7 @@ def _parse(batch: Sequence[Sequence[Hit]], reply: bytes | str) -> list[list[Outc
             p += _FIELDS
         out.append(decided)
     if p != len(raw):
-        raise StoreUnavailableError("unexpected script reply length")
+        raise ValueError("unexpected script reply length")
     return out
 
 
@@ -203,6 +205,10 @@ class RedisStore:
     time is Redis' own (``TIME`` in the script), every call is bounded by ``budget`` and goes
     through ``breaker``. A cancelled call makes redis-py drop its connection (it disconnects on
     any exception while sending or reading), so a late reply is never read by the next call.
+
+    A lost connection (Redis restarted, a proxy closed it) drops every idle connection of the
+    pool too: they went stale together, and each would otherwise fail one more request
+    (a fail-closed 503) on its first use.
 
     A batch must live on one node: with Redis Cluster, group it by the keys' hash-tag slot first
     (not done yet: the sidecar talks to one Redis).
@@ -218,6 +224,7 @@ class RedisStore:
         self._redis = redis
         self.breaker = breaker
         self._on_round_trip = on_round_trip
+        self._dropping: asyncio.Task[None] | None = None
 
     async def acquire(self, batch: Sequence[Sequence[Hit]], budget: float) -> list[list[Outcome]]:
         if not batch:
@@ -245,6 +252,8 @@ class RedisStore:
             raise StoreUnavailableError("redis timed out") from exc
         except (RedisError, OSError, ValueError, TypeError) as exc:
             self.breaker.record_failure()
+            if isinstance(exc, RedisConnectionError | OSError):
+                self._drop_idle_connections()
             raise StoreUnavailableError(f"redis failed: {type(exc).__name__}") from exc
         except BaseException:
             outcome = "cancelled"
@@ -255,6 +264,20 @@ class RedisStore:
                 self._on_round_trip(outcome, len(batch))
         self.breaker.record_success()
         return result
+
+    def _drop_idle_connections(self) -> None:
+        if self._dropping is not None and not self._dropping.done():
+            return
+        pool = getattr(self._redis, "connection_pool", None)
+        if pool is None:
+            return
+
+        async def drop() -> None:
+            # closing a dead socket may fail too; it is closed either way
+            with contextlib.suppress(Exception):
+                await pool.disconnect(inuse_connections=False)
+
+        self._dropping = asyncio.get_running_loop().create_task(drop())
 
 
 class LocalStore:

@@ -4,13 +4,14 @@ no hits, keys shared inside a batch) through both, against a real redis-server."
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Iterator, Sequence
 
 import pytest
 
-from extproc.services.breaker import CircuitBreaker
+from extproc.services.breaker import BreakerState, CircuitBreaker
 from extproc.services.redis import make_redis
 from extproc.testing.redis_server import RedisServer
 from plugins.rate_limit.keys import GRANTED, NOT_COMMITTED, OVER_LIMIT, Hit
@@ -72,7 +73,31 @@ class _Replying:
 
 @pytest.mark.parametrize("reply", [b"1,2,3", b"1,2,3,4,x", [1, 2, 3, 4, 5], None])
 async def test_a_malformed_script_reply_is_store_unavailable(reply: object) -> None:
-    breaker = CircuitBreaker("odd", failure_threshold=5, reset_timeout=1)
+    breaker = CircuitBreaker("odd", failure_threshold=2, reset_timeout=60)
     store = RedisStore(_Replying(reply), breaker)  # type: ignore[arg-type]
-    with pytest.raises(StoreUnavailableError):
-        await store.acquire([[Hit("k", False, 5, 1000)]], 1.0)
+    for _ in range(2):
+        with pytest.raises(StoreUnavailableError):
+            await store.acquire([[Hit("k", False, 5, 1000)]], 1.0)
+    assert breaker.state is BreakerState.OPEN  # each one counted as a failure of the store
+
+
+async def test_a_lost_connection_drops_the_pools_other_stale_connections() -> None:
+    """After a Redis restart only the first call fails: the idle connections that went stale
+    with it are dropped, not each left to fail a request of its own later."""
+    hit = [[Hit("rl:restart", False, 1_000_000, DAY_MS)]]
+    with RedisServer() as server:
+        redis = make_redis(server.url, socket_timeout=2.0, connect_timeout=2.0)
+        store = RedisStore(redis, CircuitBreaker("restart", failure_threshold=50, reset_timeout=1))
+        try:
+            await asyncio.gather(*(store.acquire(hit, 2.0) for _ in range(4)))  # 4 connections
+            assert len(redis.connection_pool._available_connections) == 4
+            await asyncio.to_thread(server.restart)
+            with pytest.raises(StoreUnavailableError):
+                await store.acquire(hit, 2.0)  # a stale connection: "closed by server"
+            await asyncio.sleep(0.05)  # the drop runs in the background
+            results = await asyncio.gather(
+                *(store.acquire(hit, 2.0) for _ in range(4)), return_exceptions=True
+            )
+            assert [type(r).__name__ for r in results] == ["list"] * 4
+        finally:
+            await redis.aclose()
