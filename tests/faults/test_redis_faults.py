@@ -37,6 +37,8 @@ plugins:
 """
 
 KINDS = ("closed", "open", "local")
+#: longer than any request can wait for Redis (its 250 ms budget), with room for a slow machine
+GAP_S = 0.6
 #: what each rule answers while its store cannot decide
 POLICY = {"closed": 503, "open": 200, "local": 200}
 
@@ -77,6 +79,9 @@ async def test_redis_paused_stopped_restarted(tmp_path: Path, figures: dict[str,
                 load.phase = "paused"
                 await load.wait_for(90, phase="paused")
                 await asyncio.sleep(1.0)
+                # every request of "paused" ends (by its budget) before Redis answers again
+                load.phase = "resuming"
+                await asyncio.sleep(GAP_S)
                 load.phase = "resumed"
                 await asyncio.to_thread(redis.resume)
                 resumed = await poll(lambda: closed_ok("resumed"), timeout=10, what="resumed")
@@ -85,6 +90,8 @@ async def test_redis_paused_stopped_restarted(tmp_path: Path, figures: dict[str,
                 load.phase = "stopped"
                 await load.wait_for(90, phase="stopped")
                 await asyncio.sleep(1.0)
+                load.phase = "restarting"
+                await asyncio.sleep(GAP_S)
                 load.phase = "restarted"
                 await asyncio.to_thread(redis.start)  # same port, empty data, no scripts
                 restarted = await poll(lambda: closed_ok("restarted"), timeout=10, what="restart")
