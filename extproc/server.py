@@ -47,7 +47,7 @@ def freeze_heap() -> None:
     """Put what is alive now (modules, protobuf descriptors, grpc, the loaded plugins) out of
     the cyclic collector's reach. Without it every full collection walks the whole heap with the
     event loop stopped: under the benchmark's load, 30-58 ms pauses that freed under 1,000
-    objects each (and the plugin timeouts they caused); with it, at most ~5 ms. Frozen objects
+    objects each (and the plugin timeouts they caused); with it, 5-10 ms. Frozen objects
     are still freed by reference counting; only cycles among them wait for the next
     :func:`refreeze_heap`."""
     gc.collect()
@@ -248,7 +248,7 @@ class Server:
         self._hook_codes: Callable[[], Mapping[CodeType, str]] = dict
         #: freeze the heap once serving and after each reload (the ``serve`` entry point sets
         #: it; in-process embedders and tests keep their own collector settings)
-        self.freeze_heap = False
+        self.freezes_heap = False
 
     async def start(self) -> None:
         from extproc.admin import AdminServer
@@ -314,7 +314,7 @@ class Server:
             self.bound_port = server.add_insecure_port(grpc_address(self.listen))
         if not self.listen.startswith("unix:") and self.bound_port == 0:
             raise OSError(f"cannot listen on {self.listen}")
-        if self.freeze_heap:  # plugins are loaded; before the first stream and the watchdog
+        if self.freezes_heap:  # plugins are loaded; before the first stream and the watchdog
             freeze_heap()
         await server.start()
         self._server = server
@@ -420,7 +420,7 @@ class Server:
             )
         self.loaded = loaded
         self._plugins_changed()
-        if self.freeze_heap:
+        if self.freezes_heap:
             refreeze_heap()
         log.info(
             "configuration reloaded",
@@ -479,7 +479,7 @@ async def serve(
     loaded = load_config(config_path)
     configure_logging(loaded.config.logging)
     server = Server(loaded, config_path=config_path, listen=listen, admin=admin)
-    server.freeze_heap = True
+    server.freezes_heap = True
     await server.start()
     server.install_signal_handlers()
     watcher = None
