@@ -76,7 +76,9 @@ def _complete(data: bytes) -> bool:
 class RedisServer:
     """One ``redis-server`` on a free 127.0.0.1 port, started in ``__init__`` (or ``start``)."""
 
-    def __init__(self, *, binary: str | None = None, start: bool = True) -> None:
+    def __init__(
+        self, *, binary: str | None = None, start: bool = True, unix_socket: bool = False
+    ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
             raise RedisNotFoundError("redis-server is not on PATH: install it (apt redis-server)")
@@ -85,6 +87,8 @@ class RedisServer:
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = Path(self._dir.name) / "redis.log"
+        #: with ``unix_socket``, the server also listens on this socket (``unix://`` + it)
+        self.socket_path = str(Path(self._dir.name) / "redis.sock") if unix_socket else None
         if start:
             self.start()
 
@@ -121,6 +125,8 @@ class RedisServer:
             "--daemonize", "no",
             "--protected-mode", "yes",
         ]  # fmt: skip
+        if self.socket_path is not None:
+            args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -1,0 +1,203 @@
+"""The pipelined Redis connection against a real redis-server: replies reach their own callers
+(also after a caller gave up), a stopped or restarted server is noticed, settings are taken
+from the redis-py client they mirror."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from extproc.services.redis import RedisTls, make_redis
+from extproc.services.redis_pipe import PipeSettings, RedisPipe, ReplyError, pack_command
+from extproc.testing.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+def _settings(server: RedisServer, **kw: object) -> PipeSettings:
+    base = {"host": "127.0.0.1", "port": server.port, "connect_timeout": 2.0, "stale_after": 2.0}
+    return PipeSettings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_pack_command_is_resp() -> None:
+    assert pack_command("SET", "k", 12, b"\x00v") == (
+        b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$2\r\n\x00v\r\n"
+    )
+
+
+async def test_concurrent_commands_get_their_own_replies() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        try:
+            replies = await asyncio.gather(*(pipe.execute("ECHO", f"v{i}") for i in range(300)))
+            assert replies == [f"v{i}".encode() for i in range(300)]
+            assert pipe.connects == 1  # one connection carried them all
+            assert await pipe.execute("INCRBY", "n", 5) == 5
+            await pipe.execute("SET", "s", "x")
+            with pytest.raises(ReplyError, match="not an integer"):
+                await pipe.execute("INCR", "s")
+            assert await pipe.execute("GET", "s") == b"x"  # an error reply keeps the order
+        finally:
+            await pipe.aclose()
+
+
+async def test_a_late_reply_is_dropped_never_given_to_the_next_caller() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        try:
+            await pipe.execute("SET", "k", "old")
+            server.pause()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await pipe.execute("GET", "k")  # answered "old" once Redis runs again
+            server.resume()
+            await pipe.execute("SET", "k", "new")
+            assert await pipe.execute("GET", "k") == b"new"
+            assert pipe.connects == 1  # the connection was kept: no reconnect was needed
+        finally:
+            server.resume()
+            await pipe.aclose()
+
+
+async def test_a_connection_that_stopped_answering_is_replaced() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server, stale_after=0.1))
+        try:
+            await pipe.execute("PING")
+            server.pause()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.15):
+                    await pipe.execute("PING")
+            await asyncio.sleep(0.05)  # now the unanswered PING is older than stale_after
+            pending = asyncio.ensure_future(pipe.execute("ECHO", "after"))
+            await asyncio.sleep(0.05)
+            server.resume()
+            assert await asyncio.wait_for(pending, 2.0) == b"after"
+            assert pipe.connects == 2
+        finally:
+            server.resume()
+            await pipe.aclose()
+
+
+async def test_a_restarted_server_is_reconnected_without_a_failed_command() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        try:
+            assert await pipe.execute("PING") == b"PONG"
+            await asyncio.to_thread(server.restart)
+            await asyncio.sleep(0.05)  # the loop reads the close of the idle connection
+            assert not pipe.connected
+            assert await pipe.execute("PING") == b"PONG"
+            assert pipe.connects == 2
+        finally:
+            await pipe.aclose()
+
+
+async def test_waiters_fail_at_once_when_the_server_goes_away() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        try:
+            await pipe.execute("PING")
+            server.pause()
+            pending = [asyncio.ensure_future(pipe.execute("PING")) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            server.kill()
+            results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 2.0)
+            assert all(isinstance(r, ConnectionError) for r in results), results
+            with pytest.raises(OSError):  # ConnectionRefusedError: nothing listens now
+                await pipe.execute("PING")
+        finally:
+            await pipe.aclose()
+
+
+async def test_bounded_pending_commands() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server), max_pending=2)
+        try:
+            await pipe.execute("PING")
+            server.pause()
+            pending = [asyncio.ensure_future(pipe.execute("PING")) for _ in range(2)]
+            await asyncio.sleep(0.01)
+            with pytest.raises(ConnectionError, match="too many"):
+                await pipe.execute("PING")
+            server.resume()
+            assert await asyncio.wait_for(asyncio.gather(*pending), 2.0) == [b"PONG"] * 2
+        finally:
+            server.resume()
+            await pipe.aclose()
+
+
+async def test_settings_come_from_the_redis_py_client_auth_and_db_included() -> None:
+    with RedisServer(unix_socket=True) as server:
+        server.command("ACL", "SETUSER", "svc", "on", ">s3cret", "~*", "+@all")
+        server.command("CONFIG", "SET", "requirepass", "default-pw")
+        admin = make_redis(server.url)
+        client = make_redis(server.url.replace("/0", "/3"), client_name="extproc-test")
+        client.connection_pool.connection_kwargs.update(username="svc", password="s3cret")
+        settings = PipeSettings.from_client(client)
+        assert settings is not None
+        assert (settings.port, settings.db, settings.username) == (server.port, 3, "svc")
+        assert settings.client_name == "extproc-test"
+        pipe = RedisPipe(settings)
+        try:
+            await pipe.execute("SET", "where", "db3")
+            assert await pipe.execute("CLIENT", "GETNAME") == b"extproc-test"
+            assert await pipe.execute("ACL", "WHOAMI") == b"svc"
+            admin.connection_pool.connection_kwargs.update(password="default-pw")
+            assert await admin.execute_command("GET", "where") is None  # db 0
+            await admin.execute_command("SELECT", 3)
+        finally:
+            await pipe.aclose()
+            await admin.aclose()
+            await client.aclose()
+
+        assert server.socket_path is not None
+        unix = PipeSettings.from_client(make_redis(server.socket_path))
+        assert unix is not None and unix.path == server.socket_path
+        pipe = RedisPipe(PipeSettings(path=server.socket_path, password="default-pw"))
+        try:
+            assert await pipe.execute("PING") == b"PONG"
+        finally:
+            await pipe.aclose()
+
+        bad = RedisPipe(_settings(server, password="wrong"))
+        with pytest.raises(ReplyError, match=r"WRONGPASS|invalid"):
+            await bad.execute("PING")
+        await bad.aclose()
+
+
+def test_tls_and_unknown_pools_stay_with_redis_py() -> None:
+    assert PipeSettings.from_client(make_redis("rediss://h:1/0", tls=RedisTls())) is None
+    client = make_redis("redis://127.0.0.1:1/0")
+    client.connection_pool.connection_kwargs["credential_provider"] = object()
+    assert PipeSettings.from_client(client) is None
+
+
+async def test_a_closed_pipe_refuses_commands() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        await pipe.execute("PING")
+        await pipe.aclose()
+        with pytest.raises(ConnectionError, match="closed"):
+            await pipe.execute("PING")
+
+
+def test_the_same_under_uvloop() -> None:
+    """The sidecar runs on uvloop, whose transports are not asyncio's classes."""
+    import uvloop
+
+    async def scenario(server: RedisServer) -> None:
+        pipe = RedisPipe(_settings(server, client_name="on-uvloop", db=2))
+        try:
+            replies = await asyncio.gather(*(pipe.execute("ECHO", f"v{i}") for i in range(50)))
+            assert replies == [f"v{i}".encode() for i in range(50)]
+            await asyncio.to_thread(server.restart)
+            await asyncio.sleep(0.05)
+            assert await pipe.execute("CLIENT", "GETNAME") == b"on-uvloop"
+            assert pipe.connects == 2
+        finally:
+            await pipe.aclose()
+
+    with RedisServer() as server:
+        uvloop.run(scenario(server))
