@@ -296,6 +296,14 @@ class RateLimitConfig(PluginConfig):
         default=10.0,
         description="budget kept back from the chain's deadline to apply the fail policy",
     )
+    redis_pipeline: bool = Field(
+        default=True,
+        description=(
+            "send the script over one pipelined connection of our own (same server, database,"
+            " credentials and timeouts as the shared client; TLS and other setups keep the"
+            " shared redis-py pool)"
+        ),
+    )
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Redis batching")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Redis breaker")
     headers: HeadersConfig = Field(default_factory=HeadersConfig, description="response headers")

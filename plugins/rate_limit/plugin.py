@@ -42,6 +42,7 @@ from extproc.plugin import (
     Result,
 )
 from extproc.services.breaker import BreakerState, CircuitBreaker
+from extproc.services.redis_pipe import PipeSettings, RedisPipe
 from plugins.rate_limit.batcher import Batcher, BatcherClosedError, QueueFullError
 from plugins.rate_limit.config import FailPolicy, MissingPart, RateLimitConfig, Rule, parse_part
 from plugins.rate_limit.keys import (
@@ -204,7 +205,13 @@ class RateLimitPlugin(Plugin):
                 reset_timeout=cfg.breaker.reset_timeout_s,
                 clock=context.clock,
             )
-            self._redis = RedisStore(context.redis, self._breaker, on_round_trip=self._round_trip)
+            settings = PipeSettings.from_client(context.redis) if cfg.redis_pipeline else None
+            self._redis = RedisStore(
+                context.redis,
+                self._breaker,
+                on_round_trip=self._round_trip,
+                pipe=RedisPipe(settings) if settings is not None else None,
+            )
             store = self._redis
 
             async def send(batch: Sequence[Sequence[Hit]], deadline: float) -> list[list[Outcome]]:
@@ -222,7 +229,9 @@ class RateLimitPlugin(Plugin):
         context.logger.info(
             "rate_limit ready: %d rules, store=%s",
             len(self._rules),
-            "redis" if self._redis else "local",
+            ("redis (pipelined)" if self._redis.pipelined else "redis (pool)")
+            if self._redis
+            else "local",
         )
 
     def _bind_metrics(self, context: PluginContext) -> None:
@@ -279,6 +288,8 @@ class RateLimitPlugin(Plugin):
     async def shutdown(self) -> None:
         if self._batcher is not None:
             await self._batcher.close(within=2 * self._redis_timeout + 0.1)
+        if self._redis is not None:
+            await self._redis.aclose()
 
     # ------------------------------------------------------------ hot path
 

@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from extproc.services.breaker import CircuitBreaker
+from extproc.services.redis_pipe import RedisPipe, ReplyError, pack_command
 from plugins.rate_limit.keys import Hit, Outcome, current, evaluate, next_state
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ def _script_args(batch: Sequence[Sequence[Hit]]) -> tuple[list[str], str, str]:
     return keys, ",".join(map(str, specs)), ",".join(map(str, tail))
 
 
-def _parse(batch: Sequence[Sequence[Hit]], reply: bytes | str) -> list[list[Outcome]]:
+def _parse(batch: Sequence[Sequence[Hit]], reply: object) -> list[list[Outcome]]:
     """The script's reply, five comma-separated integers per hit (status, remaining, reset,
     retry after, block), back into outcomes, in the batch's order."""
     if isinstance(reply, str):
@@ -210,6 +211,10 @@ class RedisStore:
     pool too: they went stale together, and each would otherwise fail one more request
     (a fail-closed 503) on its first use.
 
+    With ``pipe`` (:class:`~extproc.services.redis_pipe.RedisPipe`) the script goes over one
+    pipelined connection instead of the pool: a timed-out call leaves its reply to be read and
+    dropped there, and a lost connection is reopened by the pipe itself.
+
     A batch must live on one node: with Redis Cluster, group it by the keys' hash-tag slot first
     (not done yet: the sidecar talks to one Redis).
     """
@@ -220,8 +225,10 @@ class RedisStore:
         breaker: CircuitBreaker,
         *,
         on_round_trip: Callable[[str, int], None] | None = None,
+        pipe: RedisPipe | None = None,
     ) -> None:
         self._redis = redis
+        self._pipe = pipe
         self.breaker = breaker
         self._on_round_trip = on_round_trip
         self._dropping: asyncio.Task[None] | None = None
@@ -235,24 +242,19 @@ class RedisStore:
         outcome = "error"
         try:
             async with asyncio.timeout(budget):
-                try:
-                    raw = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                        "EVALSHA", SCRIPT_SHA, len(keys), *keys, specs, requests
-                    )
-                except NoScriptError:
-                    evaluate_script = self._redis.execute_command
-                    raw = await evaluate_script(  # type: ignore[no-untyped-call]
-                        "EVAL", SCRIPT, len(keys), *keys, specs, requests
-                    )
+                if self._pipe is not None:
+                    raw = await self._run_piped(keys, specs, requests)
+                else:
+                    raw = await self._run_pooled(keys, specs, requests)
             result = _parse(batch, raw)
             outcome = "ok"
         except TimeoutError as exc:
             outcome = "timeout"
             self.breaker.record_failure()
             raise StoreUnavailableError("redis timed out") from exc
-        except (RedisError, OSError, ValueError, TypeError) as exc:
+        except (RedisError, ReplyError, OSError, ValueError, TypeError) as exc:
             self.breaker.record_failure()
-            if isinstance(exc, RedisConnectionError | OSError):
+            if self._pipe is None and isinstance(exc, RedisConnectionError | OSError):
                 self._drop_idle_connections()
             raise StoreUnavailableError(f"redis failed: {type(exc).__name__}") from exc
         except BaseException:
@@ -264,6 +266,34 @@ class RedisStore:
                 self._on_round_trip(outcome, len(batch))
         self.breaker.record_success()
         return result
+
+    @property
+    def pipelined(self) -> bool:
+        return self._pipe is not None
+
+    async def _run_piped(self, keys: list[str], specs: str, requests: str) -> object:
+        assert self._pipe is not None
+        try:
+            return await self._pipe.execute_packed(
+                pack_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, specs, requests)
+            )
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self._pipe.execute_packed(
+            pack_command("EVAL", SCRIPT, len(keys), *keys, specs, requests)
+        )
+
+    async def _run_pooled(self, keys: list[str], specs: str, requests: str) -> object:
+        try:
+            return await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", SCRIPT_SHA, len(keys), *keys, specs, requests
+            )
+        except NoScriptError:
+            evaluate_script = self._redis.execute_command
+            return await evaluate_script(  # type: ignore[no-untyped-call]
+                "EVAL", SCRIPT, len(keys), *keys, specs, requests
+            )
 
     def _drop_idle_connections(self) -> None:
         if self._dropping is not None and not self._dropping.done():
@@ -278,6 +308,15 @@ class RedisStore:
                 await pool.disconnect(inuse_connections=False)
 
         self._dropping = asyncio.get_running_loop().create_task(drop())
+
+    async def aclose(self) -> None:
+        """Close the pipe, and wait for a drop of stale connections that is still running
+        (the shared client itself belongs to the server, which closes it)."""
+        if self._pipe is not None:
+            await self._pipe.aclose()
+        if self._dropping is not None:
+            with contextlib.suppress(Exception):
+                await self._dropping
 
 
 class LocalStore:

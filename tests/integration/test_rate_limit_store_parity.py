@@ -8,14 +8,19 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import pytest
 
 from extproc.services.breaker import BreakerState, CircuitBreaker
 from extproc.services.redis import make_redis
+from extproc.services.redis_pipe import PipeSettings, RedisPipe
 from extproc.testing.redis_server import RedisServer
 from plugins.rate_limit.keys import GRANTED, NOT_COMMITTED, OVER_LIMIT, Hit
 from plugins.rate_limit.store import LocalStore, RedisStore, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 pytestmark = pytest.mark.redis
 
@@ -41,13 +46,25 @@ def decisions(outcomes: Sequence[Sequence[object]]) -> list[list[tuple[int, int]
     return [[(o.status, o.remaining) for o in req] for req in outcomes]  # type: ignore[attr-defined]
 
 
+def _pipe_for(redis: Redis) -> RedisPipe:
+    settings = PipeSettings.from_client(redis)
+    assert settings is not None
+    return RedisPipe(settings)
+
+
+@pytest.mark.parametrize("transport", ["pool", "pipe"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_redis_script_decides_as_the_local_store(seed: int) -> None:
+async def test_redis_script_decides_as_the_local_store(seed: int, transport: str) -> None:
     rng = random.Random(seed)
     local = LocalStore(lambda: int(time.time() * 1000))
     with RedisServer() as server:
         redis = make_redis(server.url, socket_timeout=2.0, connect_timeout=2.0)
-        store = RedisStore(redis, CircuitBreaker("parity", failure_threshold=5, reset_timeout=1))
+        store = RedisStore(
+            redis,
+            CircuitBreaker("parity", failure_threshold=5, reset_timeout=1),
+            pipe=_pipe_for(redis) if transport == "pipe" else None,
+        )
+        assert store.pipelined is (transport == "pipe")
         seen: set[int] = set()
         try:
             for batch in batches(rng, 60):
@@ -55,6 +72,7 @@ async def test_redis_script_decides_as_the_local_store(seed: int) -> None:
                 assert decisions(remote) == decisions(local.decide(batch)), batch
                 seen.update(o.status for req in remote for o in req)
         finally:
+            await store.aclose()
             await redis.aclose()
         # one script call a batch (the first EVALSHA finds no script and EVAL loads it)
         assert (server.calls("evalsha"), server.calls("eval")) == (60, 1)
@@ -94,10 +112,45 @@ async def test_a_lost_connection_drops_the_pools_other_stale_connections() -> No
             await asyncio.to_thread(server.restart)
             with pytest.raises(StoreUnavailableError):
                 await store.acquire(hit, 2.0)  # a stale connection: "closed by server"
-            await asyncio.sleep(0.05)  # the drop runs in the background
+            await store.aclose()  # the drop runs in the background; this waits for it
+            assert store._dropping is not None and store._dropping.done()
             results = await asyncio.gather(
                 *(store.acquire(hit, 2.0) for _ in range(4)), return_exceptions=True
             )
             assert [type(r).__name__ for r in results] == ["list"] * 4
         finally:
+            await redis.aclose()
+
+
+async def test_the_pipe_survives_a_restart_and_a_pause_without_crossed_replies() -> None:
+    """Through the pipe: after a restart the script is loaded again and no call fails once the
+    loop has seen the close; a call that timed out on a paused Redis leaves its late reply to
+    be dropped, and the next batch gets its own decision."""
+    hit = [[Hit("rl:pipe", False, 1_000_000, DAY_MS)]]
+    with RedisServer() as server:
+        redis = make_redis(server.url, socket_timeout=2.0, connect_timeout=2.0)
+        store = RedisStore(
+            redis, CircuitBreaker("pipe", failure_threshold=50, reset_timeout=1),
+            pipe=_pipe_for(redis),
+        )  # fmt: skip
+        try:
+            first = await store.acquire(hit, 2.0)
+            assert first[0][0].remaining == 1_000_000 - 1
+            await asyncio.to_thread(server.restart)  # empty data, no script
+            await asyncio.sleep(0.05)
+            again = await store.acquire(hit, 2.0)
+            assert again[0][0].remaining == 1_000_000 - 1  # counted afresh: a new server
+            server.pause()
+            with pytest.raises(StoreUnavailableError, match="timed out"):
+                await store.acquire(hit, 0.1)
+            server.resume()
+            other = [[Hit("rl:pipe:other", False, 7, DAY_MS)]]
+            answer = await store.acquire(other, 2.0)
+            assert answer[0][0].remaining == 6  # not the late reply of "rl:pipe"
+            # the timed-out call ran once Redis did (it was sent): it counted, as any request
+            # whose answer came too late may
+            assert (await store.acquire(hit, 2.0))[0][0].remaining == 1_000_000 - 3
+        finally:
+            server.resume()
+            await store.aclose()
             await redis.aclose()
