@@ -11,8 +11,10 @@ serialization - and reports CPU µs per request, side by side in one process:
 * ``headers``: the header-rules plugin;
 * ``jwt (cache hit)``: jwt_auth over 1,000 RS256 tokens, warmed (the steady state);
 * ``jwt + rate_limit (local)``: plus the rate limiter on its in-process store;
-* ``jwt + rate_limit (redis, batched)``: plus Redis (a redis-server this starts), N requests
-  concurrently so batches form.
+* ``jwt + rate_limit (redis ..., batched)``: plus Redis (a redis-server this starts), N
+  requests concurrently so batches form, over the pipelined connection and over redis-py's
+  pool (``redis_pipeline: false``);
+* ``... one request at a time``: the same with no company, a round trip per request.
 
 Run: ``python -m bench.hotpath [--requests N] [--concurrency C]``.
 """
@@ -53,7 +55,9 @@ def _request_bytes(token: str, i: int) -> bytes:
     return data
 
 
-def _config(plugins: Sequence[str], jwks: dict[str, Any], redis_url: str | None) -> str:
+def _config(
+    plugins: Sequence[str], jwks: dict[str, Any], redis_url: str | None, pipeline: bool = True
+) -> str:
     entries: list[dict[str, Any]] = []
     if "headers" in plugins:
         entries.append({"plugin": "headers", "config": {"rules": [{"request_set": {"x-a": "1"}}]}})
@@ -68,7 +72,8 @@ def _config(plugins: Sequence[str], jwks: dict[str, Any], redis_url: str | None)
     if "rl" in plugins:
         entries.append({
             "plugin": "rate_limit", "timeout_ms": 150,
-            "config": {"rules": [{"name": "per_user", "key": ["claim:sub"],
+            "config": {"redis_pipeline": pipeline,
+                       "rules": [{"name": "per_user", "key": ["claim:sub"],
                                   "limits": [{"requests": 10**9, "per": "second"}]}]},
         })  # fmt: skip
     doc: dict[str, Any] = {"server": {"admin": None}, "plugins": entries}
@@ -79,9 +84,9 @@ def _config(plugins: Sequence[str], jwks: dict[str, Any], redis_url: str | None)
 
 async def _measure(
     name: str, plugins: Sequence[str], requests: list[bytes], concurrency: int,
-    jwks: dict[str, Any], redis_url: str | None = None,
+    jwks: dict[str, Any], redis_url: str | None = None, pipeline: bool = True,
 ) -> tuple[str, float]:  # fmt: skip
-    loaded = parse_config(_config(plugins, jwks, redis_url))
+    loaded = parse_config(_config(plugins, jwks, redis_url, pipeline))
     services = Services()
     if redis_url:
         from extproc.services.redis import make_redis
@@ -134,10 +139,17 @@ async def main(argv: Sequence[str] | None = None) -> None:
 
     redis = await asyncio.to_thread(RedisServer)
     try:
-        rows.append(await _measure(
-            f"jwt + rate_limit (redis, batched, {args.concurrency} at once)", ("jwt", "rl"),
-            requests, args.concurrency, traffic.jwks, redis.url,
-        ))  # fmt: skip
+        for transport, pipeline in (("pipelined", True), ("redis-py pool", False)):
+            rows.append(await _measure(
+                f"jwt + rate_limit (redis {transport}, batched, {args.concurrency} at once)",
+                ("jwt", "rl"), requests, args.concurrency, traffic.jwks, redis.url, pipeline,
+            ))  # fmt: skip
+        for transport, pipeline in (("pipelined", True), ("redis-py pool", False)):
+            rows.append(await _measure(
+                f"jwt + rate_limit (redis {transport}, one request at a time)",
+                ("jwt", "rl"), requests[: len(requests) // 4], 1, traffic.jwks, redis.url,
+                pipeline,
+            ))  # fmt: skip
     finally:
         await asyncio.to_thread(redis.close)
     base = rows[0][1]

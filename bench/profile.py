@@ -13,10 +13,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.load import run_wrk
+from bench.load import open_loop, run_wrk
 from bench.procs import ProcError
 from bench.stack import Scenario, Stack
 from bench.traffic import make_traffic
@@ -68,7 +70,17 @@ def top_functions(collapsed: str, limit: int = 40) -> str:
     return "\n".join(out) + "\n"
 
 
-def profile(s: Scenario, out: Path, *, duration_s: float = 10.0, connections: int = 64) -> None:
+def profile(
+    s: Scenario,
+    out: Path,
+    *,
+    duration_s: float = 10.0,
+    connections: int = 64,
+    native: bool = False,
+    rate: float | None = None,
+) -> None:
+    """Profile under wrk (saturation) or, with ``rate``, under the open-loop generator at
+    ``rate`` requests/s (in a thread of this process: py-spy looks at the sidecar only)."""
     if not s.sidecar:
         raise SystemExit(f"{s.key} has no sidecar to profile")
     py_spy = _py_spy()
@@ -81,20 +93,33 @@ def profile(s: Scenario, out: Path, *, duration_s: float = 10.0, connections: in
         run_wrk(port, script, duration_s=2, connections=connections)  # warm up
         pid = stack.sidecar_pids(s.key)[0]
         load_s = 2 * duration_s + 6
-        wrk = subprocess.Popen(
-            [
-                "wrk", "-t", "1", "-c", str(connections), "-d", f"{round(load_s)}s",
-                "-s", str(script), f"http://127.0.0.1:{port}/",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        if rate is None:
+            load: Any = subprocess.Popen(
+                [
+                    "wrk", "-t", "1", "-c", str(connections), "-d", f"{round(load_s)}s",
+                    "-s", str(script), f"http://127.0.0.1:{port}/",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        else:
+            requests = [traffic.raw_request(i, f"127.0.0.1:{port}") for i in range(1000)]
+            load = threading.Thread(
+                target=open_loop,
+                args=(port, requests),
+                kwargs={"rate": rate, "duration_s": load_s, "connections": 32},
+                daemon=True,
+            )
+            load.start()
         try:
             time.sleep(1)
             svg = out / f"profile-{s.key}.svg"
             raw = work / "profile.collapsed"
             common = ["record", "--pid", str(pid), "--duration", str(round(duration_s)),
-                      "--rate", "250", "--subprocesses", "--nonblocking"]  # fmt: skip
+                      "--rate", "250", "--subprocesses"]  # fmt: skip
+            # --native walks C/Cython frames too (grpc's core, uvloop); it must pause the
+            # process to do so, so it cannot be --nonblocking
+            common += ["--native"] if native else ["--nonblocking"]
             for fmt, path in (("flamegraph", svg), ("raw", raw)):
                 subprocess.run(
                     [py_spy, *common, "--format", fmt, "--output", str(path)],
@@ -104,11 +129,16 @@ def profile(s: Scenario, out: Path, *, duration_s: float = 10.0, connections: in
                     timeout=duration_s + 30,
                 )
         finally:
-            wrk.terminate()
-            wrk.wait(10)
+            if isinstance(load, subprocess.Popen):
+                load.terminate()
+                load.wait(10)
+            else:
+                load.join(load_s + 10)
     top = out / f"profile-{s.key}-top.txt"
     top.write_text(
-        f"py-spy of {s.title} (`{s.key}`) under wrk -c {connections}\n\n"
+        f"py-spy of {s.title} (`{s.key}`) under "
+        + (f"wrk -c {connections}" if rate is None else f"an open loop at {rate:g} req/s")
+        + "\n\n"
         + top_functions(raw.read_text())
     )
     print(top.read_text())

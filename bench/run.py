@@ -75,7 +75,8 @@ class Mode:
     threads: int = 1
 
 
-ALL = tuple(s.key for s in SCENARIOS)
+ALL = tuple(s.key for s in SCENARIOS if not s.optional)
+OPTIONAL = tuple(s.key for s in SCENARIOS if s.optional)
 MODES = {
     "smoke": Mode(
         "smoke",
@@ -356,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument(
         "--profile", metavar="SCENARIO", help="py-spy the sidecar of SCENARIO under load"
     )
-    parser.add_argument("--scenarios", help=f"comma-separated subset of: {','.join(ALL)}")
+    parser.add_argument(
+        "--native", action="store_true", help="with --profile: C and Cython frames too"
+    )
+    parser.add_argument("--scenarios", help=f"comma-separated, of: {','.join(ALL + OPTIONAL)}")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--duration", type=float, help="seconds per scenario per round")
     parser.add_argument("--connections", type=int)
@@ -376,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 duration_s=args.duration or 10.0,
                 connections=args.connections or 64,
+                native=args.native,
+                rate=args.latency_rate,
             )
             return 0
         mode = MODES["quick" if args.quick else "full" if args.full else "smoke"]

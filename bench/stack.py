@@ -56,6 +56,10 @@ class Scenario:
     deny: bool = False
     #: ``extproc serve --workers N``
     workers: int = 1
+    #: rate_limit's ``redis_pipeline`` (False: the shared redis-py pool)
+    pipeline: bool = True
+    #: only with ``--scenarios`` (comparisons for development, not in --full)
+    optional: bool = False
 
     @property
     def needs_redis(self) -> bool:
@@ -99,6 +103,23 @@ SCENARIOS: tuple[Scenario, ...] = (
         deny=True,
     ),
     Scenario("native-deny", "Envoy jwt_authn + local_ratelimit, mostly 429", "native", deny=True),
+    Scenario(
+        "extproc-jwt-rl-pool",
+        "extproc-jwt-rl over the redis-py pool (redis_pipeline: false)",
+        "extproc",
+        ("jwt", "rl"),
+        pipeline=False,
+        optional=True,
+    ),
+    Scenario(
+        "extproc-jwt-rl-b1-pool",
+        "extproc-jwt-rl-b1 over the redis-py pool (redis_pipeline: false)",
+        "extproc",
+        ("jwt", "rl"),
+        batch=1,
+        pipeline=False,
+        optional=True,
+    ),
 )
 
 
@@ -202,6 +223,7 @@ def sidecar_config(s: Scenario, traffic: Traffic, redis_url: str | None) -> dict
                     "key_prefix": s.key.replace("-", "_"),
                     "rules": [{"name": "per_user", "key": ["claim:sub"], "limits": [limit]}],
                     "batch": {"max_batch": s.batch},
+                    "redis_pipeline": s.pipeline,
                 },
             }
         )
