@@ -1,0 +1,80 @@
+"""How saturated the event loop's thread is: the signal behind every "wait for company only
+when waiting is cheap" decision (the rate limiter's batching, the server's reply coalescing).
+
+A worker that shares too few cores is saturated although its own CPU time is not 100 %: it
+waits in the run queue instead. So the signal is the thread's *demand* - time on a CPU plus
+time waiting for one (Linux schedstat) - as a share of wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Final
+
+__all__ = ["LoopSaturation", "thread_demand"]
+
+
+_SCHEDSTAT: Final = "/proc/thread-self/schedstat"
+
+
+def thread_demand() -> float:
+    """Seconds the calling thread has been on a CPU *or waiting for one* (Linux schedstat:
+    run time + run-queue wait). A worker that shares too few cores with Envoy and others is
+    saturated although its own CPU time is not 100 %: it waits in the run queue instead."""
+    with open(_SCHEDSTAT, "rb") as f:
+        run_ns, wait_ns, _ = f.read().split()
+    return (int(run_ns) + int(wait_ns)) / 1e9
+
+
+def _demand_clock() -> Callable[[], float]:
+    try:
+        thread_demand()
+    except (OSError, ValueError):  # not Linux, or no schedstat: CPU time only
+        return time.thread_time
+    return thread_demand
+
+
+class LoopSaturation:
+    """How saturated the calling thread (the event loop's) is, in [0, 1].
+
+    The share of wall time the thread ran or waited to run (:func:`thread_demand`; its CPU
+    time where that is unavailable), sampled at most every ``interval`` seconds when asked (so
+    an idle worker costs nothing) and smoothed; below ``low`` it is 0, above ``high`` 1, linear
+    between. The loop's *lag* is no signal here: grpc.aio hands the loop about one message per
+    wake-up, so a saturated loop still answers a probe within a millisecond. Clocks are
+    injectable for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = 0.05,
+        low: float = 0.75,
+        high: float = 0.95,
+        cpu_clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not 0 <= low < high <= 1 or interval <= 0:
+            raise ValueError("need 0 <= low < high <= 1 and interval > 0")
+        self.interval = interval
+        self.low = low
+        self.high = high
+        self._cpu_clock = cpu_clock if cpu_clock is not None else _demand_clock()
+        self._wall_clock = wall_clock
+        self._cpu = self._cpu_clock()
+        self._wall = wall_clock()
+        self.busy = 0.0  # smoothed CPU share
+        self.level = 0.0
+
+    def __call__(self) -> float:
+        wall = self._wall_clock()
+        elapsed = wall - self._wall
+        if elapsed >= self.interval:
+            cpu = self._cpu_clock()
+            share = min(1.0, (cpu - self._cpu) / elapsed)
+            # after a quiet spell the old value says nothing: take the new sample as it is
+            self.busy = share if elapsed > 4 * self.interval else (self.busy + share) / 2
+            self._cpu, self._wall = cpu, wall
+            self.level = min(1.0, max(0.0, (self.busy - self.low) / (self.high - self.low)))
+        return self.level
