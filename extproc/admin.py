@@ -140,7 +140,16 @@ class AdminServer(AdminHttp):
             h = plugins.get(entry["name"])
             if h is not None:
                 entry["health"] = {"state": h.state.value, "detail": h.detail, **dict(h.info)}
-        status["open_streams"] = self.server.servicer.open_streams if self.server.servicer else 0
+        servicer = self.server.servicer
+        status["open_streams"] = servicer.open_streams if servicer else 0
+        if servicer is not None:
+            c = servicer.coalescer
+            status["reply_coalescing"] = {
+                "max_hold_ms": c.max_hold * 1000.0,
+                "window_ms": round(c.window * 1000.0, 3),  # what a round opened now would get
+                "replies_held": c.held,
+                "rounds": c.rounds,
+            }
         return status
 
 

@@ -94,6 +94,13 @@ class ServerSettings(_Strict):
     loop_lag_threshold_ms: float = Field(
         50.0, gt=0, description="an event-loop stall longer than this is reported"
     )
+    coalesce_replies_ms: float = Field(
+        3.0,
+        ge=0,
+        le=20,
+        description="when the worker's CPU is saturated, a reply waits up to this long (scaled"
+        " by how saturated) so replies of many streams are written together; 0: never",
+    )
 
     @model_validator(mode="after")
     def _budget_fits(self) -> ServerSettings:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.coalesce import ReplyCoalescer
 from extproc.config import Config, ConfigError, LoadedConfig, load_config
 from extproc.observability.metrics import Registry
 from extproc.observability.tracing import StreamSpan, StreamTracer
@@ -92,6 +93,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._remote = errors.labels("remote")
         self._local = errors.labels("local")
         self.open_streams = 0
+        self.coalescer = ReplyCoalescer(config.server.coalesce_replies_ms / 1000.0)
         self._active: dict[asyncio.Task[Any], float] = {}
         self._idled: set[asyncio.Task[Any]] = set()
 
@@ -112,6 +114,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         active = self._active
+        coalescer = self.coalescer
         extend_ms = settings.max_message_timeout_ms
         end = "ok"
         span: StreamSpan | None = None
@@ -137,7 +140,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 else:
                     reply = await self._handle_extending(stream, msg, started, extend_ms, context)
                 if reply is not None:
-                    await context.write(codec.encode_bytes(msg.phase, reply))
+                    data = codec.encode_bytes(msg.phase, reply)
+                    held = coalescer.hold(loop)
+                    if held is not None:
+                        await held  # the round's replies are written in one loop iteration
+                    await context.write(data)
                 if stream.closed:
                     break
         except (RemoteProtocolError, codec.DecodeError, ProtobufDecodeError) as exc:
@@ -415,9 +422,12 @@ class Server:
             return False
         if loaded.config.server != self.loaded.config.server:
             log.warning(
-                "server settings changed: the plugin chain and its time budget are reloaded now; "
-                "listen addresses, TLS and stream limits apply after a restart"
+                "server settings changed: the plugin chain, its time budget and reply "
+                "coalescing are reloaded now; listen addresses, TLS and stream limits apply "
+                "after a restart"
             )
+        if self.servicer is not None:
+            self.servicer.coalescer.max_hold = loaded.config.server.coalesce_replies_ms / 1000.0
         self.loaded = loaded
         self._plugins_changed()
         if self.freezes_heap:

@@ -334,3 +334,35 @@ async def test_sampled_stream_has_a_span_per_plugin_call_under_the_callers_trace
     assert len(stream) == 1
     assert format(stream[0].context.trace_id, "032x") == trace_id
     assert all(s.context.trace_id == stream[0].context.trace_id for s in spans)
+
+
+async def test_saturated_worker_writes_replies_of_many_streams_together(tmp_path: Path) -> None:
+    """Coalescing forced on (a saturation meter that reads 1.0): concurrent streams get their
+    own replies, released in rounds; /status reports it."""
+    from extproc.coalesce import ReplyCoalescer
+
+    async with running(write_config(tmp_path / "c.yaml", value="c")) as (server, target):
+        assert server.servicer is not None
+        assert server.servicer.coalescer.max_hold == 0.003  # the default, 3 ms
+        server.servicer.coalescer = ReplyCoalescer(0.02, saturation=lambda: 1.0)
+        envoys = [FakeEnvoy.connect(target, MODE) for _ in range(20)]  # a stream at a time each
+        try:
+            exchanges = await asyncio.gather(
+                *(
+                    e.request(path=f"/x{i}", headers={"x-request-id": f"r{i}"})
+                    for i, e in enumerate(envoys)
+                )
+            )
+        finally:
+            for e in envoys:
+                await e.aclose()
+        assert [ex.header("x-rid") for ex in exchanges] == [f"r{i}" for i in range(20)]
+        assert all(ex.upstream_header("x-added") == "c" for ex in exchanges)
+        c = server.servicer.coalescer
+        assert c.held == 40  # request and response headers of each stream
+        assert 2 <= c.rounds < 40  # held together, not one by one
+        assert server._admin is not None
+        async with httpx.AsyncClient(trust_env=False) as client:
+            status = (await client.get(f"http://127.0.0.1:{server._admin.port}/status")).json()
+        assert status["reply_coalescing"]["rounds"] == c.rounds
+        assert status["reply_coalescing"]["max_hold_ms"] == 20.0
