@@ -12,6 +12,8 @@ from typing import Any
 __all__ = ["summarize", "targets", "write_all", "write_chart", "write_markdown"]
 
 REFERENCE_FAST = "bare-fast"
+#: bare-fast plus extproc's reply coalescing: the fastest bare servicer we know
+REFERENCE_COALESCED = "bare-coalesced"
 REFERENCE_PASS = "passthrough"
 HEADLINE = "extproc-jwt-rl"
 
@@ -42,6 +44,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "p99_ms": _median([x["latency_ms"]["p99"] for x in samples]),
             "vs_passthrough": ratio(REFERENCE_PASS),
             "vs_bare_fast": ratio(REFERENCE_FAST),
+            "vs_bare_coalesced": ratio(REFERENCE_COALESCED),
             "cpu_us": {
                 part: _median([x["cpu_us"][part] for x in samples])
                 for part in ("envoy", "sidecar", "redis")
@@ -89,8 +92,12 @@ def targets(
 
     if head is None:
         return [{"target": f"{HEADLINE} not run", "value": None, "goal": "", "met": None}]
-    value = head["vs_bare_fast"]
-    add("throughput vs fastest bare servicer", value, ">= 0.90", value >= 0.9)
+    # the fastest bare servicer of the run: with reply coalescing, when that one ran and won
+    fastest, value = REFERENCE_FAST, head["vs_bare_fast"]
+    coalesced = head.get("vs_bare_coalesced")
+    if coalesced is not None and not math.isnan(coalesced) and coalesced < value:
+        fastest, value = REFERENCE_COALESCED, coalesced
+    add(f"throughput vs fastest bare servicer ({fastest})", value, ">= 0.90", value >= 0.9)
     idiomatic = rps_of("bare-idiomatic")
     if idiomatic:
         ratio = head["rps"] / idiomatic

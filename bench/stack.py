@@ -47,7 +47,7 @@ OPEN_LIMIT = 100_000
 class Scenario:
     key: str
     title: str
-    #: none | native | bare-idiomatic | bare-fast | extproc | sdk
+    #: none | native | bare-idiomatic | bare-fast | bare-coalesced | extproc | sdk
     backend: str
     #: plugins of an extproc backend: () | ("jwt",) | ("jwt", "rl")
     plugins: tuple[str, ...] = ()
@@ -60,6 +60,8 @@ class Scenario:
     pipeline: bool = True
     #: only with ``--scenarios`` (comparisons for development, not in --full)
     optional: bool = False
+    #: ``server.coalesce_replies_ms`` (None: the default)
+    coalesce_ms: float | None = None
 
     @property
     def needs_redis(self) -> bool:
@@ -75,6 +77,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("native", "Envoy jwt_authn + local_ratelimit", "native"),
     Scenario("bare-idiomatic", "bare grpc.aio, async generator", "bare-idiomatic"),
     Scenario("bare-fast", "bare grpc.aio, read/write + uvloop + raw bytes", "bare-fast"),
+    Scenario(
+        "bare-coalesced",
+        "bare-fast + reply coalescing when saturated (as extproc)",
+        "bare-coalesced",
+    ),
     Scenario("extproc", "extproc, no plugins", "extproc"),
     Scenario("extproc-jwt", "extproc + jwt_auth", "extproc", ("jwt",)),
     Scenario(
@@ -110,6 +117,21 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("jwt", "rl"),
         pipeline=False,
         optional=True,
+    ),
+    *(
+        Scenario(
+            f"{key}-nc",
+            f"{key} without reply coalescing (coalesce_replies_ms: 0)",
+            "extproc",
+            plugins,
+            coalesce_ms=0.0,
+            optional=True,
+        )
+        for key, plugins in (
+            ("extproc", ()),
+            ("extproc-jwt", ("jwt",)),
+            ("extproc-jwt-rl", ("jwt", "rl")),
+        )
     ),
     Scenario(
         "extproc-jwt-rl-b1-pool",
@@ -227,11 +249,10 @@ def sidecar_config(s: Scenario, traffic: Traffic, redis_url: str | None) -> dict
                 },
             }
         )
-    config: dict[str, Any] = {
-        "version": 1,
-        "server": {"admin": None, "drain_delay_s": 0, "shutdown_grace_s": 1},
-        "plugins": plugins,
-    }
+    server: dict[str, Any] = {"admin": None, "drain_delay_s": 0, "shutdown_grace_s": 1}
+    if s.coalesce_ms is not None:
+        server["coalesce_replies_ms"] = s.coalesce_ms
+    config: dict[str, Any] = {"version": 1, "server": server, "plugins": plugins}
     if s.needs_redis:
         config["redis"] = {"url": redis_url}
     return config
@@ -348,7 +369,7 @@ class Stack:
             run.proc = sidecar
             self._stack.callback(sidecar.stop)
             return sidecar.start
-        if s.backend in ("bare-idiomatic", "bare-fast"):
+        if s.backend in ("bare-idiomatic", "bare-fast", "bare-coalesced"):
             style = s.backend.removeprefix("bare-")
             argv = [
                 sys.executable,
