@@ -89,24 +89,14 @@ def _slow_reply(raw: bytes) -> bytes | None:
     return pb.ProcessingResponse(**{_REPLY_FIELD[phase]: _REPLY_TYPE[phase]()}).SerializeToString()
 
 
-async def _fast_process(_: Any, context: grpc.aio.ServicerContext) -> None:
-    read, write, eof, replies = context.read, context.write, grpc.aio.EOF, _REPLIES
-    while True:
-        raw = await read()
-        if raw is eof:
-            return
-        reply = replies.get(raw[0]) if raw else None
-        if reply is None:
-            reply = _slow_reply(raw)
-            if reply is None:
-                continue
-        await write(reply)
+def _fast_process(max_hold: float | None = None) -> Any:
+    """The read/write loop; with ``max_hold``, each reply first waits for its coalescing
+    round (:class:`extproc.coalesce.ReplyCoalescer`)."""
+    hold = None
+    if max_hold is not None:
+        from extproc.coalesce import ReplyCoalescer
 
-
-def _coalesced(max_hold: float) -> Any:
-    from extproc.coalesce import ReplyCoalescer
-
-    hold = ReplyCoalescer(max_hold).hold
+        hold = ReplyCoalescer(max_hold).hold
 
     async def process(_: Any, context: grpc.aio.ServicerContext) -> None:
         read, write, eof, replies = context.read, context.write, grpc.aio.EOF, _REPLIES
@@ -120,9 +110,10 @@ def _coalesced(max_hold: float) -> Any:
                 reply = _slow_reply(raw)
                 if reply is None:
                     continue
-            held = hold(loop)
-            if held is not None:
-                await held
+            if hold is not None:
+                held = hold(loop)
+                if held is not None:
+                    await held
             await write(reply)
 
     return process
@@ -130,9 +121,7 @@ def _coalesced(max_hold: float) -> Any:
 
 def _fast_handler(coalesced: bool = False) -> grpc.GenericRpcHandler:
     # no request_deserializer / response_serializer: the handler sees and writes bytes
-    method = grpc.stream_stream_rpc_method_handler(
-        _coalesced(0.003) if coalesced else _fast_process
-    )
+    method = grpc.stream_stream_rpc_method_handler(_fast_process(0.003 if coalesced else None))
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
 
 
