@@ -240,6 +240,7 @@ class RedisPipe:
                 self._proto = None
 
         transport: asyncio.Transport | None = None
+        handshake: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(s.connect_timeout):
                 if s.path is not None:
@@ -252,7 +253,6 @@ class RedisPipe:
                 if sock is not None and s.keepalive and s.path is None:
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                handshake = []
                 if s.password is not None:
                     auth = ("AUTH", s.username, s.password) if s.username else ("AUTH", s.password)
                     handshake.append(proto.send(pack_command(*auth), loop))
@@ -265,6 +265,8 @@ class RedisPipe:
                 for step in handshake:
                     await step
         except BaseException:
+            for step in handshake:  # the replies nobody will read (e.g. after a failed AUTH)
+                step.cancel()
             if transport is not None:
                 transport.abort()
             raise
