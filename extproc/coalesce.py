@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from extproc.observability.saturation import LoopSaturation
+from extproc.observability.saturation import loop_saturation
 
 __all__ = ["ReplyCoalescer"]
 
@@ -35,7 +35,7 @@ class ReplyCoalescer:
         if max_hold < 0:
             raise ValueError("max_hold must be >= 0")
         self.max_hold = max_hold
-        self._saturation = saturation if saturation is not None else LoopSaturation()
+        self._saturation = saturation if saturation is not None else loop_saturation()
         self._round: list[asyncio.Future[None]] | None = None
         #: replies held and rounds released (read by metrics and tests)
         self.held = 0

@@ -8,11 +8,12 @@ time waiting for one (Linux schedstat) - as a share of wall time.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["LoopSaturation", "thread_demand"]
+__all__ = ["LoopSaturation", "loop_saturation", "thread_demand"]
 
 
 _SCHEDSTAT: Final = "/proc/thread-self/schedstat"
@@ -78,3 +79,16 @@ class LoopSaturation:
             self._cpu, self._wall = cpu, wall
             self.level = min(1.0, max(0.0, (self.busy - self.low) / (self.high - self.low)))
         return self.level
+
+
+_PER_THREAD = threading.local()
+
+
+def loop_saturation() -> LoopSaturation:
+    """The calling thread's meter with the default bounds, made on first use: every user in a
+    worker (the server's reply coalescing, each rate limiter's batcher) reads one signal
+    instead of sampling the same clocks each on its own."""
+    meter: LoopSaturation | None = getattr(_PER_THREAD, "meter", None)
+    if meter is None:
+        meter = _PER_THREAD.meter = LoopSaturation()
+    return meter

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from extproc.observability.saturation import LoopSaturation
+from extproc.observability.saturation import loop_saturation
 
 __all__ = ["Batcher", "BatcherClosedError", "QueueFullError"]
 
@@ -79,7 +79,7 @@ class Batcher(Generic[T, R]):
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.in_flight_wait = min(in_flight_wait, max_wait)
-        self._saturation = saturation if saturation is not None else LoopSaturation()
+        self._saturation = saturation if saturation is not None else loop_saturation()
         self._on_batch = on_batch
         #: how long a batch gathers with no round trip in flight (0: spare CPU, send at once)
         self.window = 0.0

@@ -4,11 +4,12 @@ run, mapped between ``low`` and ``high``; and the schedstat clock under it."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import pytest
 
-from extproc.observability.saturation import LoopSaturation, thread_demand
+from extproc.observability.saturation import LoopSaturation, loop_saturation, thread_demand
 
 
 class FakeClocks:
@@ -59,3 +60,13 @@ def test_thread_demand_counts_the_time_this_thread_runs() -> None:
     ran = time.thread_time() - cpu
     # run time (the kernel updates it at scheduler ticks: up to one tick stale), plus any wait
     assert thread_demand() - before >= ran * 0.8
+
+
+def test_one_shared_meter_per_thread() -> None:
+    mine = loop_saturation()
+    assert loop_saturation() is mine
+    other: list[LoopSaturation] = []
+    thread = threading.Thread(target=lambda: other.append(loop_saturation()))
+    thread.start()
+    thread.join()
+    assert other and other[0] is not mine  # a thread's clock is its own
