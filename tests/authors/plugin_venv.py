@@ -93,33 +93,23 @@ class PluginVenv:
             self._pytest11 = proc.returncode == 0
         return self._pytest11
 
-    def pytest_argv(self, *args: str) -> list[str]:
-        argv = [str(self.python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    def pytest_argv(self, project: Path, *args: str) -> list[str]:
+        # each run gets its own --basetemp: pytest runs side by side in one shared
+        # /tmp/pytest-of-<user> clean up each other's numbered directories, and when that
+        # trips, pytest leaks a scandir iterator that filterwarnings=error turns into a failure
+        basetemp = self.root / "pytest-tmp" / project.name
+        basetemp.parent.mkdir(exist_ok=True)
+        argv = [str(self.python), "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        argv += [f"--basetemp={basetemp}", *args]
         if not self.sees_pytest11():
             argv += ["-p", "extproc.testing.pytest_plugin"]
         return argv
 
-    def pytest(
-        self, project: Path, *args: str, timeout: float = 150
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the project's own tests (its own pytest config) in the venv."""
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            self.pytest_argv(*args),
-            check=False,
-            cwd=project,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        self.timings[f"pytest {project.name}"] = time.perf_counter() - t0
-        return proc
-
     def popen_pytest(self, project: Path, *args: str) -> subprocess.Popen[str]:
-        """The same, started in the background (stdout and stderr together)."""
+        """The project's own tests (its own pytest config) in the venv, started in the
+        background (stdout and stderr together)."""
         return subprocess.Popen(
-            self.pytest_argv(*args),
+            self.pytest_argv(project, *args),
             cwd=project,
             env=self.env(),
             stdout=subprocess.PIPE,

@@ -10,12 +10,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.faults.harness import (
     Load,
     Outcome,
     Stack,
+    admin_status,
     budget,
     http_sender,
     log_records,
@@ -133,7 +135,10 @@ async def test_sigterm_under_load_finishes_open_streams(
     drain delay longer than Envoy's health-check detection) or fail fast (without one)."""
     a = config(tmp_path, "a", drain=drain, extra=SLOW)
     b = config(tmp_path, "b", drain=drain, extra=SLOW)
-    async with Stack([a, b]) as stack:
+    async with (
+        Stack([a, b], admin=True) as stack,
+        httpx.AsyncClient(trust_env=False) as admin_client,
+    ):
         load = Load(
             http_sender(
                 stack.http, lambda i: ("slow", f"/slow/{i}", {}), keep=upstream_header("x-sidecar")
@@ -147,11 +152,14 @@ async def test_sigterm_under_load_finishes_open_streams(
         async with load:
             load.phase = "before"
             await load.wait_for(24)
-            await poll(
-                lambda: any(o.info.get("x-sidecar") == "a" for o in load.outcomes),
-                timeout=10,
-                what="streams on sidecar a",
-            )
+
+            async def holding_streams() -> bool:
+                # Envoy starts sending streams to a sidecar once its first health check
+                # passes; signal only when sidecar a itself reports streams in progress
+                status = await admin_status(admin_client, stack.admins[0])
+                return bool(status["open_streams"] >= 2)
+
+            await poll(holding_streams, timeout=10, what="streams open on sidecar a")
             assert victim.pid is not None
             signalled = loop.time()
             os.kill(victim.pid, signal.SIGTERM)
