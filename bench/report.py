@@ -23,6 +23,19 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(clean) if clean else float("nan")
 
 
+_BATCHING = ("mean_batch", "wait_mean_us", "wait_p50_us", "wait_p99_us")
+
+
+def _batching(samples: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """Medians of what adaptive batching chose (samples without it are skipped)."""
+    chosen = [x["batching"] for x in samples if x.get("batching")]
+    if not chosen:
+        return None
+    out = {k: _median([b[k] for b in chosen]) for k in _BATCHING}
+    out["round_trips_per_req"] = _median([x["redis_round_trips_per_req"] for x in samples])
+    return out
+
+
 def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Medians over the rounds; ratios are taken within each round first."""
     out: dict[str, dict[str, Any]] = {}
@@ -57,6 +70,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "share_429": _median(
                 [x["statuses"].get("429", 0) / max(1, x["requests"]) for x in samples]
             ),
+            "batching": _batching(samples),
         }
         lat = [r[key] for r in data.get("latency_rounds", []) if key in r]
         if lat:
@@ -72,6 +86,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 if key in r and REFERENCE_PASS in r
             ]
             row["open_loop"]["added_p99_ms"] = _median(added)
+            row["open_loop"]["batching"] = _batching(lat)
         out[key] = row
     return out
 
@@ -183,6 +198,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
                 f"| {_fmt(ol['p99'], 2)} | {_fmt(ol['p99.9'], 2)} | {_fmt(ol['added_p99_ms'], 2)} "
                 f"| {_fmt(ol['errors'])} |"
             )
+    lines += _batching_table(data)
     lines += [
         "",
         "## Targets (`extproc-jwt-rl`)",
@@ -202,6 +218,40 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def _batching_table(data: dict[str, Any]) -> list[str]:
+    """What the rate limiter's adaptive batching chose, from its own histograms: at
+    saturation (closed loop) and at the open-loop rate."""
+    summary, settings = data["summary"], data["settings"]
+    rows = []
+    for key, row in summary.items():
+        phases = [("saturated (closed loop)", row.get("batching"))]
+        phases.append((f"{settings['latency_rate']:g} req/s", row.get("open_loop", {}).get(
+            "batching")))  # fmt: skip
+        for load, b in phases:
+            if b:
+                rows.append(
+                    f"| `{key}` | {load} | {_fmt(b['round_trips_per_req'], 3)} "
+                    f"| {_fmt(b['mean_batch'], 1)} | {_fmt(b['wait_mean_us'])} "
+                    f"| {_fmt(b['wait_p50_us'])} | {_fmt(b['wait_p99_us'])} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Adaptive batching (rate_limit)",
+        "",
+        "From the sidecar's own histograms (`extproc_rate_limit_batch_size`, "
+        "`extproc_rate_limit_batch_wait_seconds`: each request's wait from reaching the "
+        "batcher to its round trip being sent), medians over rounds. The wait is the latency "
+        "batching added; quantiles are interpolated within buckets.",
+        "",
+        "| scenario | load | Redis round trips/req | requests per round trip "
+        "| wait mean µs | wait p50 µs | wait p99 µs |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def write_chart(data: dict[str, Any], path: Path) -> None:

@@ -121,6 +121,64 @@ def _redis_calls(stack: Stack) -> dict[str, int]:
     }
 
 
+_BATCH_FAMILIES = ("extproc_rate_limit_batch_wait_seconds", "extproc_rate_limit_batch_size")
+
+
+def _batch_metrics(stack: Stack, key: str) -> dict[str, float]:
+    """The rate limiter's batching histograms (cumulative) from the sidecar's /metrics;
+    empty when the scenario has no admin port."""
+    admin = stack.running[key].admin
+    if not admin:
+        return {}
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(_BATCH_FAMILIES):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
+    """What adaptive batching chose during a sample: batches, mean batch size, and each
+    request's wait before its round trip was sent (mean, and p50/p99 interpolated within
+    the histogram's buckets as Prometheus' histogram_quantile does)."""
+    if not after:
+        return None
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    wait = "extproc_rate_limit_batch_wait_seconds"
+    size = "extproc_rate_limit_batch_size"
+    requests = delta.get(f"{wait}_count", 0.0)
+    batches = delta.get(f"{size}_count", 0.0)
+    if not requests or not batches:
+        return None
+    buckets = sorted(
+        (float(name.split('le="')[1].rstrip('"}')), n)
+        for name, n in delta.items()
+        if name.startswith(f"{wait}_bucket") and "+Inf" not in name
+    )
+
+    def quantile(q: float) -> float:
+        rank, lower, seen = q * requests, 0.0, 0.0
+        for upper, cumulative in buckets:
+            if cumulative >= rank:
+                inside = cumulative - seen
+                return lower + (upper - lower) * ((rank - seen) / inside if inside else 1.0)
+            lower, seen = upper, cumulative
+        return buckets[-1][0] if buckets else float("nan")
+
+    return {
+        "batches": batches,
+        "mean_batch": delta.get(f"{size}_sum", 0.0) / batches,
+        "wait_mean_us": delta.get(f"{wait}_sum", 0.0) / requests * 1e6,
+        "wait_p50_us": quantile(0.5) * 1e6,
+        "wait_p99_us": quantile(0.99) * 1e6,
+    }
+
+
 def _allowed(s: Scenario) -> frozenset[str]:
     return frozenset({"200", "429"} if s.deny else {"200"})
 
@@ -136,9 +194,11 @@ def _cpu(stack: Stack, key: str) -> dict[str, float]:
 
 
 def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
+    batches = _batch_metrics(stack, s.key)
     before, calls = _cpu(stack, s.key), _redis_calls(stack)
     result: LoadResult = load()
     after, calls_after = _cpu(stack, s.key), _redis_calls(stack)
+    batching = _batching(batches, _batch_metrics(stack, s.key))
     n = max(1, result.requests)
     commands = {
         name: calls_after[name] - calls.get(name, 0)
@@ -158,6 +218,7 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
         "redis_round_trips_per_req": _client_commands(commands) / n,
         "redis_cmds_per_req": sum(commands.values()) / n,
         "redis_commands": commands,
+        "batching": batching,
         "extra": result.extra,
     }
 
@@ -175,7 +236,9 @@ def _throughput(
     )
 
 
-def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[str, Any]:
+def _latency(
+    stack: Stack, s: Scenario, traffic: Traffic, mode: Mode, duration_s: float | None = None
+) -> dict[str, Any]:
     port = stack.port(s.key)
     requests = [traffic.raw_request(i, f"127.0.0.1:{port}") for i in range(len(traffic.tokens))]
     return _sample(
@@ -185,10 +248,18 @@ def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[st
             port,
             requests,
             rate=mode.latency_rate,
-            duration_s=mode.latency_duration_s,
+            duration_s=duration_s or mode.latency_duration_s,
             connections=mode.latency_connections,
         ),
     )
+
+
+def _latency_warmup(mode: Mode) -> float:
+    """Seconds of unmeasured open loop before the latency rounds: every token once and a
+    margin. The throughput rounds took minutes, so the token caches' entries (at most 5 min)
+    may have expired; re-verifying all the run's tokens in one 8 s window would put a
+    once-per-TTL event into most of its p99."""
+    return min(3.0, max(1.0, 1.2 * mode.subjects / mode.latency_rate))
 
 
 def _line(s: Scenario, sample: dict[str, Any]) -> str:
@@ -315,6 +386,11 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
             for s in chosen
             if not s.deny and (mode.latency_scenarios is None or s.key in mode.latency_scenarios)
         ]
+        if latency_keys and mode.latency_rounds:
+            warm = _latency_warmup(mode)
+            print(f"latency warm-up: {warm:g} s per scenario at {mode.latency_rate:g} req/s")
+            for s in latency_keys:
+                _latency(stack, s, traffic, mode, warm)
         for n in range(mode.latency_rounds):
             print(
                 f"latency round {n + 1}/{mode.latency_rounds} at {mode.latency_rate:g} req/s",

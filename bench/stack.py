@@ -271,6 +271,9 @@ class Running:
     endpoints: tuple[str, ...] = ()
     ext_proc: ExtProcSpec | None = None
     port: int = 0
+    #: the sidecar's admin address (rate-limited scenarios: the harness reads the batcher's
+    #: histograms from /metrics between samples); "" when off
+    admin: str = ""
 
 
 class Stack:
@@ -355,16 +358,19 @@ class Stack:
                 from extproc.supervisor import worker_addresses
 
                 run.endpoints = tuple(worker_addresses(address, s.workers))
+            if "rl" in s.plugins:
+                run.admin = f"127.0.0.1:{free_port()}"
             sidecar = SidecarProcess(
                 path,
                 listen=address,
+                admin=run.admin,
                 extra_args=extra,
                 workdir=self.workdir / s.key,
                 startup_timeout=60,
             )
             self.commands.append(
-                f"python -m extproc serve --config {path} --listen {address} --admin '' "
-                + " ".join(extra)
+                f"python -m extproc serve --config {path} --listen {address} "
+                f"--admin '{run.admin}' " + " ".join(extra)
             )
             run.proc = sidecar
             self._stack.callback(sidecar.stop)

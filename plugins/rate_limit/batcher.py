@@ -70,6 +70,7 @@ class Batcher(Generic[T, R]):
         in_flight_wait: float = 0.001,
         saturation: Callable[[], float] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("batcher bounds must be positive")
@@ -81,6 +82,8 @@ class Batcher(Generic[T, R]):
         self.in_flight_wait = min(in_flight_wait, max_wait)
         self._saturation = saturation if saturation is not None else loop_saturation()
         self._on_batch = on_batch
+        #: called with each request's wait (seconds) from ``submit`` to its round trip's start
+        self._on_wait = on_wait
         #: how long a batch gathers with no round trip in flight (0: spare CPU, send at once)
         self.window = 0.0
         self._queue: collections.deque[_Entry[T, R]] = collections.deque()
@@ -180,6 +183,10 @@ class Batcher(Generic[T, R]):
                 entries.append(entry)
         if not entries:
             return False
+        if self._on_wait is not None:
+            now = asyncio.get_running_loop().time()
+            for entry in entries:
+                self._on_wait(now - entry.enqueued)
         self._cancel_timer()
         self._in_flight += 1
         self.batches += 1

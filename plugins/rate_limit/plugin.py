@@ -61,6 +61,8 @@ __all__ = ["RateLimitPlugin"]
 
 _UNKNOWN: Final = "unknown"
 _BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+#: seconds; the first bucket is "sent on the next loop tick" (no gathering, nothing in flight)
+_WAIT_BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
 _BREAKER_VALUE: Final = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0,
                          BreakerState.OPEN: 2.0}  # fmt: skip
 
@@ -225,6 +227,7 @@ class RateLimitPlugin(Plugin):
                 max_in_flight=cfg.batch.max_in_flight,
                 max_queue=cfg.batch.max_queue,
                 on_batch=self._batch_size.observe,
+                on_wait=self._batch_wait.observe,
             )
         context.logger.info(
             "rate_limit ready: %d rules, store=%s",
@@ -255,6 +258,11 @@ class RateLimitPlugin(Plugin):
         self._m_trips = {o: trips.labels(o) for o in ("ok", "timeout", "error", "cancelled")}
         self._batch_size = m.histogram(
             "batch_size", "requests per Redis round trip", buckets=_BATCH_BUCKETS
+        ).labels()
+        self._batch_wait = m.histogram(
+            "batch_wait_seconds",
+            "time a request waited in the batcher before its Redis round trip was sent",
+            buckets=_WAIT_BUCKETS,
         ).labels()
         self._m_dropped = m.counter("queue_full_total", "requests refused by a full queue").labels()
         m.gauge("breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open", self._gauge)

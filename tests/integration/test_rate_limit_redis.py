@@ -124,13 +124,22 @@ async def test_exact_under_concurrency_in_few_round_trips(
 ) -> None:
     # fail closed and a long Redis timeout: a fallback would show as a 503, never as a grant
     cfg = config(algorithm, limit=100, fail="closed", redis_timeout_ms=1000)
-    plugin = await harness.plugin(server, cfg)
+    registry = Registry()
+    plugin = await harness.plugin(server, cfg, registry=registry)
     server.reset_stats()
     results = await asyncio.gather(*(call(plugin, budget=5.0) for _ in range(500)))
     assert granted(results) == 100
     denied = [r for r, _ in results if isinstance(r, Reject)]
     assert len(denied) == 400 and all(r.status == 429 for r in denied)
     assert round_trips(server) <= 0.1 * 500, server.command_stats()
+    # what batching did, as an operator reads it: each request's wait, each batch's size
+    samples = dict(
+        line.rsplit(" ", 1) for line in registry.render_prometheus().splitlines() if line[0] != "#"
+    )
+    assert samples["extproc_rate_limit_batch_wait_seconds_count"] == "500"
+    assert float(samples["extproc_rate_limit_batch_size_sum"]) == 500
+    trips = samples['extproc_rate_limit_redis_round_trips_total{outcome="ok"}']
+    assert samples["extproc_rate_limit_batch_size_count"] == trips
 
 
 async def test_two_sidecar_processes_share_one_redis_exactly(server: RedisServer) -> None:

@@ -94,6 +94,31 @@ async def test_gathers_while_in_flight_and_sends_on_return() -> None:
     assert await asyncio.gather(*rest) == [10, 20, 30, 40, 50]
 
 
+async def test_each_request_s_wait_before_its_round_trip_is_reported() -> None:
+    store = GatedStore()
+    waits: list[float] = []
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        saturation=idle,
+        max_batch=100,
+        max_wait=10.0,
+        max_in_flight=1,
+        on_wait=waits.append,
+    )
+    first = b.submit(0, FAR)
+    await settle()
+    assert len(waits) == 1 and 0 <= waits[0] < 0.04  # sent on the next loop tick
+    rest = [b.submit(i, FAR) for i in (1, 2)]
+    await asyncio.sleep(0.05)
+    assert len(waits) == 1  # held behind the round trip in flight: not sent, not reported
+    store.release(0)
+    assert await first == 0
+    await settle()
+    assert len(waits) == 3 and all(w >= 0.04 for w in waits[1:]), waits
+    store.release(1)
+    assert await asyncio.gather(*rest) == [10, 20]
+
+
 async def test_full_batch_goes_while_another_is_in_flight() -> None:
     store = GatedStore()
     b: Batcher[int, int] = Batcher(

@@ -1,0 +1,73 @@
+"""The benchmark's reading of the rate limiter's batching histograms: deltas between two
+/metrics scrapes, quantiles interpolated within buckets, and the report's table."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import report
+from bench.run import _batching
+
+WAIT = "extproc_rate_limit_batch_wait_seconds"
+SIZE = "extproc_rate_limit_batch_size"
+BOUNDS = ("5e-05", "0.0001", "0.001", "0.01")
+
+
+def scrape(waits: list[float], sizes: list[int]) -> dict[str, float]:
+    """What the harness keeps of one /metrics scrape, for these cumulative observations."""
+    out = {
+        f'{WAIT}_bucket{{le="{le}"}}': float(sum(w <= float(le) for w in waits)) for le in BOUNDS
+    }
+    out[f'{WAIT}_bucket{{le="+Inf"}}'] = float(len(waits))
+    out[f"{WAIT}_count"] = float(len(waits))
+    out[f"{WAIT}_sum"] = sum(waits)
+    out[f"{SIZE}_count"] = float(len(sizes))
+    out[f"{SIZE}_sum"] = float(sum(sizes))
+    return out
+
+
+def test_only_the_sample_s_own_observations_count() -> None:
+    earlier = [0.02] * 50  # before the sample: slow waits that must not leak into it
+    during = [0.00001] * 60 + [0.0005] * 30 + [0.005] * 10
+    before = scrape(earlier, [50])
+    after = scrape(earlier + during, [50, 40, 40, 20])
+    b = _batching(before, after)
+    assert b is not None
+    assert b["batches"] == 3
+    assert b["mean_batch"] == pytest.approx(100 / 3)
+    assert b["wait_mean_us"] == pytest.approx(sum(during) / 100 * 1e6)
+    # rank 50 of 100 falls in the first bucket (60 there): 50/60 of the way to 50 µs
+    assert b["wait_p50_us"] == pytest.approx(50 * 50 / 60)
+    # rank 99: 9 of the 10 in (1 ms, 10 ms]
+    assert b["wait_p99_us"] == pytest.approx(1000 + 9000 * 9 / 10)
+
+
+def test_no_round_trip_in_the_sample_or_no_admin_port_gives_nothing() -> None:
+    same = scrape([0.001], [1])
+    assert _batching(same, same) is None
+    assert _batching({}, {}) is None
+
+
+def test_report_table_shows_both_loads() -> None:
+    batching = {
+        "mean_batch": 24.0,
+        "wait_mean_us": 1500.0,
+        "wait_p50_us": 1200.0,
+        "wait_p99_us": 9000.0,
+        "round_trips_per_req": 0.041,
+    }
+    quiet = dict(batching, mean_batch=1.1, round_trips_per_req=0.9, wait_p99_us=400.0)
+    data = {
+        "settings": {"latency_rate": 1000.0},
+        "summary": {
+            "extproc": {"batching": None, "open_loop": {"batching": None}},
+            "extproc-jwt-rl": {"batching": batching, "open_loop": {"batching": quiet}},
+        },
+    }
+    lines = report._batching_table(data)
+    rows = [ln for ln in lines if ln.startswith("| `")]
+    assert rows == [
+        "| `extproc-jwt-rl` | saturated (closed loop) | 0.041 | 24.0 | 1,500 | 1,200 | 9,000 |",
+        "| `extproc-jwt-rl` | 1000 req/s | 0.900 | 1.1 | 1,500 | 1,200 | 400 |",
+    ]
+    assert report._batching_table({"settings": data["settings"], "summary": {}}) == []
