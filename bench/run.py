@@ -283,6 +283,18 @@ def _output(argv: list[str]) -> str:
     return (done.stdout or done.stderr).strip()
 
 
+def speed_probe() -> float:
+    """Milliseconds this Python takes for a fixed CPU-bound loop (best of 5): how fast the
+    machine is right now. Shared machines drift by several times over a day; compare runs
+    only with this in view."""
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sum(range(2_000_000))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000.0
+
+
 def machine() -> dict[str, str]:
     model = "unknown"
     try:
@@ -370,6 +382,7 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
         "notes": {"workers": _workers_note()},
     }
     t0 = time.monotonic()
+    probe_before = speed_probe()
     with Stack(chosen, traffic, raw / "stack") as stack:
         print(f"stack up in {time.monotonic() - t0:.1f}s; warming up ...", flush=True)
         for s in chosen:
@@ -407,6 +420,10 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
             f"-s {script.name} http://127.0.0.1:<listener port>/",
         ]
     data["machine"] = machine()
+    data["machine"]["speed probe"] = (
+        f"{probe_before:.0f} ms before, {speed_probe():.0f} ms after the run "
+        "(sum(range(2_000_000)), best of 5: lower is faster)"
+    )
     data["versions"] = versions(any(s.backend == "sdk" for s in chosen))
     data["summary"] = report.summarize(data)
     data["targets"] = report.targets(data["summary"], data["notes"])

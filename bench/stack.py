@@ -62,6 +62,8 @@ class Scenario:
     optional: bool = False
     #: ``server.coalesce_replies_ms`` (None: the default)
     coalesce_ms: float | None = None
+    #: more of rate_limit's ``batch`` settings (development comparisons)
+    batch_extra: tuple[tuple[str, Any], ...] = ()
 
     @property
     def needs_redis(self) -> bool:
@@ -132,6 +134,14 @@ SCENARIOS: tuple[Scenario, ...] = (
             ("extproc-jwt", ("jwt",)),
             ("extproc-jwt-rl", ("jwt", "rl")),
         )
+    ),
+    Scenario(
+        "extproc-jwt-rl-ifw0",
+        "extproc-jwt-rl, no wait behind a round trip in flight (in_flight_wait_ms: 0)",
+        "extproc",
+        ("jwt", "rl"),
+        batch_extra=(("in_flight_wait_ms", 0.0),),
+        optional=True,
     ),
     Scenario(
         "extproc-jwt-rl-b1-pool",
@@ -244,7 +254,7 @@ def sidecar_config(s: Scenario, traffic: Traffic, redis_url: str | None) -> dict
                 "config": {
                     "key_prefix": s.key.replace("-", "_"),
                     "rules": [{"name": "per_user", "key": ["claim:sub"], "limits": [limit]}],
-                    "batch": {"max_batch": s.batch},
+                    "batch": {"max_batch": s.batch, **dict(s.batch_extra)},
                     "redis_pipeline": s.pipeline,
                 },
             }

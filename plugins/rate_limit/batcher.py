@@ -3,8 +3,9 @@
 * Spare CPU and no round trip in flight: a request is sent on the next loop tick, with whatever
   else arrived during this tick: light load never waits.
 * A round trip in flight: requests gather in a bounded queue until it returns, the batch is full
-  (``max_batch``) or the oldest has waited ``in_flight_wait`` (1 ms; at most ``max_wait``) -
-  whichever comes first - but never more than ``max_in_flight`` round trips run at once.
+  (``max_batch``) or the oldest has waited ``in_flight_wait`` (``batch.in_flight_wait_ms``, 1 ms
+  by default; at most ``max_wait``) - whichever comes first - but never more than
+  ``max_in_flight`` round trips run at once.
 * Saturated worker: the event loop's thread is on a CPU or waiting for one nearly all the time
   (``saturation()`` in [0, 1], see
   :class:`~extproc.observability.saturation.LoopSaturation`). A batch then gathers for

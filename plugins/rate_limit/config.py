@@ -251,6 +251,14 @@ class BatchConfig(PluginConfig):
             " round trip in flight and not at all when none is"
         ),
     )
+    in_flight_wait_ms: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        default=1.0,
+        description=(
+            "with spare CPU, how long a request waits for a round trip in flight to come back"
+            " (and share the next one) before it takes a free slot; never more than"
+            " max_wait_ms"
+        ),
+    )
     max_in_flight: Annotated[int, Field(ge=1, le=16)] = Field(
         default=2, description="Redis round trips in flight at once"
     )

@@ -225,6 +225,7 @@ class RateLimitPlugin(Plugin):
                 max_batch=cfg.batch.max_batch,
                 max_wait=cfg.batch.max_wait_ms / 1000.0,
                 max_in_flight=cfg.batch.max_in_flight,
+                in_flight_wait=cfg.batch.in_flight_wait_ms / 1000.0,
                 max_queue=cfg.batch.max_queue,
                 on_batch=self._batch_size.observe,
                 on_wait=self._batch_wait.observe,

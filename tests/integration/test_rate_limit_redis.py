@@ -327,3 +327,18 @@ async def test_shutdown_flushes_the_batcher(server: RedisServer, harness: Harnes
     assert granted(results) == 100  # every request got a Redis decision
     text = registry.render_prometheus()
     assert 'extproc_rate_limit_fallback_total{rule="k",policy="closed"} 0' in text
+
+
+async def test_batch_settings_reach_the_batcher(server: RedisServer, harness: Harness) -> None:
+    default = await harness.plugin(server, config())
+    assert default._batcher is not None
+    assert default._batcher.in_flight_wait == pytest.approx(0.001)
+    tuned = await harness.plugin(
+        server, config(batch={"in_flight_wait_ms": 0, "max_in_flight": 4, "max_batch": 7})
+    )
+    b = tuned._batcher
+    assert b is not None
+    assert (b.in_flight_wait, b.max_in_flight, b.max_batch) == (0.0, 4, 7)
+    # and requests go through it
+    assert all(isinstance(r, Continue) for r, _ in [await call(tuned) for _ in range(3)])
+    assert b.sent == 3
