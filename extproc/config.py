@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from extproc.plugin import Plugin, PluginConfig
 from extproc.rollout import RolloutSettings
@@ -24,6 +31,7 @@ __all__ = [
     "ConfigError",
     "LoadedConfig",
     "LoggingSettings",
+    "MetricsSettings",
     "PluginEntry",
     "RedisSettings",
     "ServerSettings",
@@ -153,11 +161,52 @@ class LoggingSettings(_Strict):
     )
 
 
+def _otlp_url(value: str | None) -> str | None:
+    """An OTLP/gRPC endpoint must say whether it is TLS: the OpenTelemetry exporter takes
+    ``collector:4317`` (no scheme) as TLS, which a plaintext collector refuses, so every
+    export would fail quietly."""
+    if value is None:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest.strip("/"):
+        raise ValueError(
+            f"{value!r}: write http://HOST:PORT (plaintext gRPC, e.g. a collector next to the "
+            "sidecar) or https://HOST:PORT (TLS)"
+        )
+    return value
+
+
 class TracingSettings(_Strict):
     exporter: Literal["none", "console", "otlp"] = "none"
     sample_ratio: float = Field(0.01, ge=0.0, le=1.0, description="share of streams traced")
-    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC collector address")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC collector: http://host:4317 (plaintext) or https://host:4317",
+    )
     service_name: str = "extproc"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _otlp_url(value)
+
+
+class MetricsSettings(_Strict):
+    """Prometheus text on the admin ``/metrics`` always; OTLP push besides when configured."""
+
+    otlp_endpoint: str | None = Field(
+        None,
+        description="also push metrics to this OTLP/gRPC collector: http://host:4317 "
+        "(plaintext) or https://host:4317",
+    )
+    export_interval_s: float = Field(
+        60.0, ge=1.0, le=3600.0, description="seconds between OTLP pushes"
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _otlp_url(value)
 
 
 class PluginEntry(_Strict):
@@ -203,6 +252,7 @@ class Config(_Strict):
     redis: RedisSettings | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     plugins: tuple[PluginEntry, ...] = ()
 
 

@@ -294,9 +294,13 @@ class Server:
         from extproc.observability.otel import build_meter_provider
         from extproc.observability.tracing import configure_tracing
 
-        tracing = self.loaded.config.tracing
+        tracing, metrics = self.loaded.config.tracing, self.loaded.config.metrics
         self.meter_provider = build_meter_provider(
-            self.services.registry, service_name=tracing.service_name
+            self.services.registry,
+            exporters=("prometheus", "otlp") if metrics.otlp_endpoint else ("prometheus",),
+            otlp_endpoint=metrics.otlp_endpoint,
+            export_interval_s=metrics.export_interval_s,
+            service_name=tracing.service_name,
         )
         self.tracer = configure_tracing(
             tracing, span_processors=self._span_processors, set_global=not self._span_processors
@@ -426,6 +430,9 @@ class Server:
                 "coalescing are reloaded now; listen addresses, TLS and stream limits apply "
                 "after a restart"
             )
+        previous = self.loaded.config
+        if (loaded.config.tracing, loaded.config.metrics) != (previous.tracing, previous.metrics):
+            log.warning("tracing and metrics exporter settings apply after a restart")
         if self.servicer is not None:
             self.servicer.coalescer.max_hold = loaded.config.server.coalesce_replies_ms / 1000.0
         self.loaded = loaded

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final, Literal
@@ -41,7 +42,7 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
     Sum,
 )
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from extproc.observability import metrics as ours
@@ -210,6 +211,16 @@ def _attach(reader: MetricReader, producer: RegistryProducer, resource: Resource
     reader._set_collect_callback(collect)  # type: ignore[arg-type]
 
 
+_INSTANCE_ID: Final = str(uuid.uuid4())
+
+
+def service_resource(service_name: str) -> Resource:
+    """The OpenTelemetry resource of this process: ``service.name`` and a
+    ``service.instance.id`` of its own, so the series and spans of several workers (or
+    replicas) stay apart at the collector instead of overwriting each other."""
+    return Resource.create({SERVICE_NAME: service_name, SERVICE_INSTANCE_ID: _INSTANCE_ID})
+
+
 def build_meter_provider(
     registry: ours.Registry,
     *,
@@ -253,7 +264,7 @@ def build_meter_provider(
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
         all_readers.append(_periodic(ConsoleMetricExporter(), export_interval_s))
-    resource = Resource.create({SERVICE_NAME: service_name})
+    resource = service_resource(service_name)
     provider = MeterProvider(metric_readers=all_readers, resource=resource)
     producer = RegistryProducer(registry)
     for reader in all_readers:

@@ -34,7 +34,6 @@ from typing import Any, Final
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -43,6 +42,7 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
 from extproc.config import TracingSettings
+from extproc.observability.otel import service_resource
 
 __all__ = [
     "PluginSpan",
@@ -395,7 +395,7 @@ def configure_tracing(
         return StreamTracer(None, 0.0)
     provider = TracerProvider(
         sampler=StreamSampler(),
-        resource=Resource.create({SERVICE_NAME: settings.service_name}),
+        resource=service_resource(settings.service_name),
     )
     for processor in processors:
         provider.add_span_processor(processor)

@@ -79,3 +79,30 @@ def test_the_shipped_default_config_is_valid() -> None:
 
     loaded = load_config(DEFAULT_DEV_CONFIG)
     assert [e.plugin for e, _, _ in loaded.plugins]
+
+
+OTLP = """version: 1
+tracing: {{exporter: otlp, otlp_endpoint: "{endpoint}"}}
+metrics: {{otlp_endpoint: "{endpoint}"}}
+"""
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:4317", "collector:4317", "grpc://c:4317"])
+def test_an_otlp_endpoint_must_say_tls_or_not(tmp_path: Path, endpoint: str) -> None:
+    """Without a scheme the OpenTelemetry exporter uses TLS, which a plaintext collector
+    refuses, and every export fails quietly: refused at load, with the line."""
+    config = tmp_path / "extproc.yaml"
+    config.write_text(OTLP.format(endpoint=endpoint))
+    with pytest.raises(ConfigError) as refused:
+        load_config(config)
+    text = str(refused.value)
+    assert f"{config}:2: tracing.otlp_endpoint" in text, text
+    assert f"{config}:3: metrics.otlp_endpoint" in text and "http://HOST:PORT" in text, text
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:4317", "https://collector.example:4317"])
+def test_otlp_endpoints_with_a_scheme_are_taken(tmp_path: Path, endpoint: str) -> None:
+    config = tmp_path / "extproc.yaml"
+    config.write_text(OTLP.format(endpoint=endpoint))
+    loaded = load_config(config).config
+    assert loaded.tracing.otlp_endpoint == loaded.metrics.otlp_endpoint == endpoint
