@@ -27,7 +27,7 @@ from typing import Any
 from bench import report
 from bench.load import WRK_HINT, LoadResult, open_loop, run_wrk, wrk_binary
 from bench.procs import ProcError, cpu_seconds, sdk_python
-from bench.stack import SCENARIOS, Scenario, Stack, scenario
+from bench.stack import SCENARIOS, TRACE_RATIO, Scenario, Stack, scenario
 from bench.traffic import Traffic, make_traffic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -414,6 +414,12 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
                 results[s.key] = _latency(stack, s, traffic, mode)
                 print(_line(s, results[s.key]), flush=True)
             data["latency_rounds"].append(results)
+        if stack.otlp is not None:
+            data["notes"]["tracing"] = (
+                f"every extproc sidecar traced {TRACE_RATIO:.0%} of its streams, exported over "
+                f"OTLP/gRPC to a receiver in the harness: {len(stack.otlp.spans()):,} spans "
+                "received during the run"
+            )
         data["commands"] = [
             *stack.commands,
             f"wrk -t {mode.threads} -c {mode.connections} -d {mode.duration_s:g}s --timeout 5s "

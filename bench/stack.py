@@ -32,6 +32,7 @@ from extproc.envoy_config import (
     SidecarSpec,
     render,
 )
+from extproc.testing.otlp import OtlpSink
 from extproc.testing.processes import EnvoyProcess, SidecarProcess, free_port
 from extproc.testing.redis_server import RedisServer
 
@@ -224,7 +225,13 @@ def compose_bootstrap(plans: Sequence[ListenerPlan]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- sidecar configs
 
 
-def sidecar_config(s: Scenario, traffic: Traffic, redis_url: str | None) -> dict[str, Any]:
+#: the share of streams traced in every extproc scenario (the sidecar's default)
+TRACE_RATIO = 0.01
+
+
+def sidecar_config(
+    s: Scenario, traffic: Traffic, redis_url: str | None, otlp_endpoint: str | None = None
+) -> dict[str, Any]:
     plugins: list[dict[str, Any]] = []
     if "jwt" in s.plugins:
         plugins.append(
@@ -263,6 +270,13 @@ def sidecar_config(s: Scenario, traffic: Traffic, redis_url: str | None) -> dict
     if s.coalesce_ms is not None:
         server["coalesce_replies_ms"] = s.coalesce_ms
     config: dict[str, Any] = {"version": 1, "server": server, "plugins": plugins}
+    if otlp_endpoint:
+        # production-like: 1 % of streams traced, exported over OTLP/gRPC
+        config["tracing"] = {
+            "exporter": "otlp",
+            "otlp_endpoint": otlp_endpoint,
+            "sample_ratio": TRACE_RATIO,
+        }
     if s.needs_redis:
         config["redis"] = {"url": redis_url}
     return config
@@ -295,6 +309,8 @@ class Stack:
         self.workdir = workdir
         self.running: dict[str, Running] = {}
         self.redis: RedisServer | None = None
+        #: where the sidecars' sampled spans go (the collector's place)
+        self.otlp: OtlpSink | None = None
         self.envoy: EnvoyProcess | None = None
         self._stack = contextlib.ExitStack()
         self.commands: list[str] = []
@@ -317,6 +333,8 @@ class Stack:
             self.commands.append(
                 f"redis-server --port {self.redis.port} --bind 127.0.0.1 --save ''"
             )
+        if any(s.backend == "extproc" for s in self.scenarios):
+            self.otlp = self._stack.enter_context(OtlpSink())
         starts: list[Callable[[], None]] = []
         for s in self.scenarios:
             run = Running(s)
@@ -359,7 +377,8 @@ class Stack:
         if s.backend == "extproc":
             path = self.workdir / f"{s.key}.yaml"
             redis_url = self.redis.url if self.redis else None
-            path.write_text(yaml.safe_dump(sidecar_config(s, self.traffic, redis_url)))
+            otlp = self.otlp.endpoint if self.otlp else None
+            path.write_text(yaml.safe_dump(sidecar_config(s, self.traffic, redis_url, otlp)))
             run.ext_proc = _ext_proc_for(path)
             extra = (
                 ("--no-watch",) if s.workers == 1 else ("--no-watch", "--workers", str(s.workers))

@@ -7,6 +7,7 @@ wrk missing is a failure with the install hint, never a skip.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,9 @@ def test_bench_smoke_produces_a_table_without_errors(tmp_path: Path) -> None:
         assert row["client_errors"] == 0, (key, row)
         assert row["rps"] > 0, (key, row)
         assert row["open_loop"]["errors"] == 0, (key, row)
+    # the extproc sidecar ran as in production: sampled traces left it over OTLP
+    spans = re.search(r"([\d,]+) spans received", data["notes"]["tracing"])
+    assert spans and int(spans.group(1).replace(",", "")) > 0, data["notes"]
     # ratios within the round: the passthrough is the reference of itself
     assert data["summary"]["passthrough"]["vs_passthrough"] == pytest.approx(1.0)
     # every process the harness started is gone (their command lines name the run's folder)
