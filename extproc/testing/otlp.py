@@ -5,12 +5,14 @@
     with OtlpSink() as sink:
         config = {"tracing": {"exporter": "otlp", "otlp_endpoint": sink.endpoint}}
         ...
-        spans = sink.wait_for_spans(lambda spans: any(s.name == "ext_proc" for s in spans))
+        spans = sink.wait_for_spans(lambda spans: any(s.name == STREAM_SPAN_NAME for s in spans))
 
-It listens on 127.0.0.1 on a port the OS picks, plaintext (``sink.endpoint`` is an
-``http://`` URL, which the OpenTelemetry exporters read as "no TLS"), and answers every
-``Export`` of the trace and metrics services with success. Needs the ``otlp`` extra
-(``opentelemetry-exporter-otlp-proto-grpc``, which brings ``opentelemetry-proto``).
+(``STREAM_SPAN_NAME`` from :mod:`extproc.observability.tracing` names each stream's span; each
+plugin call is a child of it.) The sink listens on 127.0.0.1 on a port the OS picks, in
+plaintext (``sink.endpoint`` is an ``http://`` URL, which the OpenTelemetry exporters read as
+"no TLS"), and answers every ``Export`` of the trace and metrics services with success. Needs
+the ``otlp`` extra (``opentelemetry-exporter-otlp-proto-grpc``, which brings
+``opentelemetry-proto``).
 """
 
 from __future__ import annotations
