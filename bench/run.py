@@ -382,6 +382,8 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
         "notes": {"workers": _workers_note()},
     }
     t0 = time.monotonic()
+    # the code measured is the checkout as it is now (a commit made during the run is not)
+    checkout = versions(False)["extproc"]
     probe_before = speed_probe()
     with Stack(chosen, traffic, raw / "stack") as stack:
         print(f"stack up in {time.monotonic() - t0:.1f}s; warming up ...", flush=True)
@@ -426,11 +428,12 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
             f"-s {script.name} http://127.0.0.1:<listener port>/",
         ]
     data["machine"] = machine()
+    data["versions"] = versions(any(s.backend == "sdk" for s in chosen))
+    data["versions"]["extproc"] = checkout
     data["machine"]["speed probe"] = (
         f"{probe_before:.0f} ms before, {speed_probe():.0f} ms after the run "
         "(sum(range(2_000_000)), best of 5: lower is faster)"
     )
-    data["versions"] = versions(any(s.backend == "sdk" for s in chosen))
     data["summary"] = report.summarize(data)
     data["targets"] = report.targets(data["summary"], data["notes"])
     paths = report.write_all(data, out)
