@@ -223,12 +223,13 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
 def _batching_table(data: dict[str, Any]) -> list[str]:
     """What the rate limiter's adaptive batching chose, from its own histograms: at
     saturation (closed loop) and at the open-loop rate."""
-    summary, settings = data["summary"], data["settings"]
+    rate = f"{data['settings']['latency_rate']:g} req/s"
     rows = []
-    for key, row in summary.items():
-        phases = [("saturated (closed loop)", row.get("batching"))]
-        phases.append((f"{settings['latency_rate']:g} req/s", row.get("open_loop", {}).get(
-            "batching")))  # fmt: skip
+    for key, row in data["summary"].items():
+        phases = (
+            ("saturated (closed loop)", row.get("batching")),
+            (rate, row.get("open_loop", {}).get("batching")),
+        )
         for load, b in phases:
             if b:
                 rows.append(

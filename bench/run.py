@@ -29,6 +29,7 @@ from bench.load import WRK_HINT, LoadResult, open_loop, run_wrk, wrk_binary
 from bench.procs import ProcError, cpu_seconds, sdk_python
 from bench.stack import SCENARIOS, TRACE_RATIO, Scenario, Stack, scenario
 from bench.traffic import Traffic, make_traffic
+from extproc.observability.metrics import BoundHistogram
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Redis commands that are the harness's own, not the sidecar's
@@ -155,27 +156,24 @@ def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     batches = delta.get(f"{size}_count", 0.0)
     if not requests or not batches:
         return None
-    buckets = sorted(
+    # the deltas of cumulative buckets, back into a histogram of our own to interpolate in
+    cumulative = sorted(
         (float(name.split('le="')[1].rstrip('"}')), n)
         for name, n in delta.items()
         if name.startswith(f"{wait}_bucket") and "+Inf" not in name
     )
-
-    def quantile(q: float) -> float:
-        rank, lower, seen = q * requests, 0.0, 0.0
-        for upper, cumulative in buckets:
-            if cumulative >= rank:
-                inside = cumulative - seen
-                return lower + (upper - lower) * ((rank - seen) / inside if inside else 1.0)
-            lower, seen = upper, cumulative
-        return buckets[-1][0] if buckets else float("nan")
-
+    histogram = BoundHistogram(tuple(le for le, _ in cumulative))
+    below = 0.0
+    for i, (_, n) in enumerate(cumulative):
+        histogram.counts[i], below = int(n - below), n
+    histogram.counts[-1] = int(requests - below)
+    histogram.count = int(requests)
     return {
         "batches": batches,
         "mean_batch": delta.get(f"{size}_sum", 0.0) / batches,
         "wait_mean_us": delta.get(f"{wait}_sum", 0.0) / requests * 1e6,
-        "wait_p50_us": quantile(0.5) * 1e6,
-        "wait_p99_us": quantile(0.99) * 1e6,
+        "wait_p50_us": histogram.quantile(0.5) * 1e6,
+        "wait_p99_us": histogram.quantile(0.99) * 1e6,
     }
 
 
