@@ -74,8 +74,6 @@ class Mode:
     latency_scenarios: tuple[str, ...] | None = None
     subjects: int = 1000
     threads: int = 1
-    #: an unmeasured open-loop pass before the latency rounds (see ``_latency_warmup``)
-    latency_warmup: bool = False
 
 
 ALL = tuple(s.key for s in SCENARIOS if not s.optional)
@@ -105,7 +103,7 @@ MODES = {
         1,
         latency_scenarios=("passthrough", "native", "bare-fast", "extproc", "extproc-jwt-rl"),
     ),
-    "full": Mode("full", ALL, 5, 8, 3, 64, 2, 8, latency_warmup=True),
+    "full": Mode("full", ALL, 5, 8, 3, 64, 2, 8),
 }
 
 
@@ -236,9 +234,7 @@ def _throughput(
     )
 
 
-def _latency(
-    stack: Stack, s: Scenario, traffic: Traffic, mode: Mode, duration_s: float | None = None
-) -> dict[str, Any]:
+def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[str, Any]:
     port = stack.port(s.key)
     requests = [traffic.raw_request(i, f"127.0.0.1:{port}") for i in range(len(traffic.tokens))]
     return _sample(
@@ -248,18 +244,10 @@ def _latency(
             port,
             requests,
             rate=mode.latency_rate,
-            duration_s=duration_s or mode.latency_duration_s,
+            duration_s=mode.latency_duration_s,
             connections=mode.latency_connections,
         ),
     )
-
-
-def _latency_warmup(mode: Mode) -> float:
-    """Seconds of unmeasured open loop before the latency rounds of a full run: every token
-    once and a margin. The throughput rounds took minutes, so the token caches' entries (at
-    most 5 min) may have expired; re-verifying all the run's tokens in one 8 s window would
-    put a once-per-TTL event into most of its p99. (A quick run is over before any expires.)"""
-    return min(3.0, max(1.0, 1.2 * mode.subjects / mode.latency_rate))
 
 
 def _line(s: Scenario, sample: dict[str, Any]) -> str:
@@ -401,11 +389,6 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
             for s in chosen
             if not s.deny and (mode.latency_scenarios is None or s.key in mode.latency_scenarios)
         ]
-        if latency_keys and mode.latency_rounds and mode.latency_warmup:
-            warm = _latency_warmup(mode)
-            print(f"latency warm-up: {warm:g} s per scenario at {mode.latency_rate:g} req/s")
-            for s in latency_keys:
-                _latency(stack, s, traffic, mode, warm)
         for n in range(mode.latency_rounds):
             print(
                 f"latency round {n + 1}/{mode.latency_rounds} at {mode.latency_rate:g} req/s",
