@@ -198,6 +198,9 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
     after, calls_after = _cpu(stack, s.key), _redis_calls(stack)
     batching = _batching(batches, _batch_metrics(stack, s.key))
     n = max(1, result.requests)
+    if batching is not None:
+        # the rate limiter's own round trips (the Redis totals also count the token cache's)
+        batching["round_trips_per_req"] = batching["batches"] / n
     commands = {
         name: calls_after[name] - calls.get(name, 0)
         for name in calls_after
