@@ -11,8 +11,10 @@
   :class:`~extproc.observability.saturation.LoopSaturation`). A batch then gathers for
   ``window = saturation x max_wait`` (or until full) even when no round trip is in flight.
   There the requests wait in queues for the CPU anyway, and every round trip saved is client
-  and Redis CPU given back to the requests: fewer round trips, more throughput, at most
-  ``max_wait`` more latency, and only when the worker could not have answered sooner.
+  and Redis CPU given back to the requests: fewer round trips, more throughput, and a window
+  of at most ``max_wait``, only when the worker could not have answered sooner. (A gathered
+  batch still needs a free slot: with ``max_in_flight`` round trips out, it also waits for
+  one of them, which on a starved machine can take longer than the window itself.)
 * A full queue refuses the request (:class:`QueueFullError`, counted in ``dropped``) instead of
   growing: the caller applies its failure policy.
 * ``flush`` / ``close`` wait (bounded) for queued and in-flight batches.

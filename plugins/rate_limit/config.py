@@ -237,7 +237,8 @@ class BatchConfig(PluginConfig):
     ``max_wait_ms`` (scaled by how saturated it is): that wait is mostly spent queueing for
     the CPU anyway, and each round trip saved gives client and Redis CPU back to requests.
     The admin ``/status`` shows the window in force (``batch_window_ms``); the
-    ``batch_size`` histogram the result. ``max_wait_ms: 0`` never waits for company.
+    ``batch_size`` and ``batch_wait_seconds`` histograms the result. ``max_wait_ms: 0`` never
+    waits for company.
     """
 
     max_batch: Annotated[int, Field(ge=1, le=1_000)] = Field(
@@ -246,9 +247,10 @@ class BatchConfig(PluginConfig):
     max_wait_ms: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
         default=10.0,
         description=(
-            "longest a request waits for its batch when the worker's CPU is saturated (in"
-            " proportion to how saturated); with spare CPU a request waits at most 1 ms for a"
-            " round trip in flight and not at all when none is"
+            "longest a batch gathers when the worker's CPU is saturated (in proportion to how"
+            " saturated); with spare CPU a request waits at most in_flight_wait_ms for a round"
+            " trip in flight and not at all when none is. A batch also waits for a free slot"
+            " when max_in_flight round trips are out"
         ),
     )
     in_flight_wait_ms: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
