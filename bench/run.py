@@ -402,17 +402,17 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
                 results[s.key] = _latency(stack, s, traffic, mode)
                 print(_line(s, results[s.key]), flush=True)
             data["latency_rounds"].append(results)
-        if stack.otlp is not None:
-            data["notes"]["tracing"] = (
-                f"every extproc sidecar traced {TRACE_RATIO:.0%} of its streams, exported over "
-                f"OTLP/gRPC to a receiver in the harness: {len(stack.otlp.spans()):,} spans "
-                "received during the run"
-            )
         data["commands"] = [
             *stack.commands,
             f"wrk -t {mode.threads} -c {mode.connections} -d {mode.duration_s:g}s --timeout 5s "
             f"-s {script.name} http://127.0.0.1:<listener port>/",
         ]
+    if stack.otlp is not None:  # counted after the sidecars stopped (and flushed their spans)
+        data["notes"]["tracing"] = (
+            f"every extproc sidecar traced {TRACE_RATIO:.0%} of its streams, exported over "
+            f"OTLP/gRPC to a receiver in the harness: {len(stack.otlp.spans()):,} spans "
+            "received during the run"
+        )
     data["machine"] = machine()
     data["versions"] = versions(any(s.backend == "sdk" for s in chosen))
     data["versions"]["extproc"] = checkout
