@@ -252,6 +252,8 @@ class Server:
         self.tracer: StreamTracer | None = None
         self._span_processors = tuple(span_processors)
         self.meter_provider: Any = None
+        #: what the process exports with until it restarts (reloads do not rebuild exporters)
+        self._exporters = (loaded.config.tracing, loaded.config.metrics)
         self._hook_codes: Callable[[], Mapping[CodeType, str]] = dict
         #: freeze the heap once serving and after each reload (the ``serve`` entry point sets
         #: it; in-process embedders and tests keep their own collector settings)
@@ -294,7 +296,7 @@ class Server:
         from extproc.observability.otel import build_meter_provider
         from extproc.observability.tracing import configure_tracing
 
-        tracing, metrics = self.loaded.config.tracing, self.loaded.config.metrics
+        tracing, metrics = self._exporters
         self.meter_provider = build_meter_provider(
             self.services.registry,
             exporters=("prometheus", "otlp") if metrics.otlp_endpoint else ("prometheus",),
@@ -430,8 +432,7 @@ class Server:
                 "coalescing are reloaded now; listen addresses, TLS and stream limits apply "
                 "after a restart"
             )
-        previous = self.loaded.config
-        if (loaded.config.tracing, loaded.config.metrics) != (previous.tracing, previous.metrics):
+        if (loaded.config.tracing, loaded.config.metrics) != self._exporters:
             log.warning("tracing and metrics exporter settings apply after a restart")
         if self.servicer is not None:
             self.servicer.coalescer.max_hold = loaded.config.server.coalesce_replies_ms / 1000.0

@@ -167,6 +167,24 @@ async def test_reload_swaps_generation_and_refuses_a_bad_file(tmp_path: Path) ->
     assert "YAML syntax error" in status["last_reload_error"]
 
 
+async def test_reload_that_changes_exporters_says_they_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", value="one")
+    async with running(cfg) as (server, _):
+        text = cfg.read_text()
+        cfg.write_text(text.replace("version: 1", "version: 1\ntracing: {sample_ratio: 0.5}"))
+        with caplog.at_level("WARNING", logger="extproc"):
+            assert await server.reload() is True  # the plugins' change applies at once
+        assert "tracing and metrics exporter settings apply after a restart" in caplog.text
+        caplog.clear()
+        write_config(cfg, value="two")  # exporters back as they started: nothing to say
+        cfg.write_text(cfg.read_text().replace("version: 1", "version: 1\ntracing: {}"))
+        with caplog.at_level("WARNING", logger="extproc"):
+            assert await server.reload() is True
+        assert "apply after a restart" not in caplog.text
+
+
 async def test_in_flight_stream_finishes_on_its_generation(tmp_path: Path) -> None:
     """A stream that started before a reload keeps the plugins it started with."""
     from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
