@@ -12,11 +12,12 @@ import asyncio
 import logging
 import time
 import types
-from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 from extproc.context import _deadline
+from extproc.deadlines import DeadlineHeap
 from extproc.observability.metrics import BoundCounter, BoundHistogram, Registry
 from extproc.observability.tracing import current_stream
 from extproc.plugin import (
@@ -44,40 +45,6 @@ _RESULT_TYPES: Final = (Continue, Respond, Reject)
 #: A deadline timer that runs this late (seconds) was held up by the worker - a blocked loop, a
 #: GC pause, no CPU to run on - not by the plugin: the plugin gets the lost time back.
 STALL_TOLERANCE: Final = 0.02
-
-
-class _PluginTimer:
-    """Calls ``expire`` at ``deadline``. When the loop runs the timer more than
-    :data:`STALL_TOLERANCE` late, the plugin could not have used that time (nothing ran), so
-    the timer is re-armed for as long as it was late instead - never past ``limit``, the
-    message's own deadline, which Envoy enforces whatever happened here."""
-
-    __slots__ = ("_expire", "_handle", "_limit", "_loop", "deadline")
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        deadline: float,
-        limit: float,
-        expire: Callable[[], object],
-    ) -> None:
-        self._loop = loop
-        self.deadline = deadline
-        self._limit = limit
-        self._expire = expire
-        self._handle = loop.call_at(deadline, self._fire)
-
-    def _fire(self) -> None:
-        now = self._loop.time()
-        late = now - self.deadline
-        if late > STALL_TOLERANCE and self.deadline < self._limit:
-            self.deadline = min(self._limit, now + late)
-            self._handle = self._loop.call_at(self.deadline, self._fire)
-            return
-        self._expire()
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 @dataclass(slots=True)
@@ -241,6 +208,13 @@ class Chain:
                 },
             )
         self._background: set[asyncio.Task[None]] = set()
+        self._heap: DeadlineHeap | None = None
+
+    def _deadlines(self, loop: asyncio.AbstractEventLoop) -> DeadlineHeap:
+        heap = self._heap
+        if heap is None or heap.loop is not loop:
+            heap = self._heap = DeadlineHeap(loop, stall_tolerance=STALL_TOLERANCE)
+        return heap
 
     def wants(self, phase: Phase) -> bool:
         return bool(self.by_phase[phase])
@@ -305,20 +279,33 @@ class Chain:
             else:
                 # Most hooks finish without waiting for anything (a cache hit, a header
                 # rule): their first step returns, and no timer is armed at all. A hook that
-                # suspends goes on in this task under a timeout at its deadline.
+                # suspends goes on in this task, its deadline kept by the chain's one timer
+                # (DeadlineHeap) instead of a timer and an asyncio.timeout per call.
                 try:
                     pending = coro.send(None)
                 except StopIteration as stop:
                     result = stop.value
                 else:
-                    async with asyncio.timeout(None) as cm:
-                        timer = _PluginTimer(
-                            loop, deadline, message_deadline, lambda: cm.reschedule(loop.time())
-                        )
-                        try:
-                            result = await _resume(coro, pending)
-                        finally:
-                            timer.cancel()
+                    task = asyncio.current_task(loop)
+                    assert task is not None  # hooks run in the stream's task
+                    cancelling = task.cancelling()
+                    watch = self._deadlines(loop).at(deadline, task.cancel, limit=message_deadline)
+                    try:
+                        result = await _resume(coro, pending)
+                    except asyncio.CancelledError:
+                        # ours (the deadline) unless someone else cancelled the task too
+                        if watch.expired and task.uncancel() <= cancelling:
+                            raise TimeoutError from None
+                        raise
+                    except BaseException:
+                        if watch.expired:  # ended otherwise after its cancellation
+                            task.uncancel()
+                        raise
+                    else:
+                        if watch.expired:  # swallowed its cancellation and answered anyway
+                            task.uncancel()
+                    finally:
+                        watch.cancel()
         except TimeoutError as exc:
             return self._failed(slot, event, "timeout", exc)
         except asyncio.CancelledError:
@@ -358,7 +345,7 @@ class Chain:
                 waiter.set_result(None)
 
         task.add_done_callback(wake)
-        timer = _PluginTimer(loop, deadline, limit, wake)
+        timer = self._deadlines(loop).at(deadline, wake, limit=limit)
         try:
             await waiter
         except asyncio.CancelledError:

@@ -99,3 +99,77 @@ async def test_after_a_stall_the_plugins_own_deadline_wins(isolate: bool) -> Non
     block_loop_soon(0.15)  # both deadlines pass during the stall
     outcome = await c.run(request_headers())
     assert outcome.respond is not None and outcome.respond.status == 429
+
+
+# ---------------------------------------------------------------- the shared deadline timer
+
+
+class Waits(Plugin):
+    """Waits ``seconds`` (a Redis round trip, say), then continues."""
+
+    name = "waits"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(None)
+        self.seconds = seconds
+
+    async def on_request(self, event: RequestEvent) -> Result:
+        await asyncio.sleep(self.seconds)
+        return CONTINUE
+
+
+async def test_finished_calls_leave_the_deadline_heap_when_the_timer_next_fires() -> None:
+    c = chain(Waits(0), timeout=0.05, budget=1.0, isolate=False)
+    for _ in range(200):
+        assert (await c.run(request_headers())).respond is None
+    deadlines = c._heap
+    assert deadlines is not None and 0 < len(deadlines) <= 200  # only marked done so far
+    await asyncio.sleep(0.05 + 0.05)
+    assert len(deadlines) == 0  # one timer firing swept them all
+
+
+async def test_an_earlier_deadline_arriving_later_is_still_kept() -> None:
+    """The shared timer is armed for a late deadline; a call with an earlier one re-arms it."""
+    c = chain(Sleeper(5.0), timeout=1.0, budget=2.0, isolate=False)
+    loop = asyncio.get_running_loop()
+    slow = asyncio.ensure_future(c.run(request_headers()))  # deadline in 1 s
+    await asyncio.sleep(0.01)
+    started = loop.time()
+    # the same plugin, with only 50 ms of its message budget left
+    outcome = await c.run(request_headers(), started=started - 2.0 + 0.05)
+    assert outcome.respond is not None and outcome.respond.status == 503
+    assert loop.time() - started < 0.05 + STALL_TOLERANCE + 0.2
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+
+
+async def test_cancelling_the_stream_is_not_turned_into_a_timeout() -> None:
+    c = chain(Sleeper(5.0), timeout=1.0, budget=2.0, isolate=False)
+    run = asyncio.ensure_future(c.run(request_headers()))
+    await asyncio.sleep(0.01)
+    run.cancel()  # the stream ended (Envoy reset it): the hook's wait is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+
+class Stubborn(Plugin):
+    """Swallows its cancellation once and answers anyway."""
+
+    name = "stubborn"
+
+    async def on_request(self, event: RequestEvent) -> Result:
+        try:
+            await asyncio.sleep(5.0)
+        except asyncio.CancelledError:
+            return Continue(set_headers={"x-late": "1"})
+        return CONTINUE
+
+
+async def test_a_hook_that_swallows_its_deadline_leaves_the_task_uncancelled() -> None:
+    c = chain(Stubborn(None), timeout=0.05, budget=1.0, isolate=False)
+    outcome = await c.run(request_headers())
+    assert outcome.set_headers == {"x-late": "1"}  # its answer stands, as under asyncio.timeout
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # no cancellation left pending
+    await asyncio.sleep(0)  # and none is delivered later

@@ -1,0 +1,98 @@
+"""DeadlineHeap: many deadlines on one loop timer (the chain's per-call plugin deadlines and the
+rate limiter's own)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from extproc.deadlines import DeadlineHeap
+
+
+class CountingLoop:
+    """The running loop, counting the timers armed on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.timers = 0
+
+    def time(self) -> float:
+        return self._loop.time()
+
+    def call_at(self, when: float, callback: Any) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self._loop.call_at(when, callback)
+
+
+async def test_deadlines_fire_in_order_and_cancelled_ones_never() -> None:
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop)
+    fired: list[str] = []
+    now = loop.time()
+    heap.at(now + 0.03, lambda: fired.append("c"))
+    heap.at(now + 0.01, lambda: fired.append("a"))
+    b = heap.at(now + 0.02, lambda: fired.append("b"))
+    dropped = heap.at(now + 0.015, lambda: fired.append("dropped"))
+    dropped.cancel()
+    await asyncio.sleep(0.06)
+    assert fired == ["a", "b", "c"]
+    assert b.expired and not dropped.expired
+    assert len(heap) == 0 and heap.armed == float("inf")  # nothing left, no timer armed
+
+
+async def test_work_that_ends_early_costs_no_timer_of_its_own() -> None:
+    real = asyncio.get_running_loop()
+    loop = CountingLoop(real)
+    heap = DeadlineHeap(loop)  # type: ignore[arg-type]
+    for _ in range(500):
+        heap.at(loop.time() + 0.3, lambda: pytest.fail("fired")).cancel()
+        await asyncio.sleep(0)
+    assert loop.timers == 1  # armed once, for the first; the later ones wait behind it
+    await asyncio.sleep(0.4)
+    assert len(heap) == 0  # the timer swept every finished deadline when it fired
+    assert loop.timers <= 3
+
+
+async def test_a_late_timer_gives_the_time_back_up_to_the_limit() -> None:
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop, stall_tolerance=0.02)
+    fired: list[float] = []
+    start = loop.time()
+    heap.at(start + 0.01, lambda: fired.append(loop.time()), limit=start + 1.0)
+    loop.call_soon(time.sleep, 0.1)  # the loop stalls past the deadline
+    await asyncio.sleep(0.15)
+    assert not fired  # moved by the ~0.1 s the timer was late
+    await asyncio.sleep(0.15)
+    assert fired and fired[0] - start < 0.5
+
+
+async def test_without_a_limit_a_late_timer_fires_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop, stall_tolerance=0.02)
+    fired: list[float] = []
+    heap.at(loop.time() + 0.01, lambda: fired.append(loop.time()))
+    loop.call_soon(time.sleep, 0.1)
+    await asyncio.sleep(0.12)
+    assert len(fired) == 1
+
+
+async def test_a_failing_callback_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop)
+    fired: list[int] = []
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    now = loop.time()
+    heap.at(now + 0.01, boom)
+    heap.at(now + 0.01, lambda: fired.append(1))
+    heap.at(now + 0.03, lambda: fired.append(2))
+    await asyncio.sleep(0.06)
+    assert fired == [1, 2]
+    assert "deadline callback failed" in caplog.text
