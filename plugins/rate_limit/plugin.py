@@ -16,6 +16,7 @@ Turn them into response headers with the route's or listener's ``response_header
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +31,7 @@ from extproc.context import (
     RequestContext,
     time_left,
 )
+from extproc.deadlines import DeadlineHeap
 from extproc.plugin import (
     CONTINUE,
     Continue,
@@ -180,6 +182,7 @@ class RateLimitPlugin(Plugin):
         self._clock: Clock = time.monotonic  # replaced by the context's in initialize
         self._margin = config.fallback_margin_ms / 1000.0
         self._redis_timeout = config.redis_timeout_ms / 1000.0
+        self._deadlines: DeadlineHeap | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -402,16 +405,24 @@ class RateLimitPlugin(Plugin):
         if budget <= 0 or self._breaker.state is BreakerState.OPEN:
             return self._fallback(hits, owners)
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         try:
-            future = batcher.submit(hits, loop.time() + budget)
+            future = batcher.submit(hits, deadline)
         except (QueueFullError, BatcherClosedError):
             self._m_dropped.inc()
             return self._fallback(hits, owners)
+        # our own deadline, before the chain's: the rules' fail policies answer, not the
+        # plugin's (one shared timer for every waiting request; see extproc.deadlines)
+        heap = self._deadlines
+        if heap is None or heap.loop is not loop:
+            heap = self._deadlines = DeadlineHeap(loop)
+        expiry = heap.at(deadline, functools.partial(_time_out, future))
         try:
-            async with asyncio.timeout(budget):
-                return await future
+            return await future
         except (TimeoutError, StoreUnavailableError, BatcherClosedError):
             return self._fallback(hits, owners)
+        finally:
+            expiry.cancel()
 
     def _fallback(self, hits: list[Hit], owners: list[_Rule]) -> list[Outcome] | Reject:
         """The store could not decide in time: each rule's fail policy answers."""
@@ -518,3 +529,10 @@ class RateLimitPlugin(Plugin):
             headers=headers,
             details=f"rate_limited:{owner.rule.name}",
         )
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    """The request's own deadline passed while it waited for its batch: it stops waiting (the
+    batcher leaves a finished future out of the batch, or ignores its late result)."""
+    if not future.done():
+        future.set_exception(TimeoutError())

@@ -357,6 +357,36 @@ async def test_hanging_redis_answers_within_the_budget(make: Any) -> None:
     assert elapsed < 0.045 + 0.5  # our fallback answered before the chain's deadline
 
 
+async def test_a_request_queued_behind_a_hanging_round_trip_answers_by_its_own_deadline(
+    make: Any,
+) -> None:
+    """Its batch is never sent (the one round trip allowed is out, with a later deadline), so
+    no store timeout can end its wait: the request's own deadline does."""
+    cfg = config(
+        rule_with("open"), redis_timeout_ms=1000, fallback_margin_ms=5, batch={"max_in_flight": 1}
+    )
+    plugin, _ = await make(cfg, redis=HangingRedis())
+    loop = asyncio.get_running_loop()
+
+    async def call(budget: float) -> Result:
+        token = _deadline.set(loop.time() + budget)
+        try:
+            return await plugin.on_request(event())
+        finally:
+            _deadline.reset(token)
+
+    first = asyncio.ensure_future(call(2.0))  # its round trip hangs for up to 1 s
+    await asyncio.sleep(0.01)
+    started = loop.time()
+    result = await call(0.05)
+    elapsed = loop.time() - started
+    assert isinstance(result, Continue)  # fail open answered
+    assert elapsed < 0.045 + 0.3, elapsed  # not when the first round trip gave up (1 s)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
 async def test_no_budget_left_skips_redis(make: Any) -> None:
     redis = DownRedis()
     plugin, _ = await make(config(rule_with("local")), redis=redis)
