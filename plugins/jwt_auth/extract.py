@@ -186,7 +186,10 @@ class Extractor:
         if len(found) > 1:
             raise TokenError("multiple_tokens", "more than one token in the request")
         token, (providers, hdrs) = next(iter(found.items()))
-        check_token_shape(token, self.max_token_bytes)
+        if len(token) > self.max_token_bytes or not token.isascii():
+            check_token_shape(token, self.max_token_bytes)  # raises
+        # the full shape check waits for a cache miss (JwtAuthPlugin._verify): a cached token
+        # passed it when it was verified
         return FoundToken(token, frozenset(providers), frozenset(hdrs))
 
     def _from_header(self, headers: Headers, src: _HeaderSource) -> str | None:

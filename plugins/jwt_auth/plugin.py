@@ -37,7 +37,14 @@ from extproc.plugin import (
 from .cache import TokenCache, VerifiedToken, freeze, token_digest
 from .claims import ClaimsPolicy, check_claims, check_times, missing_values
 from .config import JwtAuthConfig, ProviderConfig
-from .extract import Extractor, FoundToken, ParsedToken, TokenError, parse_token
+from .extract import (
+    Extractor,
+    FoundToken,
+    ParsedToken,
+    TokenError,
+    check_token_shape,
+    parse_token,
+)
 from .jwks import JwksClient, KeySet
 from .rules import BadPathError, CompiledRule, RuleSet
 
@@ -318,17 +325,23 @@ class JwtAuthPlugin(Plugin):
         cache = self.token_cache
         now = self._wall()
         digest = ""
+        shaped = False  # a cached token passed the shape check when it was verified
         if cache is not None:
             digest = token_digest(found.token)
             for p in candidates:
                 entry = cache.get_local(p.cache_prefix + digest)
                 if entry is None and cache.has_l2:
+                    if not shaped:  # garbage costs no Redis read
+                        check_token_shape(found.token, self.extractor.max_token_bytes)
+                        shaped = True
                     entry = await cache.get_remote(p.cache_prefix + digest)
                 if entry is not None and self._still_valid(entry, p, now):
                     self._m_hit.inc()
                     return entry
             self._m_miss.inc()
 
+        if not shaped:
+            check_token_shape(found.token, self.extractor.max_token_bytes)
         started = time.perf_counter()
         parsed = parse_token(found.token)
         iss = parsed.payload.get("iss")

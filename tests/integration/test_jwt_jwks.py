@@ -293,6 +293,11 @@ async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1:
             hit = event(token)
             assert isinstance(await b.on_request(hit), Continue)
             assert b.token_cache.tiered.l2_hits == 1 and hit.context["auth.subject"] == "shared"
+            # a malformed token is refused before any Redis read (garbage costs no round trip)
+            reads = await _get_calls(redis)
+            bad = await b.on_request(event(token[:-1] + "."))
+            assert isinstance(bad, Reject) and bad.status == 401
+            assert await _get_calls(redis) == reads
             # a stalled Redis costs at most its timeout, and the token is verified locally
             rs.pause()
             try:
@@ -308,3 +313,8 @@ async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1:
                 await plugin.shutdown()
                 await ctx.http.aclose()
             await redis.aclose()
+
+
+async def _get_calls(redis: Any) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_get", {}).get("calls", 0))

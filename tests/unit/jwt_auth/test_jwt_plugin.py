@@ -125,6 +125,8 @@ BAD_TOKENS: list[tuple[str, Any, str]] = [
         "unknown_kid",
     ),
     ("huge token", lambda t: t.mint({"pad": "A" * 20_000}), "too_large"),
+    ("not ASCII", lambda t: t.mint()[:-2] + "\u00e9A", "malformed"),
+    ("a lone surrogate", lambda t: t.mint()[:-2] + "\udce9A", "malformed"),
     ("deeply nested", lambda t: with_payload(t, b"[" * 5000), "malformed"),
     (
         "deeply nested object",
