@@ -52,6 +52,7 @@ _WHOLE_BODY_MODES: Final = frozenset(
     {BodySendMode.BUFFERED, BodySendMode.BUFFERED_PARTIAL, BodySendMode.GRPC}
 )
 _CACHED_PHASES: Final = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS})
+_NO_REQUEST: Final = HttpRequest()  # immutable: one for every stream
 
 ReplyKey = tuple[Phase, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], tuple[str, ...]]
 
@@ -143,7 +144,7 @@ class StreamProcessor:
         self.metrics = metrics
         self.state = StreamState(allow_mode_override=allow_mode_override)
         self.context = RequestContext()
-        self.request = HttpRequest()
+        self.request = _NO_REQUEST  # until the request headers arrive
         self.status = 0
         self.dropped = 0  # header mutations dropped on this stream
         self.max_body_bytes = max_body_bytes

@@ -192,8 +192,7 @@ def _parse(batch: Sequence[Sequence[Hit]], reply: object) -> list[list[Outcome]]
     for hits in batch:
         decided = []
         for _ in hits:
-            s, rem, reset, retry, block = raw[p : p + _FIELDS]
-            decided.append(Outcome(int(s), int(rem), int(reset), int(retry), int(block)))
+            decided.append(Outcome(*raw[p : p + _FIELDS]))
             p += _FIELDS
         out.append(decided)
     if p != len(raw):
