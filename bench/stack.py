@@ -50,7 +50,7 @@ class Scenario:
     title: str
     #: none | native | bare-idiomatic | bare-fast | bare-coalesced | extproc | sdk
     backend: str
-    #: plugins of an extproc backend: () | ("jwt",) | ("jwt", "rl")
+    #: plugins of an extproc backend: () | ("hdr",) | ("jwt",) | ("jwt", "rl")
     plugins: tuple[str, ...] = ()
     batch: int = 100
     #: most requests are expected to be denied (429)
@@ -135,6 +135,13 @@ SCENARIOS: tuple[Scenario, ...] = (
             ("extproc-jwt", ("jwt",)),
             ("extproc-jwt-rl", ("jwt", "rl")),
         )
+    ),
+    Scenario(
+        "extproc-hdr",
+        "extproc + headers (one fixed request header): the cost of one trivial plugin",
+        "extproc",
+        ("hdr",),
+        optional=True,
     ),
     Scenario(
         "extproc-jwt-rl-ifw0",
@@ -233,6 +240,9 @@ def sidecar_config(
     s: Scenario, traffic: Traffic, redis_url: str | None, otlp_endpoint: str | None = None
 ) -> dict[str, Any]:
     plugins: list[dict[str, Any]] = []
+    if "hdr" in s.plugins:
+        rule = {"path_prefix": "/api/", "request_set": {"x-bench": "1"}}
+        plugins.append({"plugin": "headers", "config": {"rules": [rule]}})
     if "jwt" in s.plugins:
         plugins.append(
             {
