@@ -122,8 +122,10 @@ class Outcome:
             if k in self.remove_headers:  # an overwrite replaces every earlier value anyway
                 self.remove_headers.remove(k)
         pairs = result.append_headers
-        for key, value in pairs.items() if isinstance(pairs, Mapping) else pairs:
-            self.append_headers.append((key.lower(), value))
+        if pairs:  # dict first: an ABC check costs several times more, on every request
+            items = pairs.items() if isinstance(pairs, dict | Mapping) else pairs
+            for key, value in items:
+                self.append_headers.append((key.lower(), value))
         if result.body is not None:
             self.body = result.body
         if result.metadata:
