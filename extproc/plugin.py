@@ -139,12 +139,13 @@ class Headers(Mapping[str, str]):
     decoded with ``surrogateescape`` so that they round-trip to the same bytes.
     """
 
-    __slots__ = ("_first", "_items")
+    __slots__ = ("_first", "_items", "_repeated")
 
     def __init__(self, items: tuple[tuple[str, str], ...] = ()) -> None:
         self._items = items
         # the first value of each key wins: build from the end so earlier entries overwrite
         self._first: dict[str, str] = dict(reversed(items))
+        self._repeated = len(self._first) != len(items)  # else get_all needs no scan
 
     @classmethod
     def of(cls, mapping: Mapping[str, str] | None = None, **kwargs: str) -> Headers:
@@ -180,6 +181,9 @@ class Headers(Mapping[str, str]):
         return None if value is None else value.encode("utf-8", "surrogateescape")
 
     def get_all(self, key: str) -> tuple[str, ...]:
+        if not self._repeated:
+            value = self._first.get(key)
+            return () if value is None else (value,)
         return tuple(v for k, v in self._items if k == key)
 
     def items_all(self) -> tuple[tuple[str, str], ...]:

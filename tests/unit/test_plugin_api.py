@@ -35,7 +35,10 @@ def test_headers_first_value_all_values_and_raw_bytes() -> None:
     h = Headers((("a", "1"), ("b", "x\udcff"), ("a", "2")))
     assert h["a"] == "1" and h.get("a") == "1" and h.get("zz") is None
     assert h.get("zz", "d") == "d"
-    assert h.get_all("a") == ("1", "2")
+    assert h.get_all("a") == ("1", "2") and h.get_all("b") == ("x\udcff",)
+    assert h.get_all("zz") == ()
+    once = Headers((("a", "1"), ("b", "2")))  # no repeated key: the fast path
+    assert once.get_all("a") == ("1",) and once.get_all("zz") == ()
     assert h.raw("b") == b"x\xff"  # non-UTF-8 bytes come back unchanged
     assert h.raw("zz") is None
     assert "secret" not in repr(Headers.of({"authorization": "secret"}))
