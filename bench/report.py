@@ -15,6 +15,8 @@ REFERENCE_FAST = "bare-fast"
 #: bare-fast plus extproc's reply coalescing: the fastest bare servicer we know
 REFERENCE_COALESCED = "bare-coalesced"
 REFERENCE_PASS = "passthrough"
+#: key suffix of a scenario's twin run from the baseline commit (``--baseline``)
+BASE_SUFFIX = "-base"
 HEADLINE = "extproc-jwt-rl"
 
 
@@ -197,6 +199,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
                 f"| {_fmt(ol['errors'])} |"
             )
     lines += _batching_table(data)
+    lines += _baseline_table(data)
     lines += [
         "",
         "## Targets (`extproc-jwt-rl`)",
@@ -216,6 +219,40 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def _baseline_table(data: dict[str, Any]) -> list[str]:
+    """Each scenario against its twin from the ``--baseline`` commit, ratios per round."""
+    sha = data.get("baseline")
+    if not sha:
+        return []
+    rows = []
+    for key, row in data["summary"].items():
+        base = data["summary"].get(key + BASE_SUFFIX)
+        if key.endswith(BASE_SUFFIX) or base is None:
+            continue
+        ratios = [
+            r[key]["rps"] / r[key + BASE_SUFFIX]["rps"]
+            for r in data["rounds"]
+            if key in r and key + BASE_SUFFIX in r and r[key + BASE_SUFFIX]["rps"]
+        ]
+        cpu, base_cpu = row["cpu_us"]["sidecar"] or None, base["cpu_us"]["sidecar"] or None
+        rows.append(
+            f"| `{key}` | {_fmt(row['rps'])} | {_fmt(base['rps'])} | {_fmt(_median(ratios), 3)} "
+            f"| {' '.join(f'{x:.2f}' for x in ratios)} | {_fmt(cpu)} | {_fmt(base_cpu)} |"
+        )
+    return [
+        "",
+        f"## Against the baseline (`{sha}`)",
+        "",
+        "The same scenario run from the baseline commit in the same rounds; the ratio is taken "
+        "within each round (this run / baseline), then the median.",
+        "",
+        "| scenario | req/s | req/s at baseline | ratio (median) | ratio per round "
+        "| sidecar µs/req | at baseline |",
+        "|---|---:|---:|---:|---|---:|---:|",
+        *rows,
+    ]
 
 
 def _batching_table(data: dict[str, Any]) -> list[str]:

@@ -27,7 +27,16 @@ from typing import Any
 from bench import report
 from bench.load import WRK_HINT, LoadResult, open_loop, run_wrk, wrk_binary
 from bench.procs import ProcError, cpu_seconds, sdk_python
-from bench.stack import SCENARIOS, TRACE_RATIO, Scenario, Stack, scenario
+from bench.report import BASE_SUFFIX
+from bench.stack import (
+    SCENARIOS,
+    TRACE_RATIO,
+    Scenario,
+    Stack,
+    baseline_tree,
+    scenario,
+    with_baseline,
+)
 from bench.traffic import Traffic, make_traffic
 from extproc.observability.metrics import BoundHistogram
 
@@ -340,8 +349,19 @@ def _workers_note() -> str:
 # ---------------------------------------------------------------------------- the run
 
 
-def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -> dict[str, Any]:
+def run(
+    mode: Mode,
+    keys: tuple[str, ...],
+    out: Path,
+    raw: Path,
+    command: str,
+    baseline: str | None = None,
+) -> dict[str, Any]:
     chosen = [scenario(k) for k in keys]
+    base_sha = None
+    if baseline is not None:
+        base_sha, tree = baseline_tree(baseline, raw)
+        chosen = with_baseline(chosen, base_sha, tree)
     keys = tuple(s.key for s in chosen)
     for needed in ("passthrough", "bare-fast"):
         if needed not in keys:
@@ -372,6 +392,12 @@ def run(mode: Mode, keys: tuple[str, ...], out: Path, raw: Path, command: str) -
         "latency_rounds": [],
         "notes": {"workers": _workers_note()},
     }
+    if base_sha is not None:
+        data["baseline"] = base_sha
+        data["notes"]["baseline"] = (
+            f"`*{BASE_SUFFIX}` rows run the same sidecar config from commit `{base_sha}` "
+            "(`--baseline`), in the same rounds"
+        )
     t0 = time.monotonic()
     # the code measured is the checkout as it is now (a commit made during the run is not)
     checkout = versions(False)["extproc"]
@@ -456,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rounds", type=int, help="rounds of the open-loop phase")
     parser.add_argument("--latency-duration", type=float, help="seconds per open-loop round")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run every selected extproc scenario from commit REV (rows *-base), "
+        "side by side in the same rounds: what a change did",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     command = "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -492,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_root = args.out / "raw"
         raw_root.mkdir(parents=True, exist_ok=True)
         raw = Path(tempfile.mkdtemp(prefix=f"{mode.name}-", dir=raw_root))
-        run(mode, keys, args.out, raw, command)
+        run(mode, keys, args.out, raw, command, args.baseline)
     except ProcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if "wrk" in str(exc):

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import os
+import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import yaml
 
 from bench.envoy_native import NativeLimits, native_filters
 from bench.procs import Proc, ensure_sdk_venv, process_tree, wait_tcp
+from bench.report import BASE_SUFFIX
 from bench.traffic import AUDIENCE, ISSUER, Traffic
 from extproc.envoy_config import (
     BootstrapSpec,
@@ -65,6 +69,8 @@ class Scenario:
     coalesce_ms: float | None = None
     #: more of rate_limit's ``batch`` settings (development comparisons)
     batch_extra: tuple[tuple[str, Any], ...] = ()
+    #: run the sidecar from this source tree (``--baseline``: an earlier commit) instead
+    source: Path | None = None
 
     @property
     def needs_redis(self) -> bool:
@@ -168,6 +174,37 @@ def scenario(key: str) -> Scenario:
         if s.key == key:
             return s
     raise KeyError(f"unknown scenario {key!r}; known: {', '.join(s.key for s in SCENARIOS)}")
+
+
+def baseline_tree(rev: str, into: Path) -> tuple[str, Path]:
+    """Extract commit ``rev`` of this repository into ``into/<sha>`` (``git archive``); its
+    short sha and the tree."""
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", f"{rev}^{{commit}}"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    tree = into / f"baseline-{sha}"
+    tree.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", sha],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    return sha, tree
+
+
+def with_baseline(chosen: Sequence[Scenario], sha: str, tree: Path) -> list[Scenario]:
+    """Each extproc scenario followed by its twin from the baseline tree: the same config and
+    traffic, in the same rounds, so the two are compared like any other pair."""
+    out: list[Scenario] = []
+    for s in chosen:
+        out.append(s)
+        if s.backend == "extproc":
+            out.append(
+                replace(s, key=s.key + BASE_SUFFIX, title=f"{s.title} at {sha}", source=tree)
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------- Envoy bootstrap
@@ -406,9 +443,11 @@ class Stack:
                 extra_args=extra,
                 workdir=self.workdir / s.key,
                 startup_timeout=60,
+                source_root=s.source,
             )
             self.commands.append(
-                f"python -m extproc serve --config {path} --listen {address} "
+                (f"PYTHONPATH={s.source} " if s.source else "")
+                + f"python -m extproc serve --config {path} --listen {address} "
                 f"--admin '{run.admin}' " + " ".join(extra)
             )
             run.proc = sidecar

@@ -426,6 +426,7 @@ class SidecarProcess(_ManagedProcess):
         health_service: str = "",
         python: str = sys.executable,
         workdir: Path | None = None,
+        source_root: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(workdir)
         self.config = Path(config).resolve()
@@ -435,9 +436,10 @@ class SidecarProcess(_ManagedProcess):
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         # the sidecar must import the same extproc as the test, wherever the test runs from
-        source_root = str(Path(__file__).resolve().parents[2])
+        # (``source_root``: another source tree instead, e.g. a baseline checkout to compare)
+        root = str(source_root or Path(__file__).resolve().parents[2])
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [source_root, *filter(None, [self.env.get("PYTHONPATH")])]
+            [root, *filter(None, [self.env.get("PYTHONPATH")])]
         )
         self.startup_timeout = startup_timeout
         self.health_service = health_service

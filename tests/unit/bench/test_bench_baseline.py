@@ -1,0 +1,72 @@
+"""``python -m bench.run --baseline REV``: each extproc scenario gets a twin run from commit REV
+in the same rounds, and the report compares the two round by round."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.stack import REPO, baseline_tree, scenario, with_baseline
+from extproc.testing.processes import SidecarProcess
+
+
+def test_twins_follow_their_scenario_and_run_from_the_tree(tmp_path: Path) -> None:
+    chosen = [scenario(k) for k in ("passthrough", "bare-fast", "extproc-jwt", "extproc-jwt-rl")]
+    out = with_baseline(chosen, "abc1234", tmp_path)
+    assert [s.key for s in out] == [
+        "passthrough", "bare-fast",
+        "extproc-jwt", "extproc-jwt-base",
+        "extproc-jwt-rl", "extproc-jwt-rl-base",
+    ]  # fmt: skip
+    twin = out[-1]
+    assert twin.source == tmp_path and twin.plugins == ("jwt", "rl") and "abc1234" in twin.title
+    assert out[-2].source is None
+
+
+def test_the_sidecar_imports_extproc_from_the_given_tree(tmp_path: Path) -> None:
+    sidecar = SidecarProcess(tmp_path / "c.yaml", source_root=tmp_path)
+    assert sidecar.env["PYTHONPATH"].split(":")[0] == str(tmp_path)
+    default = SidecarProcess(tmp_path / "c.yaml")
+    assert default.env["PYTHONPATH"].split(":")[0] == str(REPO)
+
+
+def test_the_baseline_tree_is_that_commit(tmp_path: Path) -> None:
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    sha, tree = baseline_tree("HEAD", tmp_path)
+    assert sha == head
+    committed = subprocess.run(
+        ["git", "-C", str(REPO), "show", "HEAD:extproc/chain.py"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert (tree / "extproc" / "chain.py").read_text() == committed
+
+
+def _sample(rps: float, sidecar: float) -> dict[str, Any]:
+    return {"rps": rps, "cpu_us": {"sidecar": sidecar}}
+
+
+def test_the_report_compares_within_each_round() -> None:
+    rounds = [
+        {"extproc": _sample(1100, 500), "extproc-base": _sample(1000, 550)},
+        {"extproc": _sample(500, 900), "extproc-base": _sample(400, 1000)},  # a slow round
+        {"extproc": _sample(1050, 520), "extproc-base": _sample(1000, 540)},
+    ]
+    data = {
+        "baseline": "abc1234",
+        "rounds": rounds,
+        "summary": {
+            "extproc": {"rps": 1050, "cpu_us": {"sidecar": 520}},
+            "extproc-base": {"rps": 1000, "cpu_us": {"sidecar": 550}},
+        },
+    }
+    lines = report._baseline_table(data)
+    assert any("`abc1234`" in line for line in lines)
+    row = next(line for line in lines if line.startswith("| `extproc` "))
+    # per-round ratios 1.10, 1.25, 1.05: the median, not the ratio of the medians (1.05)
+    assert "| 1.100 |" in row and "1.10 1.25 1.05" in row
+    assert report._baseline_table({**data, "baseline": None}) == []
