@@ -54,7 +54,7 @@ class Scenario:
     title: str
     #: none | native | bare-idiomatic | bare-fast | bare-coalesced | extproc | sdk
     backend: str
-    #: plugins of an extproc backend: () | ("hdr",) | ("jwt",) | ("jwt", "rl")
+    #: plugins of an extproc backend: () | ("hdr",) | ("noop",) | ("jwt",) | ("jwt", "rl")
     plugins: tuple[str, ...] = ()
     batch: int = 100
     #: most requests are expected to be denied (429)
@@ -147,6 +147,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "extproc + headers (one fixed request header): the cost of one trivial plugin",
         "extproc",
         ("hdr",),
+        optional=True,
+    ),
+    Scenario(
+        "extproc-noop",
+        "extproc + headers matching no path: a plugin that runs and changes nothing",
+        "extproc",
+        ("noop",),
         optional=True,
     ),
     Scenario(
@@ -277,8 +284,9 @@ def sidecar_config(
     s: Scenario, traffic: Traffic, redis_url: str | None, otlp_endpoint: str | None = None
 ) -> dict[str, Any]:
     plugins: list[dict[str, Any]] = []
-    if "hdr" in s.plugins:
-        rule = {"path_prefix": "/api/", "request_set": {"x-bench": "1"}}
+    if "hdr" in s.plugins or "noop" in s.plugins:
+        prefix = "/api/" if "hdr" in s.plugins else "/nowhere/"
+        rule = {"path_prefix": prefix, "request_set": {"x-bench": "1"}}
         plugins.append({"plugin": "headers", "config": {"rules": [rule]}})
     if "jwt" in s.plugins:
         plugins.append(
