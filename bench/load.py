@@ -191,3 +191,20 @@ def open_loop(
     result = runner(_open_loop(port, requests, rate, duration_s, connections))
     result.extra["wall_s"] = time.monotonic() - started
     return result
+
+
+def open_loop_pair(
+    targets: list[tuple[int, list[bytes]]], *, rate: float, duration_s: float, connections: int
+) -> list[LoadResult]:
+    """:func:`open_loop` against several listeners at once, ``rate`` requests/s each, from one
+    event loop: every target sees the same moments of the machine (``--baseline`` pairs)."""
+    import uvloop
+
+    async def both() -> list[LoadResult]:
+        return list(
+            await asyncio.gather(
+                *(_open_loop(port, reqs, rate, duration_s, connections) for port, reqs in targets)
+            )
+        )
+
+    return uvloop.run(both())

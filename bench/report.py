@@ -241,7 +241,7 @@ def _baseline_table(data: dict[str, Any]) -> list[str]:
             f"| `{key}` | {_fmt(row['rps'])} | {_fmt(base['rps'])} | {_fmt(_median(ratios), 3)} "
             f"| {' '.join(f'{x:.2f}' for x in ratios)} | {_fmt(cpu)} | {_fmt(base_cpu)} |"
         )
-    return [
+    lines = [
         "",
         f"## Against the baseline (`{sha}`)",
         "",
@@ -251,6 +251,39 @@ def _baseline_table(data: dict[str, Any]) -> list[str]:
         "| scenario | req/s | req/s at baseline | ratio (median) | ratio per round "
         "| sidecar µs/req | at baseline |",
         "|---|---:|---:|---:|---|---:|---:|",
+        *rows,
+    ]
+    return lines + _paired_table(data)
+
+
+def _paired_table(data: dict[str, Any]) -> list[str]:
+    """Both versions at once under the same fixed rate: sidecar CPU per request, per round."""
+    paired = data.get("paired") or {}
+    rounds = paired.get("rounds") or []
+    rows = []
+    for key in data["summary"]:
+        twin = key + BASE_SUFFIX
+        both = [r for r in rounds if key in r and twin in r]
+        if not both:
+            continue
+        ratios = [r[key]["sidecar_us"] / r[twin]["sidecar_us"] for r in both]
+        rows.append(
+            f"| `{key}` | {_fmt(_median([r[key]['sidecar_us'] for r in both]))} "
+            f"| {_fmt(_median([r[twin]['sidecar_us'] for r in both]))} "
+            f"| {_fmt(_median(ratios), 3)} | {' '.join(f'{x:.2f}' for x in ratios)} "
+            f"| {_fmt(sum(r[key]['errors'] + r[twin]['errors'] for r in both))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        f"Both at once, {paired['rate']:g} req/s each (open loop, {len(rounds)} rounds x "
+        f"{paired['duration_s']:g} s): neither saturated, so each pays its own CPU per request, "
+        "in the same moments of the machine. Ratio: this run / baseline, per round, then the "
+        "median (below 1: cheaper).",
+        "",
+        "| scenario | sidecar µs/req | at baseline | ratio (median) | ratio per round | errors |",
+        "|---|---:|---:|---:|---|---:|",
         *rows,
     ]
 

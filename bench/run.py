@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.load import WRK_HINT, LoadResult, open_loop, run_wrk, wrk_binary
+from bench.load import WRK_HINT, LoadResult, open_loop, open_loop_pair, run_wrk, wrk_binary
 from bench.procs import ProcError, cpu_seconds, sdk_python
 from bench.report import BASE_SUFFIX
 from bench.stack import (
@@ -246,6 +246,32 @@ def _throughput(
     )
 
 
+def _paired(
+    stack: Stack, pair: tuple[Scenario, Scenario], traffic: Traffic, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Both scenarios under the same fixed load at the same time: neither is saturated, so
+    each pays its own CPU per request, in the same moments of a machine whose speed drifts."""
+    targets = []
+    for s in pair:
+        port = stack.port(s.key)
+        host = f"127.0.0.1:{port}"
+        targets.append((port, [traffic.raw_request(i, host) for i in range(len(traffic.tokens))]))
+    before = {s.key: cpu_seconds(stack.sidecar_pids(s.key)) for s in pair}
+    results = open_loop_pair(targets, rate=rate, duration_s=seconds, connections=16)
+    out: dict[str, Any] = {}
+    for s, result in zip(pair, results, strict=True):
+        n = max(1, result.requests)
+        cpu = cpu_seconds(stack.sidecar_pids(s.key)) - before[s.key]
+        out[s.key] = {
+            "requests": result.requests,
+            "achieved_rps": result.extra["achieved_rps"],
+            "sidecar_us": cpu / n * 1e6,
+            "p99_ms": result.latency_ms["p99"],
+            "errors": result.errors(_allowed(s)),
+        }
+    return out
+
+
 def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[str, Any]:
     port = stack.port(s.key)
     requests = [traffic.raw_request(i, f"127.0.0.1:{port}") for i in range(len(traffic.tokens))]
@@ -356,6 +382,9 @@ def run(
     raw: Path,
     command: str,
     baseline: str | None = None,
+    paired_rounds: int = 5,
+    paired_rate: float = 300.0,
+    paired_s: float = 4.0,
 ) -> dict[str, Any]:
     chosen = [scenario(k) for k in keys]
     base_sha = None
@@ -428,6 +457,24 @@ def run(
                 results[s.key] = _latency(stack, s, traffic, mode)
                 print(_line(s, results[s.key]), flush=True)
             data["latency_rounds"].append(results)
+        pairs = [
+            (s, twin)
+            for s in chosen
+            for twin in chosen
+            if twin.key == s.key + BASE_SUFFIX and not s.deny
+        ]
+        if pairs:
+            data["paired"] = {"rate": paired_rate, "duration_s": paired_s, "rounds": []}
+        for n in range(paired_rounds if pairs else 0):
+            print(f"paired round {n + 1}/{paired_rounds} at {paired_rate:g} req/s each", flush=True)
+            results = {}
+            for pair in pairs:
+                results.update(_paired(stack, pair, traffic, paired_rate, paired_s))
+                for s in pair:
+                    r = results[s.key]
+                    line = f"  {s.key:<22} {r['sidecar_us']:6.0f} µs/req  p99 {r['p99_ms']:7.2f} ms"
+                    print(f"{line}  errors {r['errors']}", flush=True)
+            data["paired"]["rounds"].append(results)
         data["commands"] = [
             *stack.commands,
             f"wrk -t {mode.threads} -c {mode.connections} -d {mode.duration_s:g}s --timeout 5s "
@@ -488,6 +535,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also run every selected extproc scenario from commit REV (rows *-base), "
         "side by side in the same rounds: what a change did",
     )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=5,
+        help="with --baseline: rounds of both versions at once under the same fixed rate",
+    )
+    parser.add_argument(
+        "--paired-rate", type=float, default=300.0, help="req/s each, of the paired rounds"
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     command = "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -524,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         raw_root = args.out / "raw"
         raw_root.mkdir(parents=True, exist_ok=True)
         raw = Path(tempfile.mkdtemp(prefix=f"{mode.name}-", dir=raw_root))
-        run(mode, keys, args.out, raw, command, args.baseline)
+        run(
+            mode, keys, args.out, raw, command, args.baseline,
+            paired_rounds=args.paired_rounds, paired_rate=args.paired_rate,
+        )  # fmt: skip
     except ProcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if "wrk" in str(exc):

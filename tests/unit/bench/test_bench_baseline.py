@@ -70,3 +70,29 @@ def test_the_report_compares_within_each_round() -> None:
     # per-round ratios 1.10, 1.25, 1.05: the median, not the ratio of the medians (1.05)
     assert "| 1.100 |" in row and "1.10 1.25 1.05" in row
     assert report._baseline_table({**data, "baseline": None}) == []
+
+
+def test_the_paired_table_compares_cpu_per_request_round_by_round() -> None:
+    def p(us: float, errors: int = 0) -> dict[str, Any]:
+        return {"sidecar_us": us, "errors": errors}
+
+    data = {
+        "baseline": "abc1234",
+        "rounds": [],
+        "summary": {"extproc": {}, "extproc-base": {}},
+        "paired": {
+            "rate": 300.0,
+            "duration_s": 4.0,
+            "rounds": [
+                {"extproc": p(900), "extproc-base": p(1000)},
+                {"extproc": p(1800), "extproc-base": p(2000, errors=1)},  # a slow moment: both
+                {"extproc": p(950), "extproc-base": p(1000)},
+            ],
+        },
+    }
+    lines = report._paired_table(data)
+    row = next(line for line in lines if line.startswith("| `extproc` "))
+    assert "| 0.900 |" in row and "0.90 0.90 0.95" in row  # median of the per-round ratios
+    assert row.endswith("| 1 |")  # errors of both versions
+    assert any("300 req/s each" in line for line in lines)
+    assert report._paired_table({**data, "paired": None}) == []
