@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 from extproc.context import _deadline
-from extproc.deadlines import DeadlineHeap
+from extproc.deadlines import STALL_TOLERANCE, loop_deadlines
 from extproc.observability.metrics import BoundCounter, BoundHistogram, Registry
 from extproc.observability.tracing import current_stream
 from extproc.plugin import (
@@ -37,14 +37,11 @@ from extproc.plugin import (
 from extproc.rollout import Gate
 from extproc.services.breaker import CircuitBreaker
 
-__all__ = ["Chain", "Outcome", "Slot"]
+__all__ = ["STALL_TOLERANCE", "Chain", "Outcome", "Slot"]
 
 log = logging.getLogger("extproc.chain")
 
 _RESULT_TYPES: Final = (Continue, Respond, Reject)
-#: A deadline timer that runs this late (seconds) was held up by the worker - a blocked loop, a
-#: GC pause, no CPU to run on - not by the plugin: the plugin gets the lost time back.
-STALL_TOLERANCE: Final = 0.02
 
 
 @dataclass(slots=True)
@@ -210,13 +207,6 @@ class Chain:
                 },
             )
         self._background: set[asyncio.Task[None]] = set()
-        self._heap: DeadlineHeap | None = None
-
-    def _deadlines(self, loop: asyncio.AbstractEventLoop) -> DeadlineHeap:
-        heap = self._heap
-        if heap is None or heap.loop is not loop:
-            heap = self._heap = DeadlineHeap(loop, stall_tolerance=STALL_TOLERANCE)
-        return heap
 
     def wants(self, phase: Phase) -> bool:
         return bool(self.by_phase[phase])
@@ -281,33 +271,15 @@ class Chain:
             else:
                 # Most hooks finish without waiting for anything (a cache hit, a header
                 # rule): their first step returns, and no timer is armed at all. A hook that
-                # suspends goes on in this task, its deadline kept by the chain's one timer
-                # (DeadlineHeap) instead of a timer and an asyncio.timeout per call.
+                # suspends goes on in this task, its deadline kept by the loop's one timer
+                # (extproc.deadlines) instead of a timer and an asyncio.timeout per call.
                 try:
                     pending = coro.send(None)
                 except StopIteration as stop:
                     result = stop.value
                 else:
-                    task = asyncio.current_task(loop)
-                    assert task is not None  # hooks run in the stream's task
-                    cancelling = task.cancelling()
-                    watch = self._deadlines(loop).at(deadline, task.cancel, limit=message_deadline)
-                    try:
+                    with loop_deadlines(loop).timeout(deadline, limit=message_deadline):
                         result = await _resume(coro, pending)
-                    except asyncio.CancelledError:
-                        # ours (the deadline) unless someone else cancelled the task too
-                        if watch.expired and task.uncancel() <= cancelling:
-                            raise TimeoutError from None
-                        raise
-                    except BaseException:
-                        if watch.expired:  # ended otherwise after its cancellation
-                            task.uncancel()
-                        raise
-                    else:
-                        if watch.expired:  # swallowed its cancellation and answered anyway
-                            task.uncancel()
-                    finally:
-                        watch.cancel()
         except TimeoutError as exc:
             return self._failed(slot, event, "timeout", exc)
         except asyncio.CancelledError:
@@ -347,7 +319,7 @@ class Chain:
                 waiter.set_result(None)
 
         task.add_done_callback(wake)
-        timer = self._deadlines(loop).at(deadline, wake, limit=limit)
+        timer = loop_deadlines(loop).at(deadline, wake, limit=limit)
         try:
             await waiter
         except asyncio.CancelledError:

@@ -16,11 +16,34 @@ import heapq
 import itertools
 import logging
 import math
+import weakref
 from collections.abc import Callable
+from types import TracebackType
+from typing import Final
 
-__all__ = ["Deadline", "DeadlineHeap"]
+__all__ = ["STALL_TOLERANCE", "Deadline", "DeadlineHeap", "TaskTimeout", "loop_deadlines"]
 
 log = logging.getLogger("extproc.deadlines")
+
+#: A deadline timer that runs this late (seconds) was held up by the worker - a blocked loop, a
+#: GC pause, no CPU to run on - not by the work it guards: a deadline with a later ``limit``
+#: gets the lost time back.
+STALL_TOLERANCE: Final = 0.02
+
+_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeadlineHeap] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def loop_deadlines(loop: asyncio.AbstractEventLoop | None = None) -> DeadlineHeap:
+    """The deadline heap of ``loop`` (the running one by default): one timer per loop for
+    every plugin deadline, the chain's and the plugins' own."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    heap = _BY_LOOP.get(loop)
+    if heap is None:
+        heap = _BY_LOOP[loop] = DeadlineHeap(loop)
+    return heap
 
 
 class Deadline:
@@ -46,16 +69,18 @@ class Deadline:
 class DeadlineHeap:
     """Calls each deadline's ``fire`` at its time, on one ``call_at`` timer of ``loop``.
 
-    ``stall_tolerance``: when the timer runs more than this late, the loop could not run
-    anything in the meantime (a GC pause, no CPU to run on), so the work could not have used
-    that time; a deadline that has a later ``limit`` is moved by as long as the timer was late,
-    never past ``limit``, instead of firing. ``limit`` defaults to the deadline itself: no time
-    given back.
+    ``stall_tolerance`` (:data:`STALL_TOLERANCE`): when the timer runs more than this late, the
+    loop could not run anything in the meantime (a GC pause, no CPU to run on), so the work
+    could not have used that time; a deadline that has a later ``limit`` is moved by as long as
+    the timer was late, never past ``limit``, instead of firing. ``limit`` defaults to the
+    deadline itself: no time given back.
     """
 
     __slots__ = ("_handle", "_heap", "_seq", "armed", "loop", "stall_tolerance")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, stall_tolerance: float = 0.0) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, stall_tolerance: float = STALL_TOLERANCE
+    ) -> None:
         self.loop = loop
         self.stall_tolerance = stall_tolerance
         self._heap: list[tuple[float, int, Deadline]] = []
@@ -77,6 +102,12 @@ class DeadlineHeap:
         if deadline < self.armed:
             self._arm(deadline)
         return entry
+
+    def timeout(self, deadline: float, *, limit: float | None = None) -> TaskTimeout:
+        """``with heap.timeout(deadline):`` - ``asyncio.timeout`` on this heap: the current task
+        is cancelled at ``deadline`` and the block raises :class:`TimeoutError`; a plain
+        (synchronous) context manager, so it costs no coroutine of its own."""
+        return TaskTimeout(self, deadline, limit)
 
     def _arm(self, when: float) -> None:
         if self._handle is not None:
@@ -110,3 +141,50 @@ class DeadlineHeap:
                     fire()
                 except Exception:  # one bad callback must not leave the others unfired
                     log.exception("deadline callback failed")
+
+
+class TaskTimeout:
+    """See :meth:`DeadlineHeap.timeout`. The semantics are ``asyncio.timeout``'s: only the
+    cancellation it caused becomes :class:`TimeoutError` (a cancel from elsewhere stays a
+    cancel), and a block that swallowed that cancellation and finished keeps its result, with
+    no cancellation left pending on the task."""
+
+    __slots__ = ("_cancelling", "_deadline", "_entry", "_heap", "_limit", "_task")
+
+    def __init__(self, heap: DeadlineHeap, deadline: float, limit: float | None) -> None:
+        self._heap = heap
+        self._deadline = deadline
+        self._limit = limit
+        self._task: asyncio.Task[object] | None = None
+        self._entry: Deadline | None = None
+        self._cancelling = 0
+
+    @property
+    def expired(self) -> bool:
+        return self._entry is not None and self._entry.expired
+
+    def __enter__(self) -> TaskTimeout:
+        task = asyncio.current_task(self._heap.loop)
+        if task is None:
+            raise RuntimeError("a timeout needs a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._entry = self._heap.at(self._deadline, task.cancel, limit=self._limit)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        entry, task = self._entry, self._task
+        assert entry is not None and task is not None
+        entry.cancel()
+        # uncancel() whenever it expired (left to right): no cancellation of ours stays pending
+        if (
+            entry.expired
+            and task.uncancel() <= self._cancelling
+            and exc_type is asyncio.CancelledError
+        ):
+            raise TimeoutError from exc

@@ -32,7 +32,7 @@ from extproc.context import (
     RequestContext,
     time_left,
 )
-from extproc.deadlines import DeadlineHeap
+from extproc.deadlines import loop_deadlines
 from extproc.plugin import (
     CONTINUE,
     Continue,
@@ -186,7 +186,6 @@ class RateLimitPlugin(Plugin):
         self._clock: Clock = time.monotonic  # replaced by the context's in initialize
         self._margin = config.fallback_margin_ms / 1000.0
         self._redis_timeout = config.redis_timeout_ms / 1000.0
-        self._deadlines: DeadlineHeap | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -417,10 +416,7 @@ class RateLimitPlugin(Plugin):
             return self._fallback(hits, owners)
         # our own deadline, before the chain's: the rules' fail policies answer, not the
         # plugin's (one shared timer for every waiting request; see extproc.deadlines)
-        heap = self._deadlines
-        if heap is None or heap.loop is not loop:
-            heap = self._deadlines = DeadlineHeap(loop)
-        expiry = heap.at(deadline, functools.partial(_time_out, future))
+        expiry = loop_deadlines(loop).at(deadline, functools.partial(_time_out, future))
         try:
             return await future
         except (TimeoutError, StoreUnavailableError, BatcherClosedError):

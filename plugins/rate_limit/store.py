@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from extproc.deadlines import loop_deadlines
 from extproc.services.breaker import CircuitBreaker
 from extproc.services.redis_pipe import RedisPipe, ReplyError, pack_command
 from plugins.rate_limit.keys import Hit, Outcome, current, evaluate, next_state
@@ -239,8 +240,9 @@ class RedisStore:
             raise StoreUnavailableError("redis breaker open" if budget > 0 else "no time left")
         keys, specs, requests = _script_args(batch)
         outcome = "error"
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(budget):
+            with loop_deadlines(loop).timeout(loop.time() + budget):  # no timer of its own
                 if self._pipe is not None:
                     raw = await self._run_piped(keys, specs, requests)
                 else:

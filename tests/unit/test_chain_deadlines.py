@@ -10,6 +10,7 @@ import time
 import pytest
 
 from extproc.chain import STALL_TOLERANCE, Chain, Slot
+from extproc.deadlines import loop_deadlines
 from extproc.observability.metrics import Registry
 from extproc.plugin import CONTINUE, Continue, Plugin, Reject, RequestEvent, Result
 from extproc.services.breaker import CircuitBreaker
@@ -122,8 +123,8 @@ async def test_finished_calls_leave_the_deadline_heap_when_the_timer_next_fires(
     c = chain(Waits(0), timeout=0.05, budget=1.0, isolate=False)
     for _ in range(200):
         assert (await c.run(request_headers())).respond is None
-    deadlines = c._heap
-    assert deadlines is not None and 0 < len(deadlines) <= 200  # only marked done so far
+    deadlines = loop_deadlines()
+    assert 0 < len(deadlines) <= 200  # only marked done so far
     await asyncio.sleep(0.05 + 0.05)
     assert len(deadlines) == 0  # one timer firing swept them all
 

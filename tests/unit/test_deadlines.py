@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from extproc.deadlines import DeadlineHeap
+from extproc.deadlines import DeadlineHeap, loop_deadlines
 
 
 class CountingLoop:
@@ -96,3 +96,58 @@ async def test_a_failing_callback_does_not_stop_the_others(
     await asyncio.sleep(0.06)
     assert fired == [1, 2]
     assert "deadline callback failed" in caplog.text
+
+
+# ------------------------------------------------------------- timeout(): asyncio.timeout on it
+
+
+async def test_timeout_raises_timeout_error_at_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError), loop_deadlines().timeout(started + 0.02) as cm:
+        await asyncio.sleep(5)
+    assert cm.expired and loop.time() - started < 0.5
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_timeout_met_leaves_nothing_behind() -> None:
+    loop = asyncio.get_running_loop()
+    with loop_deadlines().timeout(loop.time() + 0.02) as cm:
+        await asyncio.sleep(0)
+    assert not cm.expired
+    await asyncio.sleep(0.05)  # the deadline passes: nothing fires into this task
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
+    loop = asyncio.get_running_loop()
+
+    async def guarded() -> None:
+        with loop_deadlines().timeout(loop.time() + 5):
+            await asyncio.sleep(5)
+
+    task = asyncio.ensure_future(guarded())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_block_that_swallows_its_cancellation_keeps_its_result() -> None:
+    loop = asyncio.get_running_loop()
+    result = "none"
+    with loop_deadlines().timeout(loop.time() + 0.02) as cm:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            result = "late answer"
+    assert result == "late answer" and cm.expired
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # and no cancellation is delivered later
+
+
+async def test_one_heap_per_loop() -> None:
+    assert loop_deadlines() is loop_deadlines(asyncio.get_running_loop())
