@@ -105,22 +105,8 @@ async def test_after_a_stall_the_plugins_own_deadline_wins(isolate: bool) -> Non
 # ---------------------------------------------------------------- the shared deadline timer
 
 
-class Waits(Plugin):
-    """Waits ``seconds`` (a Redis round trip, say), then continues."""
-
-    name = "waits"
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(None)
-        self.seconds = seconds
-
-    async def on_request(self, event: RequestEvent) -> Result:
-        await asyncio.sleep(self.seconds)
-        return CONTINUE
-
-
 async def test_finished_calls_leave_the_deadline_heap_when_the_timer_next_fires() -> None:
-    c = chain(Waits(0), timeout=0.05, budget=1.0, isolate=False)
+    c = chain(Sleeper(0), timeout=0.05, budget=1.0, isolate=False)  # waits, briefly
     for _ in range(200):
         assert (await c.run(request_headers())).respond is None
     deadlines = loop_deadlines()
