@@ -12,11 +12,11 @@ about once per timeout, not once per call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
 import math
-import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final
@@ -30,19 +30,21 @@ log = logging.getLogger("extproc.deadlines")
 #: gets the lost time back.
 STALL_TOLERANCE: Final = 0.02
 
-_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeadlineHeap] = (
-    weakref.WeakKeyDictionary()
-)
+_ATTR: Final = "_extproc_deadlines"
 
 
 def loop_deadlines(loop: asyncio.AbstractEventLoop | None = None) -> DeadlineHeap:
     """The deadline heap of ``loop`` (the running one by default): one timer per loop for
-    every plugin deadline, the chain's and the plugins' own."""
+    every plugin deadline, the chain's and the plugins' own. Kept on the loop itself, so the
+    two go away together (a registry keyed by the loop would keep it alive: the heap and its
+    timer refer to the loop)."""
     if loop is None:
         loop = asyncio.get_running_loop()
-    heap = _BY_LOOP.get(loop)
+    heap: DeadlineHeap | None = getattr(loop, _ATTR, None)
     if heap is None:
-        heap = _BY_LOOP[loop] = DeadlineHeap(loop)
+        heap = DeadlineHeap(loop)
+        with contextlib.suppress(AttributeError):  # a loop class with __slots__: not shared
+            setattr(loop, _ATTR, heap)
     return heap
 
 

@@ -151,3 +151,20 @@ async def test_a_block_that_swallows_its_cancellation_keeps_its_result() -> None
 
 async def test_one_heap_per_loop() -> None:
     assert loop_deadlines() is loop_deadlines(asyncio.get_running_loop())
+
+
+def test_a_closed_loop_and_its_heap_go_away_together() -> None:
+    import gc
+    import weakref
+
+    async def use() -> None:
+        loop = asyncio.get_running_loop()
+        loop_deadlines().at(loop.time() + 60, lambda: None)  # a timer still armed at the end
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(use())
+    loop.close()
+    ref = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert ref() is None
