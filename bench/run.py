@@ -385,8 +385,11 @@ def run(
     paired_rounds: int = 5,
     paired_rate: float = 300.0,
     paired_s: float = 4.0,
+    paired_with: str | None = None,
 ) -> dict[str, Any]:
     chosen = [scenario(k) for k in keys]
+    if paired_with is not None and paired_with not in keys:
+        raise SystemExit(f"--paired-with {paired_with}: select it in --scenarios too")
     base_sha = None
     if baseline is not None:
         base_sha, tree = baseline_tree(baseline, raw)
@@ -457,22 +460,32 @@ def run(
                 results[s.key] = _latency(stack, s, traffic, mode)
                 print(_line(s, results[s.key]), flush=True)
             data["latency_rounds"].append(results)
+        # (reference, scenario): each version against its baseline twin, or every sidecar
+        # scenario against --paired-with
         pairs = [
-            (s, twin)
+            (twin, s)
             for s in chosen
             for twin in chosen
             if twin.key == s.key + BASE_SUFFIX and not s.deny
         ]
+        if paired_with is not None:
+            ref = scenario(paired_with)
+            pairs += [(ref, s) for s in chosen if s.sidecar and s.key != ref.key and not s.deny]
         if pairs:
-            data["paired"] = {"rate": paired_rate, "duration_s": paired_s, "rounds": []}
+            data["paired"] = {
+                "rate": paired_rate,
+                "duration_s": paired_s,
+                "pairs": [[ref.key, s.key] for ref, s in pairs],
+                "rounds": [],
+            }
         for n in range(paired_rounds if pairs else 0):
             print(f"paired round {n + 1}/{paired_rounds} at {paired_rate:g} req/s each", flush=True)
             results = {}
-            for pair in pairs:
-                results.update(_paired(stack, pair, traffic, paired_rate, paired_s))
-                for s in pair:
-                    r = results[s.key]
-                    line = f"  {s.key:<22} {r['sidecar_us']:6.0f} µs/req  p99 {r['p99_ms']:7.2f} ms"
+            for ref, s in pairs:
+                both = _paired(stack, (ref, s), traffic, paired_rate, paired_s)
+                results[f"{ref.key}|{s.key}"] = both
+                for key, r in both.items():
+                    line = f"  {key:<22} {r['sidecar_us']:6.0f} µs/req  p99 {r['p99_ms']:7.2f} ms"
                     print(f"{line}  errors {r['errors']}", flush=True)
             data["paired"]["rounds"].append(results)
         data["commands"] = [
@@ -539,10 +552,16 @@ def main(argv: list[str] | None = None) -> int:
         "--paired-rounds",
         type=int,
         default=5,
-        help="with --baseline: rounds of both versions at once under the same fixed rate",
+        help="with --baseline or --paired-with: rounds of two sidecars at once under the same "
+        "fixed rate",
     )
     parser.add_argument(
         "--paired-rate", type=float, default=300.0, help="req/s each, of the paired rounds"
+    )
+    parser.add_argument(
+        "--paired-with",
+        metavar="SCENARIO",
+        help="paired rounds of every selected sidecar scenario against SCENARIO (e.g. bare-fast)",
     )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -583,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         run(
             mode, keys, args.out, raw, command, args.baseline,
             paired_rounds=args.paired_rounds, paired_rate=args.paired_rate,
+            paired_with=args.paired_with,
         )  # fmt: skip
     except ProcError as exc:
         print(f"error: {exc}", file=sys.stderr)

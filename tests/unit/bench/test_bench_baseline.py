@@ -76,23 +76,39 @@ def test_the_paired_table_compares_cpu_per_request_round_by_round() -> None:
     def p(us: float, errors: int = 0) -> dict[str, Any]:
         return {"sidecar_us": us, "errors": errors}
 
+    def pair(key: str, us: float, ref: str, ref_us: float, ref_errors: int = 0) -> dict[str, Any]:
+        return {f"{ref}|{key}": {key: p(us), ref: p(ref_us, ref_errors)}}
+
     data = {
         "baseline": "abc1234",
         "rounds": [],
-        "summary": {"extproc": {}, "extproc-base": {}},
+        "summary": {},
         "paired": {
             "rate": 300.0,
             "duration_s": 4.0,
+            "pairs": [["extproc-base", "extproc"], ["bare-fast", "extproc"]],
             "rounds": [
-                {"extproc": p(900), "extproc-base": p(1000)},
-                {"extproc": p(1800), "extproc-base": p(2000, errors=1)},  # a slow moment: both
-                {"extproc": p(950), "extproc-base": p(1000)},
+                {
+                    **pair("extproc", 900, "extproc-base", 1000),
+                    **pair("extproc", 900, "bare-fast", 800),
+                },
+                # a slow moment: both sides of each pair alike
+                {
+                    **pair("extproc", 1800, "extproc-base", 2000, 1),
+                    **pair("extproc", 1900, "bare-fast", 1600),
+                },
+                {
+                    **pair("extproc", 950, "extproc-base", 1000),
+                    **pair("extproc", 880, "bare-fast", 800),
+                },
             ],
         },
     }
     lines = report._paired_table(data)
-    row = next(line for line in lines if line.startswith("| `extproc` "))
-    assert "| 0.900 |" in row and "0.90 0.90 0.95" in row  # median of the per-round ratios
-    assert row.endswith("| 1 |")  # errors of both versions
+    base = next(line for line in lines if line.startswith("| `extproc` | `extproc-base` "))
+    assert "| 0.900 |" in base and "0.90 0.90 0.95" in base  # median of the per-round ratios
+    assert base.endswith("| 1 |")  # errors of both sides
+    bare = next(line for line in lines if line.startswith("| `extproc` | `bare-fast` "))
+    assert "| 1.125 |" in bare and "1.12 1.19 1.10" in bare
     assert any("300 req/s each" in line for line in lines)
     assert report._paired_table({**data, "paired": None}) == []
