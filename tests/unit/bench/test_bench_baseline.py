@@ -4,6 +4,7 @@ in the same rounds, and the report compares the two round by round."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,13 @@ def test_the_baseline_tree_is_that_commit(tmp_path: Path) -> None:
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert (tree / "extproc" / "chain.py").read_text() == committed
+    # and a sidecar given that tree imports extproc from it, not from this checkout
+    env = SidecarProcess(tmp_path / "c.yaml", source_root=tree).env
+    where = subprocess.run(
+        [sys.executable, "-c", "import extproc.chain; print(extproc.chain.__file__)"],
+        env=env, cwd="/", check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    assert Path(where).is_relative_to(tree), where
 
 
 def _sample(rps: float, sidecar: float) -> dict[str, Any]:
