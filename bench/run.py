@@ -83,6 +83,8 @@ class Mode:
     latency_scenarios: tuple[str, ...] | None = None
     subjects: int = 1000
     threads: int = 1
+    #: paired fixed-rate rounds of every sidecar scenario against this one (None: none)
+    paired_with: str | None = None
 
 
 ALL = tuple(s.key for s in SCENARIOS if not s.optional)
@@ -112,7 +114,7 @@ MODES = {
         1,
         latency_scenarios=("passthrough", "native", "bare-fast", "extproc", "extproc-jwt-rl"),
     ),
-    "full": Mode("full", ALL, 5, 8, 3, 64, 2, 8),
+    "full": Mode("full", ALL, 5, 8, 3, 64, 2, 8, paired_with="bare-fast"),
 }
 
 
@@ -561,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paired-with",
         metavar="SCENARIO",
-        help="paired rounds of every selected sidecar scenario against SCENARIO (e.g. bare-fast)",
+        help="paired rounds of every selected sidecar scenario against SCENARIO (e.g. "
+        "bare-fast; --full does this with bare-fast)",
     )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -599,10 +602,12 @@ def main(argv: list[str] | None = None) -> int:
         raw_root = args.out / "raw"
         raw_root.mkdir(parents=True, exist_ok=True)
         raw = Path(tempfile.mkdtemp(prefix=f"{mode.name}-", dir=raw_root))
+        # the mode's paired reference only when selected; one asked for by name must be
+        paired_with = args.paired_with or (mode.paired_with if mode.paired_with in keys else None)
         run(
             mode, keys, args.out, raw, command, args.baseline,
             paired_rounds=args.paired_rounds, paired_rate=args.paired_rate,
-            paired_with=args.paired_with,
+            paired_with=paired_with,
         )  # fmt: skip
     except ProcError as exc:
         print(f"error: {exc}", file=sys.stderr)
