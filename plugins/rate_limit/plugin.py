@@ -16,7 +16,6 @@ Turn them into response headers with the route's or listener's ``response_header
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -415,14 +414,13 @@ class RateLimitPlugin(Plugin):
             self._m_dropped.inc()
             return self._fallback(hits, owners)
         # our own deadline, before the chain's: the rules' fail policies answer, not the
-        # plugin's (one shared timer for every waiting request; see extproc.deadlines)
-        expiry = loop_deadlines(loop).at(deadline, functools.partial(_time_out, future))
+        # plugin's (on the loop's one deadline timer, as the chain's; a future cancelled by it
+        # is left out of its batch)
         try:
-            return await future
+            with loop_deadlines(loop).timeout(deadline):
+                return await future
         except (TimeoutError, StoreUnavailableError, BatcherClosedError):
             return self._fallback(hits, owners)
-        finally:
-            expiry.cancel()
 
     def _fallback(self, hits: list[Hit], owners: list[_Rule]) -> list[Outcome] | Reject:
         """The store could not decide in time: each rule's fail policy answers."""
@@ -529,10 +527,3 @@ class RateLimitPlugin(Plugin):
             headers=headers,
             details=f"rate_limited:{owner.rule.name}",
         )
-
-
-def _time_out(future: asyncio.Future[Any]) -> None:
-    """The request's own deadline passed while it waited for its batch: it stops waiting (the
-    batcher leaves a finished future out of the batch, or ignores its late result)."""
-    if not future.done():
-        future.set_exception(TimeoutError())
