@@ -253,11 +253,7 @@ def _paired(
 ) -> dict[str, Any]:
     """Both scenarios under the same fixed load at the same time: neither is saturated, so
     each pays its own CPU per request, in the same moments of a machine whose speed drifts."""
-    targets = []
-    for s in pair:
-        port = stack.port(s.key)
-        host = f"127.0.0.1:{port}"
-        targets.append((port, [traffic.raw_request(i, host) for i in range(len(traffic.tokens))]))
+    targets = [(stack.port(s.key), _requests(stack, s, traffic)) for s in pair]
     before = {s.key: cpu_seconds(stack.sidecar_pids(s.key)) for s in pair}
     results = open_loop_pair(targets, rate=rate, duration_s=seconds, connections=16)
     out: dict[str, Any] = {}
@@ -274,9 +270,15 @@ def _paired(
     return out
 
 
+def _requests(stack: Stack, s: Scenario, traffic: Traffic) -> list[bytes]:
+    """The open-loop generator's requests for ``s``'s listener: one per token."""
+    host = f"127.0.0.1:{stack.port(s.key)}"
+    return [traffic.raw_request(i, host) for i in range(len(traffic.tokens))]
+
+
 def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[str, Any]:
     port = stack.port(s.key)
-    requests = [traffic.raw_request(i, f"127.0.0.1:{port}") for i in range(len(traffic.tokens))]
+    requests = _requests(stack, s, traffic)
     return _sample(
         stack,
         s,
@@ -464,11 +466,11 @@ def run(
             data["latency_rounds"].append(results)
         # (reference, scenario): each version against its baseline twin, or every sidecar
         # scenario against --paired-with
+        by_key = {s.key: s for s in chosen}
         pairs = [
-            (twin, s)
+            (by_key[s.key + BASE_SUFFIX], s)
             for s in chosen
-            for twin in chosen
-            if twin.key == s.key + BASE_SUFFIX and not s.deny
+            if s.key + BASE_SUFFIX in by_key and not s.deny
         ]
         if paired_with is not None:
             ref = scenario(paired_with)
