@@ -106,7 +106,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from extproc.supervisor import supervise
 
         configure_logging(loaded.config.logging)
-        _run(supervise(loaded, args.config, args.workers, listen=args.listen, admin=args.admin))
+        watch = not args.no_watch
+        _run(supervise(loaded, args.config, args.workers, listen=args.listen, admin=args.admin,
+                       watch=watch))  # fmt: skip
         return 0
     _run(serve(args.config, listen=args.listen, admin=args.admin, watch=not args.no_watch))
     return 0

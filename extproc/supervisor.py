@@ -111,8 +111,11 @@ class Supervisor:
         *,
         listen: str | None = None,
         admin: str | None = None,
+        watch: bool = True,
     ) -> None:
         self.loaded = loaded
+        #: workers watch the configuration file themselves (each reloads on its own)
+        self.watch = watch
         self.config_path = config_path
         settings = loaded.config.server
         self.listen = listen or settings.listen
@@ -133,6 +136,8 @@ class Supervisor:
             sys.executable, "-m", "extproc", "serve", "--config", self.config_path,
             "--listen", worker.address, "--admin", worker.admin,
         ]  # fmt: skip
+        if not self.watch:
+            argv.append("--no-watch")
         env = dict(os.environ, EXTPROC_WORKERS=str(self.count), EXTPROC_WORKER=str(worker.index))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(worker.admin[5:])
@@ -273,7 +278,8 @@ async def supervise(
     *,
     listen: str | None = None,
     admin: str | None = None,
+    watch: bool = True,
 ) -> None:
-    sup = Supervisor(loaded, config_path, workers, listen=listen, admin=admin)
+    sup = Supervisor(loaded, config_path, workers, listen=listen, admin=admin, watch=watch)
     await sup.start()
     await sup.wait()

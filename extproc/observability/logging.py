@@ -78,3 +78,7 @@ def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
     logging.getLogger("extproc").setLevel(settings.level.upper())
+    # watchfiles logs every batch of file events in the config's directory at info; the
+    # reload that matters is logged by extproc.reload ("configuration file changed")
+    debug = settings.level.upper() == "DEBUG"
+    logging.getLogger("watchfiles").setLevel(logging.NOTSET if debug else logging.WARNING)

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extproc.supervisor import merge_metrics, worker_addresses
+from extproc.config import parse_config
+from extproc.supervisor import Supervisor, merge_metrics, worker_addresses
 from extproc.testing.fake_envoy import EnvoyMode, FakeEnvoy
 from extproc.testing.processes import free_port
 
@@ -39,6 +40,31 @@ def test_merge_metrics_sums_series_and_keeps_the_generation() -> None:
     assert 'x_total{a="1"} 7' in merged
     assert "extproc_config_generation 3\n" in merged
     assert merged.count("# TYPE x_total counter") == 1
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_workers_are_told_whether_to_watch_the_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, watch: bool
+) -> None:
+    """``serve --workers 2 --no-watch``: the workers, which watch the file themselves, must
+    not watch it either."""
+    started: list[list[str]] = []
+
+    class _Recorded:
+        pid = 0
+
+        def __init__(self, argv: list[str], **_: object) -> None:
+            started.append(argv)
+
+    monkeypatch.setattr(subprocess, "Popen", _Recorded)
+    loaded = parse_config("server: {listen: '127.0.0.1:5000', admin: null}\nplugins: []\n")
+    sup = Supervisor(loaded, str(tmp_path / "c.yaml"), 2, watch=watch)
+    for worker in sup.workers:
+        sup._spawn(worker)
+    assert [argv[argv.index("--listen") + 1] for argv in started] == [
+        "127.0.0.1:5000", "127.0.0.1:5001",
+    ]  # fmt: skip
+    assert all(("--no-watch" in argv) is (not watch) for argv in started)
 
 
 async def test_two_workers_serve_and_aggregate(tmp_path: Path) -> None:
