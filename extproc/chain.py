@@ -184,6 +184,8 @@ class Chain:
         self.by_phase: dict[Phase, tuple[Slot, ...]] = {
             phase: tuple(s for s in self.slots if phase in s.phases) for phase in Phase
         }
+        #: the phases some plugin runs in (a stream ends once none of them can still come)
+        self.wanted: frozenset[Phase] = frozenset(p for p, s in self.by_phase.items() if s)
         duration = registry.histogram(
             "extproc_plugin_duration_seconds", "time in a plugin hook", ("plugin", "phase")
         )

@@ -145,7 +145,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     if held is not None:
                         await held  # the round's replies are written in one loop iteration
                     await context.write(data)
-                if stream.closed:
+                if stream.finished:
                     break
         except (RemoteProtocolError, codec.DecodeError, ProtobufDecodeError) as exc:
             end = "remote_error"

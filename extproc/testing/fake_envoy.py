@@ -13,10 +13,14 @@ Two ways to drive it:
   :class:`~extproc.chain.Chain` behind the real protocol code, messages go through protobuf
   bytes both ways;
 * ``FakeEnvoy.connect("127.0.0.1:50051")`` - over gRPC against a running sidecar.
+
+Like Envoy, it takes a stream the sidecar ends with status OK as "no more messages needed":
+the rest of the exchange goes on unchanged, without the sidecar (``Exchange.sidecar_closed``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +74,8 @@ class Exchange:
     dynamic_metadata: dict[str, Any] = field(default_factory=dict)
     messages_sent: list[Phase] = field(default_factory=list)
     mode_override: pb.ProcessingResponse | None = None
+    #: the sidecar ended the stream (status OK) before the exchange was over
+    sidecar_closed: bool = False
 
     def header(self, name: str) -> str | None:
         values = self.response_headers.get(name.lower())
@@ -129,9 +135,16 @@ _EXPECTED = {
 }
 
 
+class _Closed:
+    """The sidecar ended the stream with status OK: no more messages are needed."""
+
+
+CLOSED = _Closed()
+
+
 class _Transport:
     async def open(self) -> None: ...
-    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None: ...
+    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | _Closed | None: ...
     async def close(self) -> None: ...
 
 
@@ -145,8 +158,10 @@ class _InProcess(_Transport):
     async def open(self) -> None:
         self.stream = StreamProcessor(self.chain, self.metrics, allow_mode_override=self.allow)
 
-    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | _Closed | None:
         assert self.stream is not None
+        if self.stream.finished:  # what the server does: end the RPC, read nothing more
+            return CLOSED
         wire = pb.ProcessingRequest.FromString(req.SerializeToString())
         msg = codec.decode(wire)
         reply = await self.stream.handle(msg)
@@ -175,22 +190,42 @@ class _Grpc(_Transport):
             self.channel = grpc.aio.insecure_channel(self.target)
         self.call = g.ExternalProcessorStub(self.channel).Process()  # type: ignore[no-untyped-call]
 
-    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+    async def send(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | _Closed | None:
         import grpc
 
-        await self.call.write(req)
+        if self.call.done():
+            return await self._ended()
+        try:
+            await self.call.write(req)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # the call ended between done() and the write; grpc then replaces the sidecar's
+            # status with its own INTERNAL, so it cannot be read: taken as ended, as Envoy
+            # takes a stream the sidecar ended with OK
+            return CLOSED
         if req.observability_mode:
             return None
         resp = await self.call.read()
+        if resp is grpc.aio.EOF:
+            return await self._ended()
         if resp is not grpc.aio.EOF and resp.WhichOneof("response") is None:
             if not resp.HasField("override_message_timeout"):
                 raise SpuriousResponseError("a response with neither a reply nor a timeout")
             self.extensions += 1  # Envoy takes one per message, then waits longer
             resp = await self.call.read()
         if resp is grpc.aio.EOF:
-            raise SpuriousResponseError("the sidecar closed the stream without answering")
+            return await self._ended()
         assert isinstance(resp, pb.ProcessingResponse)
         return resp
+
+    async def _ended(self) -> _Closed:
+        """The call is over: fine with status OK (Envoy goes on without the sidecar); any
+        other status fails the exchange, as it fails the request in Envoy."""
+        import grpc
+
+        code = await self.call.code()
+        if code is not grpc.StatusCode.OK:
+            raise SpuriousResponseError(f"the sidecar ended the stream with {code.name}")
+        return CLOSED
 
     async def close(self) -> None:
         if self.call is not None:
@@ -316,11 +351,17 @@ class FakeEnvoy:
                     r.attributes["envoy.filters.http.ext_proc"].update(dict(attributes))
                 first = False
             r.observability_mode = mode.observability_mode
-            ex.messages_sent.append(phase)
             return r
 
         async def send(phase: Phase, r: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+            if ex.sidecar_closed:  # Envoy sends nothing more, the exchange goes on unchanged
+                return None
+            ex.messages_sent.append(phase)
             resp = await self.transport.send(r)
+            if isinstance(resp, _Closed):
+                ex.messages_sent.pop()
+                ex.sidecar_closed = True
+                return None
             if resp is None:
                 return None
             kind = resp.WhichOneof("response")

@@ -104,3 +104,42 @@ async def test_sidecar_stopped_follows_failure_mode_allow(
         assert statuses[1:] == [expected] * 4, statuses
         if not allow:
             assert all(500 <= s < 600 for s in statuses)
+
+
+async def test_sidecar_ends_the_stream_when_no_plugin_wants_more(tmp_path: Path) -> None:
+    """Envoy configured to send every phase, plugins on request headers only: the sidecar
+    answers the request headers and ends the stream with OK; Envoy sends it nothing more and
+    finishes the exchange unchanged, with no stream counted as failed."""
+    from extproc.envoy_spec import BodyMode, ProcessingModeSpec
+
+    path = tmp_path / "extproc.yaml"
+    path.write_text(
+        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
+        "      rules: [{path_prefix: /, request_set: {x-added: 'yes'}}]\n"
+    )
+    everything = ProcessingModeSpec(
+        request_headers=True,
+        response_headers=True,
+        request_body=BodyMode.BUFFERED,
+        response_body=BodyMode.BUFFERED,
+        request_trailers=True,
+        response_trailers=True,
+    )
+    async with LocalStack(path, ext_proc_overrides={"processing_mode": everything}) as stack:
+        http = stack.http
+        for _ in range(3):
+            got = await http.post("/echo", content=b"payload")
+            assert got.status_code == 200
+            assert got.json()["headers"]["x-added"] == "yes"
+            assert got.json()["body"] == "payload"
+        assert stack.envoy is not None
+        stats = stack.envoy.stats("ext_proc")
+    counts = {k.rsplit(".", 1)[-1]: v for k, v in stats.items()}
+    assert counts["streams_started"] == 3
+    assert counts["stream_msgs_received"] == 3  # one reply each: to the request headers
+    assert counts["server_half_closed"] == 3 and counts["streams_closed"] == 3
+    # the buffered request body may already be on its way when the close arrives; nothing
+    # of the response is sent (4 messages a request without the early end)
+    assert counts["stream_msgs_sent"] <= 6
+    assert counts["streams_failed"] == 0 and counts["spurious_msgs_received"] == 0
+    assert counts["message_timeouts"] == 0

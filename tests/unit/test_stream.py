@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.observability.metrics import Registry
 from extproc.plugin import (
     CONTINUE,
@@ -204,6 +205,88 @@ async def test_every_mode_calls_plugins_only_for_declared_phases(mode: EnvoyMode
         for e in p.events:
             if e.phase in BODY_PHASES:
                 assert e.body in (REQ_BODY if e.phase.is_request else RESP_BODY)  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ ending the stream early
+
+EVERY_PHASE_SENT = EnvoyMode(
+    request_headers=True,
+    response_headers=True,
+    request_body=STREAMED,
+    response_body=STREAMED,
+    request_trailers=True,
+    response_trailers=True,
+)
+
+
+async def test_stream_ends_once_no_wanted_phase_can_come() -> None:
+    """Envoy configured to send every phase, one plugin on request headers: after that
+    reply the sidecar ends the stream, and the rest of the exchange goes on unchanged."""
+    rec = Rec("auth", on={RQH: Continue(set_headers={"x-user": "ann"})})
+    ex = await full_request(envoy([rec], EVERY_PHASE_SENT))
+    assert ex.sidecar_closed
+    assert ex.messages_sent == [RQH]
+    assert rec.phases() == [RQH]
+    assert ex.upstream_header("x-user") == "ann"
+    assert ex.upstream_body == REQ_BODY and ex.response_body == RESP_BODY
+    assert ex.status == 200 and ex.header("x-up") == "u"
+
+
+@pytest.mark.parametrize(
+    ("needs", "last"),
+    [
+        # a body chunk without end_of_stream: trailers may still come, and end the body
+        (Needs(request_body=BodyMode.STREAMED), RQT),
+        (Needs(request_trailers=True), RQT),
+        (Needs(response_headers=True), RSH),
+        (Needs(response_body=BodyMode.BUFFERED), RST),
+        (Needs(response_trailers=True), RST),
+    ],
+    ids=["request_body", "request_trailers", "response_headers", "response_body",
+         "response_trailers"],
+)  # fmt: skip
+async def test_stream_stays_open_until_the_last_wanted_phase(needs: Needs, last: Phase) -> None:
+    rec = Rec("p", needs=needs)
+    ex = await full_request(envoy([rec], EVERY_PHASE_SENT))
+    assert ex.messages_sent[-1] is last
+    assert set(rec.phases()) == needs.phases()
+    # ended by the sidecar unless the last wanted phase is the last message anyway
+    assert ex.sidecar_closed is (last is not RST)
+    assert ex.upstream_body == REQ_BODY and ex.response_body == RESP_BODY
+
+
+async def test_request_without_a_body_ends_the_request_side_with_its_headers() -> None:
+    """A plugin wants the request body, but a GET has none: nothing more can come."""
+    rec = Rec("p", needs=Needs(request_body=BodyMode.BUFFERED))
+    fe = envoy([rec], EVERY_PHASE_SENT)
+    ex = await fe.request("GET", "/x", upstream_body=b"ok")
+    assert ex.sidecar_closed and ex.messages_sent == [RQH]
+    assert ex.response_body == b"ok"
+
+
+async def test_stream_processor_finished_follows_the_sides() -> None:
+    """The property the server's loop reads after each reply: request side done and the
+    response headers answered, with nothing wanted after them."""
+    rec = Rec("p", needs=Needs(request_headers=True, response_headers=True))
+    fe = envoy([rec], EVERY_PHASE_SENT)
+    ex = await full_request(fe)
+    assert ex.messages_sent == [RQH, *[RQB] * 7, RQT, RSH]
+    stream = fe.transport.stream  # type: ignore[attr-defined]
+    assert isinstance(stream, StreamProcessor) and stream.finished and not stream.closed
+    # an unfinished one: a POST whose body nobody wants, response headers still to come
+    fresh = StreamProcessor(stream.chain, stream.metrics)
+    head = codec.decode(pb.ProcessingRequest.FromString(_post_headers()))
+    await fresh.handle(head)
+    assert not fresh.finished
+
+
+def _post_headers() -> bytes:
+    r = pb.ProcessingRequest()
+    for k, v in ((":method", b"POST"), (":path", b"/x")):
+        h = r.request_headers.headers.headers.add()
+        h.key, h.raw_value = k, v
+    r.request_headers.end_of_stream = False
+    return r.SerializeToString()
 
 
 # ------------------------------------------------------------------ bodies
