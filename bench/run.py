@@ -597,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if v is not None
         }
+        if args.scenarios:  # scenarios asked for by name all get the open-loop phase too
+            overrides["latency_scenarios"] = None
         if overrides:
             mode = Mode(**{**mode.__dict__, **overrides})
         keys = tuple(args.scenarios.split(",")) if args.scenarios else mode.scenarios

@@ -85,11 +85,19 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("passthrough", "Envoy passthrough (no ext_proc)", "none"),
     Scenario("native", "Envoy jwt_authn + local_ratelimit", "native"),
     Scenario("bare-idiomatic", "bare grpc.aio, async generator", "bare-idiomatic"),
-    Scenario("bare-fast", "bare grpc.aio, read/write + uvloop + raw bytes", "bare-fast"),
+    Scenario(
+        "bare-fast", "bare grpc.aio, read/write + uvloop + raw bytes + early end", "bare-fast"
+    ),
     Scenario(
         "bare-coalesced",
         "bare-fast + reply coalescing when saturated (as extproc)",
         "bare-coalesced",
+    ),
+    Scenario(
+        "bare-eof",
+        "bare-fast reading until Envoy closes the stream (no early end)",
+        "bare-eof",
+        optional=True,
     ),
     Scenario("extproc", "extproc, no plugins", "extproc"),
     Scenario("extproc-jwt", "extproc + jwt_auth", "extproc", ("jwt",)),
@@ -162,6 +170,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         "extproc",
         ("jwt", "rl"),
         batch_extra=(("in_flight_wait_ms", 0.0),),
+        optional=True,
+    ),
+    Scenario(
+        "extproc-jwt-rl-mw0",
+        "extproc-jwt-rl, never gathering for company (max_wait_ms: 0)",
+        "extproc",
+        ("jwt", "rl"),
+        batch_extra=(("max_wait_ms", 0.0),),
         optional=True,
     ),
     Scenario(
@@ -461,7 +477,7 @@ class Stack:
             run.proc = sidecar
             self._stack.callback(sidecar.stop)
             return sidecar.start
-        if s.backend in ("bare-idiomatic", "bare-fast", "bare-coalesced"):
+        if s.backend in ("bare-idiomatic", "bare-fast", "bare-coalesced", "bare-eof"):
             style = s.backend.removeprefix("bare-")
             argv = [
                 sys.executable,

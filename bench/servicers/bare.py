@@ -5,7 +5,12 @@
 * ``fast``: the cheapest servicer we know how to write on grpc.aio: uvloop, a raw-bytes
   method handler (no protobuf (de)serialisation by grpc), the phase read from the first tag
   byte of the request, prebuilt response bytes, explicit ``context.read()`` /
-  ``context.write()``.
+  ``context.write()``, and the RPC ended (status OK) right after the reply to the request
+  headers: the harness's Envoy sends nothing else, and ending the stream is the protocol's
+  way to say no more messages are needed (one wake-up less than waiting for Envoy to close
+  it; extproc does the same once no plugin wants a later phase).
+* ``eof``: ``fast``, but reading until Envoy closes the stream (what ``fast`` did before
+  extproc learnt to end streams early; kept for comparison).
 * ``coalesced``: ``fast``, plus the reply coalescing extproc does (:mod:`extproc.coalesce`):
   on a saturated worker replies wait up to 3 ms (scaled) so many streams' replies are written
   in one loop iteration. It is the fastest servicer we know how to write, so it is the floor
@@ -76,6 +81,9 @@ def _prebuilt_replies() -> dict[int, bytes]:
 
 
 _REPLIES = _prebuilt_replies()
+_REQUEST_HEADERS_TAG = (
+    pb.ProcessingRequest.DESCRIPTOR.fields_by_name["request_headers"].number << 3
+) | 2
 
 
 def _slow_reply(raw: bytes) -> bytes | None:
@@ -89,9 +97,10 @@ def _slow_reply(raw: bytes) -> bytes | None:
     return pb.ProcessingResponse(**{_REPLY_FIELD[phase]: _REPLY_TYPE[phase]()}).SerializeToString()
 
 
-def _fast_process(max_hold: float | None = None) -> Any:
+def _fast_process(max_hold: float | None = None, until_eof: bool = False) -> Any:
     """The read/write loop; with ``max_hold``, each reply first waits for its coalescing
-    round (:class:`extproc.coalesce.ReplyCoalescer`)."""
+    round (:class:`extproc.coalesce.ReplyCoalescer`); the RPC ends after the reply to the
+    request headers unless ``until_eof``."""
     hold = None
     if max_hold is not None:
         from extproc.coalesce import ReplyCoalescer
@@ -115,13 +124,17 @@ def _fast_process(max_hold: float | None = None) -> Any:
                 if held is not None:
                     await held
             await write(reply)
+            if raw[0] == _REQUEST_HEADERS_TAG and not until_eof:
+                return
 
     return process
 
 
-def _fast_handler(coalesced: bool = False) -> grpc.GenericRpcHandler:
+def _fast_handler(coalesced: bool = False, until_eof: bool = False) -> grpc.GenericRpcHandler:
     # no request_deserializer / response_serializer: the handler sees and writes bytes
-    method = grpc.stream_stream_rpc_method_handler(_fast_process(0.003 if coalesced else None))
+    method = grpc.stream_stream_rpc_method_handler(
+        _fast_process(0.003 if coalesced else None, until_eof)
+    )
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
 
 
@@ -132,7 +145,9 @@ async def serve(style: str, listen: str) -> None:
     if style == "idiomatic":
         pb_grpc.add_ExternalProcessorServicer_to_server(IdiomaticServicer(), server)  # type: ignore[no-untyped-call]
     else:
-        server.add_generic_rpc_handlers((_fast_handler(style == "coalesced"),))
+        server.add_generic_rpc_handlers(
+            (_fast_handler(style == "coalesced", until_eof=style == "eof"),)
+        )
     if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -147,10 +162,10 @@ async def serve(style: str, listen: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--style", choices=("idiomatic", "fast", "coalesced"), required=True)
+    parser.add_argument("--style", choices=("idiomatic", "fast", "coalesced", "eof"), required=True)
     parser.add_argument("--listen", required=True, help="host:port or unix:/path")
     args = parser.parse_args()
-    if args.style in ("fast", "coalesced"):
+    if args.style != "idiomatic":
         import uvloop
 
         uvloop.run(serve(args.style, args.listen))
