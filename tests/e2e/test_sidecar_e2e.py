@@ -143,3 +143,28 @@ async def test_sidecar_ends_the_stream_when_no_plugin_wants_more(tmp_path: Path)
     assert counts["stream_msgs_sent"] <= 6
     assert counts["streams_failed"] == 0 and counts["spurious_msgs_received"] == 0
     assert counts["message_timeouts"] == 0
+
+
+async def test_envoy_drops_its_own_431_when_a_plugin_runs_on_the_response(
+    tmp_path: Path,
+) -> None:
+    """A canary for Envoy issue 29440, documented in docs/operations.md: with a response phase
+    on, Envoy sends its codec-level rejection (431, too many headers) through ext_proc and
+    closes the client connection before the answer is back. When this test fails, Envoy has
+    fixed it: update the docs."""
+    import httpx
+
+    path = tmp_path / "extproc.yaml"
+    path.write_text(
+        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
+        "      rules: [{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}]\n"
+    )
+    many = {f"x-h{i}": "v" for i in range(200)}
+    async with LocalStack(path) as stack:
+        ok = await stack.http.get("/x", headers={"x-h": "v"})
+        assert ok.status_code == 200 and ok.headers["x-b"] == "1"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await stack.http.get("/x", headers=many)
+        assert stack.envoy is not None
+        stats = stack.envoy.stats("ext_proc")
+    assert not any(v for k, v in stats.items() if k.endswith("streams_failed"))
