@@ -207,7 +207,7 @@ class _Grpc(_Transport):
         resp = await self.call.read()
         if resp is grpc.aio.EOF:
             return await self._ended()
-        if resp is not grpc.aio.EOF and resp.WhichOneof("response") is None:
+        if resp.WhichOneof("response") is None:
             if not resp.HasField("override_message_timeout"):
                 raise SpuriousResponseError("a response with neither a reply nor a timeout")
             self.extensions += 1  # Envoy takes one per message, then waits longer
