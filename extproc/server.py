@@ -39,6 +39,7 @@ __all__ = ["ExtProcServicer", "Server", "grpc_address"]
 log = logging.getLogger("extproc.server")
 
 from_bytes: Final = pb.ProcessingRequest.FromString
+_NOTHING: Final = b""
 
 HEALTH_SERVICE = "extproc"
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -97,11 +98,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._active: dict[asyncio.Task[Any], float] = {}
         self._idled: set[asyncio.Task[Any]] = set()
 
-    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> bytes:
         gen = self.runtime.current
         if gen is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "not ready")
-            return
+            return _NOTHING
         gen.pin()
         self.open_streams += 1
         settings = self.settings
@@ -144,8 +145,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     held = coalescer.hold(loop)
                     if held is not None:
                         await held  # the round's replies are written in one loop iteration
+                    if stream.finished:
+                        return data  # the last reply goes out with the status, in one batch
                     await context.write(data)
-                if stream.finished:
+                elif stream.finished:
                     break
         except (RemoteProtocolError, codec.DecodeError, ProtobufDecodeError) as exc:
             end = "remote_error"
@@ -178,6 +181,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self._ended[end].inc()
             self.open_streams -= 1
             gen.release()
+        # Envoy closed the stream first (or, in observability mode, nothing is answered): a
+        # unary-response RPC still carries one message with its status, an empty
+        # ProcessingResponse, which Envoy ignores once it has stopped processing
+        return _NOTHING
 
     async def sweep_idle(self) -> None:
         """Cancel streams that received no message for ``stream_idle_timeout_s``: one timer
@@ -312,8 +319,14 @@ class Server:
         )
         # Our own method handler (same service and method names as the generated one), on
         # bytes both ways: the servicer parses requests itself and writes prebuilt or cached
-        # reply bytes, so grpc's (de)serializer hooks are not called per message.
-        process = grpc.stream_stream_rpc_method_handler(self.servicer.Process)
+        # reply bytes, so grpc's (de)serializer hooks are not called per message. Registered
+        # as stream-unary although the protocol is a bidirectional stream: on the wire the
+        # two are the same (HTTP/2 DATA frames, then trailers), and grpc.aio then sends the
+        # handler's return value, the stream's last reply, together with the status in one
+        # batch, where a streaming handler needs a write and then a separate status (one
+        # completion and one loop wake-up less per stream). Earlier replies are written with
+        # context.write(), which grpc.aio allows in this mode too.
+        process = grpc.stream_unary_rpc_method_handler(self.servicer.Process)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": process}),)
         )

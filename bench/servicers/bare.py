@@ -5,12 +5,12 @@
 * ``fast``: the cheapest servicer we know how to write on grpc.aio: uvloop, a raw-bytes
   method handler (no protobuf (de)serialisation by grpc), the phase read from the first tag
   byte of the request, prebuilt response bytes, explicit ``context.read()`` /
-  ``context.write()``, and the RPC ended (status OK) right after the reply to the request
-  headers: the harness's Envoy sends nothing else, and ending the stream is the protocol's
-  way to say no more messages are needed (one wake-up less than waiting for Envoy to close
-  it; extproc does the same once no plugin wants a later phase).
-* ``eof``: ``fast``, but reading until Envoy closes the stream (what ``fast`` did before
-  extproc learnt to end streams early; kept for comparison).
+  ``context.write()``, and the RPC ended (status OK) with the reply to the request headers:
+  the harness's Envoy sends nothing else, and ending the stream is the protocol's way to say
+  no more messages are needed. The method is registered stream-unary (the same on the wire)
+  so that grpc.aio sends that last reply and the status in one batch. extproc does both.
+* ``eof``: ``fast`` as a stream-stream handler reading until Envoy closes the stream (what
+  ``fast`` was before extproc learnt to end streams early; kept for comparison).
 * ``coalesced``: ``fast``, plus the reply coalescing extproc does (:mod:`extproc.coalesce`):
   on a saturated worker replies wait up to 3 ms (scaled) so many streams' replies are written
   in one loop iteration. It is the fastest servicer we know how to write, so it is the floor
@@ -99,21 +99,23 @@ def _slow_reply(raw: bytes) -> bytes | None:
 
 def _fast_process(max_hold: float | None = None, until_eof: bool = False) -> Any:
     """The read/write loop; with ``max_hold``, each reply first waits for its coalescing
-    round (:class:`extproc.coalesce.ReplyCoalescer`); the RPC ends after the reply to the
-    request headers unless ``until_eof``."""
+    round (:class:`extproc.coalesce.ReplyCoalescer`). The reply to the request headers is
+    returned: registered stream-unary, grpc.aio sends it with the status in one batch, which
+    ends the RPC. With ``until_eof`` (a stream-stream handler) every reply is written and the
+    RPC ends when Envoy closes the stream."""
     hold = None
     if max_hold is not None:
         from extproc.coalesce import ReplyCoalescer
 
         hold = ReplyCoalescer(max_hold).hold
 
-    async def process(_: Any, context: grpc.aio.ServicerContext) -> None:
+    async def process(_: Any, context: grpc.aio.ServicerContext) -> bytes | None:
         read, write, eof, replies = context.read, context.write, grpc.aio.EOF, _REPLIES
         loop = asyncio.get_running_loop()
         while True:
             raw = await read()
             if raw is eof:
-                return
+                return None if until_eof else b""
             reply = replies.get(raw[0]) if raw else None
             if reply is None:
                 reply = _slow_reply(raw)
@@ -123,18 +125,20 @@ def _fast_process(max_hold: float | None = None, until_eof: bool = False) -> Any
                 held = hold(loop)
                 if held is not None:
                     await held
-            await write(reply)
             if raw[0] == _REQUEST_HEADERS_TAG and not until_eof:
-                return
+                return reply
+            await write(reply)
 
     return process
 
 
 def _fast_handler(coalesced: bool = False, until_eof: bool = False) -> grpc.GenericRpcHandler:
     # no request_deserializer / response_serializer: the handler sees and writes bytes
-    method = grpc.stream_stream_rpc_method_handler(
-        _fast_process(0.003 if coalesced else None, until_eof)
-    )
+    process = _fast_process(0.003 if coalesced else None, until_eof)
+    if until_eof:
+        method = grpc.stream_stream_rpc_method_handler(process)
+    else:
+        method = grpc.stream_unary_rpc_method_handler(process)
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
 
 

@@ -168,3 +168,30 @@ async def test_envoy_drops_its_own_431_when_a_plugin_runs_on_the_response(
         assert stack.envoy is not None
         stats = stack.envoy.stats("ext_proc")
     assert not any(v for k, v in stats.items() if k.endswith("streams_failed"))
+
+
+async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path) -> None:
+    """A plugin wants the response headers but Envoy was configured not to send them: the
+    sidecar keeps the stream open after the request headers until Envoy closes it, then
+    ends it with OK (its closing message, an empty one, is ignored by Envoy)."""
+    from extproc.envoy_spec import ProcessingModeSpec
+
+    path = tmp_path / "extproc.yaml"
+    path.write_text(
+        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
+        "      rules: [{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}]\n"
+    )
+    request_only = ProcessingModeSpec(request_headers=True, response_headers=False)
+    async with LocalStack(path, ext_proc_overrides={"processing_mode": request_only}) as stack:
+        for _ in range(3):
+            got = await stack.http.get("/x")
+            assert got.status_code == 200
+            assert got.json()["headers"]["x-a"] == "1"
+            assert "x-b" not in got.headers  # Envoy never asked
+        assert stack.envoy is not None
+        await asyncio.sleep(0.5)  # the streams' ends reach Envoy's stats
+        stats = stack.envoy.stats("ext_proc")
+    counts = {k.rsplit(".", 1)[-1]: v for k, v in stats.items()}
+    assert counts["streams_started"] == 3 and counts["stream_msgs_received"] == 3
+    assert counts["streams_failed"] == 0 and counts["spurious_msgs_received"] == 0
+    assert counts["message_timeouts"] == 0
