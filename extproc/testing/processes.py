@@ -503,7 +503,8 @@ class EchoUpstream:
     Header names are lower-cased; repeated headers are joined with ``", "``. The body is the
     request body decoded as UTF-8 (undecodable bytes replaced), whether it came with a
     ``content-length`` or chunked. Connections are kept alive (HTTP/1.1 default) unless the
-    client asks to close. Every request is also kept in :attr:`requests`.
+    client asks to close. Every request is also kept in :attr:`requests`. A request with an
+    ``x-echo-delay-ms: N`` header is answered N milliseconds later (a slow upstream).
 
     Built on asyncio streams only: no HTTP framework, so it cannot hide what Envoy sent.
     Use it as ``async with EchoUpstream() as upstream:`` (port 0 by default: the OS picks).
@@ -586,6 +587,9 @@ class EchoUpstream:
             "body": body.decode("utf-8", errors="replace"),
         }
         self.requests.append(echo)
+        delay_ms = headers.get("x-echo-delay-ms", "")
+        if delay_ms.isdigit():  # tests: an upstream that takes its time
+            await asyncio.sleep(int(delay_ms) / 1000)
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
         payload = json.dumps(echo).encode()
