@@ -354,6 +354,7 @@ def _ext_proc(spec: ExtProcSpec) -> Any:
         allowed_override_modes=[_processing_mode(m) for m in spec.allowed_override_modes],
         metadata_options=metadata_options,
         request_attributes=list(spec.request_attributes),
+        observability_mode=spec.observability_mode,
     )
 
 

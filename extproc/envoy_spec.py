@@ -205,7 +205,8 @@ class ExtProcSpec:
     is the ceiling of the sidecar's ``override_message_timeout`` (``None`` disables it).
     ``allowed_override_modes`` only matters with ``allow_mode_override``.
     ``receiving_namespaces`` are the dynamic-metadata namespaces Envoy accepts from the sidecar
-    (our plugins write ``extproc.<plugin name>``).
+    (our plugins write ``extproc.<plugin name>``). ``observability_mode``: Envoy sends the
+    messages without waiting for answers (the sidecar watches, never changes anything).
     """
 
     processing_mode: ProcessingModeSpec = field(default_factory=ProcessingModeSpec)
@@ -217,6 +218,7 @@ class ExtProcSpec:
     request_attributes: tuple[str, ...] = ("source.address", "request.id")
     receiving_namespaces: tuple[str, ...] = ()
     stat_prefix: str = "extproc"
+    observability_mode: bool = False
 
     def __post_init__(self) -> None:
         if self.message_timeout_ms < 0:

@@ -198,3 +198,33 @@ async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path) -> None:
     assert counts["streams_started"] == 3 and counts["stream_msgs_received"] == 3
     assert counts["streams_failed"] == 0 and counts["spurious_msgs_received"] == 0
     assert counts["message_timeouts"] == 0
+
+
+async def test_observability_mode_streams_end_cleanly(tmp_path: Path) -> None:
+    """Envoy in observability mode sends without waiting and takes no answer: the requests
+    go through unchanged, and the sidecar's end of each stream (a unary-response RPC still
+    carries one, empty, message) is no failed stream and no spurious message."""
+    from extproc.envoy_spec import ProcessingModeSpec
+
+    path = tmp_path / "extproc.yaml"
+    path.write_text(
+        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
+        "      rules: [{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}]\n"
+    )
+    overrides = {
+        "observability_mode": True,
+        "processing_mode": ProcessingModeSpec(request_headers=True, response_headers=True),
+    }
+    async with LocalStack(path, ext_proc_overrides=overrides) as stack:
+        for delay in (0, 200, 0):
+            got = await stack.http.get("/x", headers={"x-echo-delay-ms": str(delay)})
+            assert got.status_code == 200
+            assert "x-a" not in got.json()["headers"]  # observed, never changed
+            assert "x-b" not in got.headers
+        assert stack.envoy is not None
+        await asyncio.sleep(0.5)
+        stats = stack.envoy.stats("ext_proc")
+    counts = {k.rsplit(".", 1)[-1]: v for k, v in stats.items()}
+    assert counts["streams_started"] == 3
+    assert counts["stream_msgs_sent"] == 6  # request and response headers, unanswered
+    assert counts["streams_failed"] == 0 and counts["spurious_msgs_received"] == 0
