@@ -106,17 +106,29 @@ async def test_sidecar_stopped_follows_failure_mode_allow(
             assert all(500 <= s < 600 for s in statuses)
 
 
+def headers_sidecar(tmp_path: Path, rule: str) -> Path:
+    """A sidecar config with the headers plugin and one rule (YAML flow mapping)."""
+    path = tmp_path / "extproc.yaml"
+    path.write_text(
+        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
+        f"      rules: [{rule}]\n"
+    )
+    return path
+
+
+def ext_proc_counts(stack: LocalStack) -> dict[str, int]:
+    """Envoy's ext_proc counters by their last name part (``streams_failed``, ...)."""
+    assert stack.envoy is not None
+    return {k.rsplit(".", 1)[-1]: v for k, v in stack.envoy.stats("ext_proc").items()}
+
+
 async def test_sidecar_ends_the_stream_when_no_plugin_wants_more(tmp_path: Path) -> None:
     """Envoy configured to send every phase, plugins on request headers only: the sidecar
     answers the request headers and ends the stream with OK; Envoy sends it nothing more and
     finishes the exchange unchanged, with no stream counted as failed."""
     from extproc.envoy_spec import BodyMode, ProcessingModeSpec
 
-    path = tmp_path / "extproc.yaml"
-    path.write_text(
-        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
-        "      rules: [{path_prefix: /, request_set: {x-added: 'yes'}}]\n"
-    )
+    path = headers_sidecar(tmp_path, "{path_prefix: /, request_set: {x-added: 'yes'}}")
     everything = ProcessingModeSpec(
         request_headers=True,
         response_headers=True,
@@ -132,9 +144,7 @@ async def test_sidecar_ends_the_stream_when_no_plugin_wants_more(tmp_path: Path)
             assert got.status_code == 200
             assert got.json()["headers"]["x-added"] == "yes"
             assert got.json()["body"] == "payload"
-        assert stack.envoy is not None
-        stats = stack.envoy.stats("ext_proc")
-    counts = {k.rsplit(".", 1)[-1]: v for k, v in stats.items()}
+        counts = ext_proc_counts(stack)
     assert counts["streams_started"] == 3
     assert counts["stream_msgs_received"] == 3  # one reply each: to the request headers
     assert counts["server_half_closed"] == 3 and counts["streams_closed"] == 3
@@ -154,10 +164,8 @@ async def test_envoy_drops_its_own_431_when_a_plugin_runs_on_the_response(
     fixed it: update the docs."""
     import httpx
 
-    path = tmp_path / "extproc.yaml"
-    path.write_text(
-        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
-        "      rules: [{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}]\n"
+    path = headers_sidecar(
+        tmp_path, "{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}"
     )
     many = {f"x-h{i}": "v" for i in range(200)}
     async with LocalStack(path) as stack:
@@ -165,9 +173,8 @@ async def test_envoy_drops_its_own_431_when_a_plugin_runs_on_the_response(
         assert ok.status_code == 200 and ok.headers["x-b"] == "1"
         with pytest.raises(httpx.RemoteProtocolError):
             await stack.http.get("/x", headers=many)
-        assert stack.envoy is not None
-        stats = stack.envoy.stats("ext_proc")
-    assert not any(v for k, v in stats.items() if k.endswith("streams_failed"))
+        counts = ext_proc_counts(stack)
+    assert counts["streams_failed"] == 0
 
 
 async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path) -> None:
@@ -176,10 +183,8 @@ async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path) -> None:
     ends it with OK (its closing message, an empty one, is ignored by Envoy)."""
     from extproc.envoy_spec import ProcessingModeSpec
 
-    path = tmp_path / "extproc.yaml"
-    path.write_text(
-        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
-        "      rules: [{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}]\n"
+    path = headers_sidecar(
+        tmp_path, "{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}"
     )
     request_only = ProcessingModeSpec(request_headers=True, response_headers=False)
     async with LocalStack(path, ext_proc_overrides={"processing_mode": request_only}) as stack:
@@ -191,10 +196,8 @@ async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path) -> None:
             assert got.status_code == 200
             assert got.json()["headers"]["x-a"] == "1"
             assert "x-b" not in got.headers  # Envoy never asked
-        assert stack.envoy is not None
         await asyncio.sleep(0.5)  # the streams' ends reach Envoy's stats
-        stats = stack.envoy.stats("ext_proc")
-    counts = {k.rsplit(".", 1)[-1]: v for k, v in stats.items()}
+        counts = ext_proc_counts(stack)
     assert counts["streams_started"] == 3 and counts["stream_msgs_received"] == 3
     assert counts["streams_failed"] == 0 and counts["spurious_msgs_received"] == 0
     assert counts["message_timeouts"] == 0
@@ -206,10 +209,8 @@ async def test_observability_mode_streams_end_cleanly(tmp_path: Path) -> None:
     carries one, empty, message) is no failed stream and no spurious message."""
     from extproc.envoy_spec import ProcessingModeSpec
 
-    path = tmp_path / "extproc.yaml"
-    path.write_text(
-        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
-        "      rules: [{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}]\n"
+    path = headers_sidecar(
+        tmp_path, "{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}"
     )
     overrides = {
         "observability_mode": True,
@@ -221,10 +222,8 @@ async def test_observability_mode_streams_end_cleanly(tmp_path: Path) -> None:
             assert got.status_code == 200
             assert "x-a" not in got.json()["headers"]  # observed, never changed
             assert "x-b" not in got.headers
-        assert stack.envoy is not None
         await asyncio.sleep(0.5)
-        stats = stack.envoy.stats("ext_proc")
-    counts = {k.rsplit(".", 1)[-1]: v for k, v in stats.items()}
+        counts = ext_proc_counts(stack)
     assert counts["streams_started"] == 3
     assert counts["stream_msgs_sent"] == 6  # request and response headers, unanswered
     assert counts["streams_failed"] == 0 and counts["spurious_msgs_received"] == 0
