@@ -9,13 +9,14 @@ Explicit ``context.read()`` / ``context.write()`` measured cheaper than an async
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from types import CodeType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -24,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.coalesce import ReplyCoalescer
-from extproc.config import Config, ConfigError, LoadedConfig, load_config
+from extproc.config import Config, ConfigError, LoadedConfig, ServerSettings, load_config
 from extproc.observability.metrics import Registry
 from extproc.observability.tracing import StreamSpan, StreamTracer
 from extproc.plugin import HealthState
@@ -33,6 +34,9 @@ from extproc.protocol.events import ImmediateReply, Message, Reply
 from extproc.protocol.state import LocalProtocolError, RemoteProtocolError
 from extproc.runtime import Runtime, Services
 from extproc.stream import StreamMetrics, StreamProcessor
+
+if TYPE_CHECKING:
+    from extproc.http2 import Http2Server
 
 __all__ = ["ExtProcServicer", "Server", "grpc_address"]
 
@@ -247,8 +251,9 @@ class Server:
         self.admin_address = admin if admin is not None else settings.admin
         self.services = services or Services(workers=int(os.environ.get("EXTPROC_WORKERS", "1")))
         self.runtime = Runtime(self.services)
-        self.health = health.aio.HealthServicer()
+        self.health: Any = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._http2: Http2Server | None = None
         self._admin: Any = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -287,19 +292,36 @@ class Server:
         await self._connect_redis(self.loaded.config)
         await self.runtime.start(self.loaded)
         self._plugins_changed()
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ("grpc.so_reuseport", 0),
-        ]
-        # beyond this many open streams new ones get RESOURCE_EXHAUSTED (Envoy: per its
-        # failure_mode_allow) instead of queueing without bound
-        server = grpc.aio.server(
-            options=options, maximum_concurrent_rpcs=settings.max_concurrent_streams
+        self._start_observability()
+        assert self.servicer is not None
+        if settings.transport == "http2":
+            await self._start_http2(settings)
+        else:
+            await self._start_grpcio(settings)
+        await self._set_health()
+        self.watchdog = LoopLagWatchdog(
+            self.services.registry, settings.loop_lag_threshold_ms / 1000, self._hook_codes
         )
+        self.watchdog.start()
+        self._tasks.append(asyncio.ensure_future(self._health_loop()))
+        self._tasks.append(asyncio.ensure_future(self.servicer.sweep_idle()))
+        if self.admin_address:
+            self._admin = AdminServer(self, self.admin_address)
+            await self._admin.start()
+        log.info(
+            "serving",
+            extra={
+                "listen": self.listen,
+                "transport": settings.transport,
+                "admin": self.admin_address,
+                "generation": 1,
+                "plugins": [s.name for s in self.runtime.current.chain.slots]
+                if self.runtime.current
+                else [],
+            },
+        )
+
+    def _start_observability(self) -> None:
         from extproc.observability.otel import build_meter_provider
         from extproc.observability.tracing import configure_tracing
 
@@ -316,6 +338,42 @@ class Server:
         )
         self.servicer = ExtProcServicer(
             self.runtime, self.loaded.config, self.services.registry, self.tracer
+        )
+
+    async def _start_http2(self, settings: ServerSettings) -> None:
+        from extproc.http2 import HealthService, Http2Server
+
+        assert self.servicer is not None
+        health = HealthService()
+        self.health = health
+        server = Http2Server(
+            {
+                # the grpc.aio signature (request iterator, context); the Call is the context
+                f"/{SERVICE_NAME}/Process": functools.partial(self.servicer.Process, None),
+                HealthService.PATH: health.check,
+            },
+            max_concurrent_streams=settings.max_concurrent_streams,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        if self.freezes_heap:
+            freeze_heap()
+        self.bound_port = await server.listen(self.listen)
+        self._http2 = server
+
+    async def _start_grpcio(self, settings: ServerSettings) -> None:
+        assert self.servicer is not None
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.so_reuseport", 0),
+        ]
+        # beyond this many open streams new ones get RESOURCE_EXHAUSTED (Envoy: per its
+        # failure_mode_allow) instead of queueing without bound
+        server = grpc.aio.server(
+            options=options, maximum_concurrent_rpcs=settings.max_concurrent_streams
         )
         # Our own method handler (same service and method names as the generated one), on
         # bytes both ways: the servicer parses requests itself and writes prebuilt or cached
@@ -344,27 +402,6 @@ class Server:
             freeze_heap()
         await server.start()
         self._server = server
-        await self._set_health()
-        self.watchdog = LoopLagWatchdog(
-            self.services.registry, settings.loop_lag_threshold_ms / 1000, self._hook_codes
-        )
-        self.watchdog.start()
-        self._tasks.append(asyncio.ensure_future(self._health_loop()))
-        self._tasks.append(asyncio.ensure_future(self.servicer.sweep_idle()))
-        if self.admin_address:
-            self._admin = AdminServer(self, self.admin_address)
-            await self._admin.start()
-        log.info(
-            "serving",
-            extra={
-                "listen": self.listen,
-                "admin": self.admin_address,
-                "generation": 1,
-                "plugins": [s.name for s in self.runtime.current.chain.slots]
-                if self.runtime.current
-                else [],
-            },
-        )
 
     def _plugins_changed(self) -> None:
         """Create the per-plugin stall series at 0 so they exist before the first stall."""
@@ -473,6 +510,8 @@ class Server:
             await asyncio.sleep(settings.drain_delay_s)
         if self._server is not None:
             await self._server.stop(settings.shutdown_grace_s)
+        if self._http2 is not None:
+            await self._http2.stop(settings.shutdown_grace_s)
         if self.watchdog is not None:
             self.watchdog.stop()
         for task in self._tasks:

@@ -21,7 +21,7 @@ AUDIENCE = "api"
 
 CONFIG = """
 version: 1
-server: {{message_timeout_ms: 500, drain_delay_s: 0}}
+server: {{message_timeout_ms: 500, drain_delay_s: 0, transport: {transport}}}
 redis: {{url: "{redis}", timeout_ms: 200}}
 plugins:
   - plugin: jwt_auth
@@ -58,14 +58,22 @@ def key() -> KeyPair:
     return make_rsa_key("k1")
 
 
-@pytest.fixture
-async def stack(tmp_path: Path, key: KeyPair) -> AsyncIterator[LocalStack]:
+@pytest.fixture(params=["grpcio", "http2"])
+async def stack(
+    tmp_path: Path, key: KeyPair, request: pytest.FixtureRequest
+) -> AsyncIterator[LocalStack]:
     redis = await asyncio.to_thread(RedisServer)
     try:
         async with JwksServer([key]) as jwks:
             cfg = tmp_path / "extproc.yaml"
             cfg.write_text(
-                CONFIG.format(redis=redis.url, issuer=ISSUER, audience=AUDIENCE, jwks=jwks.url)
+                CONFIG.format(
+                    redis=redis.url,
+                    issuer=ISSUER,
+                    audience=AUDIENCE,
+                    jwks=jwks.url,
+                    transport=request.param,
+                )
             )
             async with LocalStack(cfg) as s:
                 yield s

@@ -13,9 +13,12 @@ from extproc.testing.stack import LocalStack
 
 pytestmark = pytest.mark.e2e
 
+#: both of the sidecar's transports: grpc.aio and extproc's own HTTP/2
+TRANSPORTS = ("grpcio", "http2")
+
 CONFIG = """
 version: 1
-server: {message_timeout_ms: 300, drain_delay_s: 0}
+server: {message_timeout_ms: 300, drain_delay_s: 0, transport: TRANSPORT}
 plugins:
   - plugin: headers
     config:
@@ -41,10 +44,10 @@ plugins:
 """
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
+@pytest.fixture(params=TRANSPORTS)
+def config(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     path = tmp_path / "extproc.yaml"
-    path.write_text(CONFIG)
+    path.write_text(CONFIG.replace("TRANSPORT", request.param))
     return path
 
 
@@ -106,11 +109,12 @@ async def test_sidecar_stopped_follows_failure_mode_allow(
             assert all(500 <= s < 600 for s in statuses)
 
 
-def headers_sidecar(tmp_path: Path, rule: str) -> Path:
+def headers_sidecar(tmp_path: Path, rule: str, transport: str = "grpcio") -> Path:
     """A sidecar config with the headers plugin and one rule (YAML flow mapping)."""
     path = tmp_path / "extproc.yaml"
     path.write_text(
-        "version: 1\nserver: {drain_delay_s: 0}\nplugins:\n  - plugin: headers\n    config:\n"
+        f"version: 1\nserver: {{drain_delay_s: 0, transport: {transport}}}\n"
+        "plugins:\n  - plugin: headers\n    config:\n"
         f"      rules: [{rule}]\n"
     )
     return path
@@ -122,13 +126,16 @@ def ext_proc_counts(stack: LocalStack) -> dict[str, int]:
     return {k.rsplit(".", 1)[-1]: v for k, v in stack.envoy.stats("ext_proc").items()}
 
 
-async def test_sidecar_ends_the_stream_when_no_plugin_wants_more(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_sidecar_ends_the_stream_when_no_plugin_wants_more(
+    tmp_path: Path, transport: str
+) -> None:
     """Envoy configured to send every phase, plugins on request headers only: the sidecar
     answers the request headers and ends the stream with OK; Envoy sends it nothing more and
     finishes the exchange unchanged, with no stream counted as failed."""
     from extproc.envoy_spec import BodyMode, ProcessingModeSpec
 
-    path = headers_sidecar(tmp_path, "{path_prefix: /, request_set: {x-added: 'yes'}}")
+    path = headers_sidecar(tmp_path, "{path_prefix: /, request_set: {x-added: 'yes'}}", transport)
     everything = ProcessingModeSpec(
         request_headers=True,
         response_headers=True,
@@ -177,14 +184,15 @@ async def test_envoy_drops_its_own_431_when_a_plugin_runs_on_the_response(
     assert counts["streams_failed"] == 0
 
 
-async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path, transport: str) -> None:
     """A plugin wants the response headers but Envoy was configured not to send them: the
     sidecar keeps the stream open after the request headers until Envoy closes it, then
     ends it with OK (its closing message, an empty one, is ignored by Envoy)."""
     from extproc.envoy_spec import ProcessingModeSpec
 
     path = headers_sidecar(
-        tmp_path, "{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}"
+        tmp_path, "{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}", transport
     )
     request_only = ProcessingModeSpec(request_headers=True, response_headers=False)
     async with LocalStack(path, ext_proc_overrides={"processing_mode": request_only}) as stack:
@@ -203,14 +211,15 @@ async def test_stream_envoy_closes_first_ends_cleanly(tmp_path: Path) -> None:
     assert counts["message_timeouts"] == 0
 
 
-async def test_observability_mode_streams_end_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_observability_mode_streams_end_cleanly(tmp_path: Path, transport: str) -> None:
     """Envoy in observability mode sends without waiting and takes no answer: the requests
     go through unchanged, and the sidecar's end of each stream (a unary-response RPC still
     carries one, empty, message) is no failed stream and no spurious message."""
     from extproc.envoy_spec import ProcessingModeSpec
 
     path = headers_sidecar(
-        tmp_path, "{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}"
+        tmp_path, "{path_prefix: /, request_set: {x-a: '1'}, response_set: {x-b: '1'}}", transport
     )
     overrides = {
         "observability_mode": True,

@@ -35,7 +35,8 @@ LIMITS = {
 CONFIG = """
 version: 1
 server: {{message_timeout_ms: 200, drain_delay_s: 0, max_message_bytes: 65536,
-         max_concurrent_streams: 8, max_body_bytes: 4096, stream_idle_timeout_s: 1.0}}
+         max_concurrent_streams: 8, max_body_bytes: 4096, stream_idle_timeout_s: 1.0,
+         transport: {transport}}}
 plugins:
   - plugin: headers
     config:
@@ -61,11 +62,13 @@ plugins:
 CLIENT_ANSWERS = {200, 400, 401, 403, 413, 429}
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["grpcio", "http2"])
+def config_file(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """Every test here runs against both transports (grpc.aio and extproc's own HTTP/2)."""
     key = make_ec_key("k1")
     path = tmp_path_factory.mktemp("abuse") / "extproc.yaml"
-    path.write_text(CONFIG.format(jwks=json.dumps({"keys": [key.jwk()]})))
+    jwks = json.dumps({"keys": [key.jwk()]})
+    path.write_text(CONFIG.format(jwks=jwks, transport=request.param))
     return path
 
 

@@ -1,11 +1,12 @@
-"""The real grpc.aio server on a free port, driven by FakeEnvoy over gRPC."""
+"""The real server on a free port, driven by FakeEnvoy over gRPC (grpc's C-core client), on
+both transports: grpc.aio and extproc's own HTTP/2 (every test runs on each)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,7 @@ from extproc.testing.processes import free_port
 HEADERS_CONFIG = """
 version: 1
 server: {{listen: "127.0.0.1:0", admin: "127.0.0.1:0", message_timeout_ms: 200,
-         drain_delay_s: 0.5}}
+         drain_delay_s: 0.5, transport: {transport}}}
 plugins:
   - plugin: headers
     config:
@@ -40,8 +41,21 @@ plugins:
 """
 
 
+#: the transport of the running test (set by the ``transport`` fixture)
+CURRENT = {"transport": "grpcio"}
+
+
+@pytest.fixture(autouse=True, params=["grpcio", "http2"])
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    CURRENT["transport"] = request.param
+    yield request.param
+    CURRENT["transport"] = "grpcio"
+
+
 def write_config(path: Path, value: str = "one", hang_fail: str = "closed") -> Path:
-    path.write_text(HEADERS_CONFIG.format(value=value, hang_fail=hang_fail))
+    path.write_text(
+        HEADERS_CONFIG.format(value=value, hang_fail=hang_fail, transport=CURRENT["transport"])
+    )
     return path
 
 
@@ -55,6 +69,7 @@ async def running(config: Path) -> AsyncIterator[tuple[Server, str]]:
         admin="127.0.0.1:0",
     )
     await server.start()
+    assert (server._http2 is not None) == (CURRENT["transport"] == "http2")
     try:
         yield server, f"127.0.0.1:{port}"
     finally:
@@ -269,7 +284,7 @@ async def test_graceful_stop_lets_open_streams_finish(tmp_path: Path) -> None:
 async def test_watchdog_names_the_plugin_that_blocks_the_loop(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        "server: {loop_lag_threshold_ms: 100}\n"
+        f"server: {{loop_lag_threshold_ms: 100, transport: {CURRENT['transport']}}}\n"
         "plugins:\n"
         "  - plugin: tests.support.plugins:BlockPlugin\n"
         "    timeout_ms: 100\n"
@@ -303,7 +318,10 @@ async def test_slow_plugin_gets_override_message_timeout_only_when_envoy_allows(
         "    fail: open\n"
         "    config: {path: /slow, seconds: 0.3}\n"
     )
-    cfg.write_text("server: {message_timeout_ms: 200, max_message_timeout_ms: 1000}\n" + body)
+    cfg.write_text(
+        "server: {message_timeout_ms: 200, max_message_timeout_ms: 1000, "
+        f"transport: {CURRENT['transport']}}}\n" + body
+    )
     async with running(cfg) as (_, target):
         envoy = FakeEnvoy.connect(target, MODE)
         try:
