@@ -69,6 +69,8 @@ class Scenario:
     coalesce_ms: float | None = None
     #: more of rate_limit's ``batch`` settings (development comparisons)
     batch_extra: tuple[tuple[str, Any], ...] = ()
+    #: ``server.transport`` (grpcio: grpc.aio; http2: extproc's own HTTP/2)
+    transport: str = "grpcio"
     #: run the sidecar from this source tree (``--baseline``: an earlier commit) instead
     source: Path | None = None
 
@@ -97,6 +99,12 @@ SCENARIOS: tuple[Scenario, ...] = (
         "bare-eof",
         "bare-fast reading until Envoy closes the stream (no early end)",
         "bare-eof",
+        optional=True,
+    ),
+    Scenario(
+        "bare-h2",
+        "bare ext_proc on HTTP/2 directly (h2 + uvloop, no grpc.aio) + early end",
+        "bare-h2",
         optional=True,
     ),
     Scenario("extproc", "extproc, no plugins", "extproc"),
@@ -148,6 +156,21 @@ SCENARIOS: tuple[Scenario, ...] = (
             ("extproc", ()),
             ("extproc-jwt", ("jwt",)),
             ("extproc-jwt-rl", ("jwt", "rl")),
+        )
+    ),
+    *(
+        Scenario(
+            f"{key}-h2",
+            f"{title}, transport http2",
+            "extproc",
+            plugins,
+            transport="http2",
+            optional=True,
+        )
+        for key, title, plugins in (
+            ("extproc", "extproc, no plugins", ()),
+            ("extproc-jwt", "extproc + jwt_auth", ("jwt",)),
+            ("extproc-jwt-rl", "extproc + jwt_auth + rate_limit (batched)", ("jwt", "rl")),
         )
     ),
     Scenario(
@@ -340,6 +363,8 @@ def sidecar_config(
     server: dict[str, Any] = {"admin": None, "drain_delay_s": 0, "shutdown_grace_s": 1}
     if s.coalesce_ms is not None:
         server["coalesce_replies_ms"] = s.coalesce_ms
+    if s.transport != "grpcio":
+        server["transport"] = s.transport
     config: dict[str, Any] = {"version": 1, "server": server, "plugins": plugins}
     if otlp_endpoint:
         # production-like: 1 % of streams traced, exported over OTLP/gRPC
@@ -488,6 +513,8 @@ class Stack:
                 "--listen",
                 address,
             ]
+        elif s.backend == "bare-h2":
+            argv = [sys.executable, "-m", "bench.servicers.h2_bare", "--listen", address]
         else:  # sdk
             python = ensure_sdk_venv(self.workdir / "sdk-pip.log")
             argv = [str(python), str(REPO / "bench" / "servicers" / "sdk_noop.py"), address]

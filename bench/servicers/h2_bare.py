@@ -1,0 +1,149 @@
+"""A bare ext_proc servicer on HTTP/2 directly (the ``h2`` library on uvloop), not on grpc.aio.
+
+It answers CONTINUE like ``bare.py --style fast`` (prebuilt replies, the phase read from the
+first tag byte, the stream ended with the reply to the request headers) and speaks just
+enough gRPC for Envoy's ext_proc client: length-prefixed messages in DATA frames, a
+``200`` / ``application/grpc`` response, ``grpc-status`` trailers. It measures what Python
+costs per stream when the gRPC library's machinery (the C core's completion queue, its poller
+and EventEngine threads, the asyncio bridge) is left out.
+
+    python -m bench.servicers.h2_bare --listen 127.0.0.1:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+
+from bench.servicers.bare import _REPLIES, _REQUEST_HEADERS_TAG, _slow_reply
+
+_RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
+_OK = ((b"grpc-status", b"0"),)
+_WINDOW = 1 << 24
+
+
+def _framed(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+_FRAMED = {tag: _framed(reply) for tag, reply in _REPLIES.items()}
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.h2 = H2Connection(
+            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
+        )
+        self.transport: Any = None
+        #: stream id -> bytes of an incomplete gRPC message
+        self.pending: dict[int, bytes] = {}
+        self.answered: set[int] = set()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        h2 = self.h2
+        h2.local_settings.update(
+            {SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW, SettingCodes.MAX_CONCURRENT_STREAMS: 10_000}
+        )
+        h2.initiate_connection()
+        h2.increment_flow_control_window(_WINDOW)
+        transport.write(h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        h2 = self.h2
+        try:
+            events = h2.receive_data(data)
+        except ProtocolError:
+            self.transport.write(h2.data_to_send())
+            self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, DataReceived):
+                sid = event.stream_id
+                if event.flow_controlled_length:
+                    h2.acknowledge_received_data(event.flow_controlled_length, sid)
+                if sid in self.answered:
+                    continue
+                buf = self.pending.pop(sid, b"") + event.data
+                while len(buf) >= 5:
+                    size = int.from_bytes(buf[1:5], "big")
+                    if len(buf) < 5 + size:
+                        break
+                    raw, buf = buf[5 : 5 + size], buf[5 + size :]
+                    self._reply(sid, raw)
+                    if sid in self.answered:
+                        buf = b""
+                        break
+                if buf:
+                    self.pending[sid] = buf
+            elif isinstance(event, RequestReceived):
+                h2.send_headers(event.stream_id, _RESPONSE_HEADERS)
+            elif isinstance(event, StreamEnded):
+                sid = event.stream_id
+                self.pending.pop(sid, None)
+                if sid in self.answered:
+                    self.answered.discard(sid)
+                else:
+                    h2.send_headers(sid, _OK, end_stream=True)
+            elif isinstance(event, StreamReset):
+                self.pending.pop(event.stream_id, None)
+                self.answered.discard(event.stream_id)
+            elif isinstance(event, ConnectionTerminated):
+                self.transport.write(h2.data_to_send())
+                self.transport.close()
+                return
+        out = h2.data_to_send()
+        if out:
+            self.transport.write(out)
+
+    def _reply(self, sid: int, raw: bytes) -> None:
+        h2 = self.h2
+        framed = _FRAMED.get(raw[0]) if raw else None
+        if framed is None:
+            reply = _slow_reply(raw)
+            if reply is None:
+                return
+            framed = _framed(reply)
+        h2.send_data(sid, framed)
+        if raw and raw[0] == _REQUEST_HEADERS_TAG:
+            h2.send_headers(sid, _OK, end_stream=True)
+            self.answered.add(sid)
+
+
+async def serve(listen: str) -> None:
+    loop = asyncio.get_running_loop()
+    host, _, port = listen.rpartition(":")
+    server = await loop.create_server(_Connection, host, int(port))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"bare h2 servicer on {listen}", flush=True)
+    await stop.wait()
+    server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True, help="host:port")
+    args = parser.parse_args()
+    import uvloop
+
+    uvloop.run(serve(args.listen))
+
+
+if __name__ == "__main__":
+    main()
