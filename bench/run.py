@@ -112,7 +112,16 @@ MODES = {
         64,
         1,
         1,
-        latency_scenarios=("passthrough", "native", "bare-fast", "extproc", "extproc-jwt-rl"),
+        latency_scenarios=(
+            "passthrough",
+            "native",
+            "bare-fast",
+            "bare-http2",
+            "extproc",
+            "extproc-jwt-rl",
+            "extproc-h2",
+            "extproc-jwt-rl-h2",
+        ),
     ),
     "full": Mode("full", ALL, 5, 8, 3, 64, 2, 8, paired_with="bare-fast"),
 }

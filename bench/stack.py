@@ -102,9 +102,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
-        "bare-h2",
-        "bare ext_proc on HTTP/2 directly (h2 + uvloop, no grpc.aio) + early end",
-        "bare-h2",
+        "bare-http2",
+        "bare servicer on extproc.http2 (transport http2's floor) + uvloop + early end",
+        "bare-http2",
+    ),
+    Scenario(
+        "bare-h2lib",
+        "bare servicer on the h2 library (no grpc.aio) + uvloop + early end",
+        "bare-h2lib",
         optional=True,
     ),
     Scenario("extproc", "extproc, no plugins", "extproc"),
@@ -165,12 +170,12 @@ SCENARIOS: tuple[Scenario, ...] = (
             "extproc",
             plugins,
             transport="http2",
-            optional=True,
+            optional=optional,
         )
-        for key, title, plugins in (
-            ("extproc", "extproc, no plugins", ()),
-            ("extproc-jwt", "extproc + jwt_auth", ("jwt",)),
-            ("extproc-jwt-rl", "extproc + jwt_auth + rate_limit (batched)", ("jwt", "rl")),
+        for key, title, plugins, optional in (
+            ("extproc", "extproc, no plugins", (), False),
+            ("extproc-jwt", "extproc + jwt_auth", ("jwt",), True),
+            ("extproc-jwt-rl", "extproc + jwt_auth + rate_limit (batched)", ("jwt", "rl"), False),
         )
     ),
     Scenario(
@@ -513,8 +518,10 @@ class Stack:
                 "--listen",
                 address,
             ]
-        elif s.backend == "bare-h2":
-            argv = [sys.executable, "-m", "bench.servicers.h2_bare", "--listen", address]
+        elif s.backend in ("bare-http2", "bare-h2lib"):
+            style = "own" if s.backend == "bare-http2" else "h2lib"
+            argv = [sys.executable, "-m", "bench.servicers.h2_bare", "--style", style]
+            argv += ["--listen", address]
         else:  # sdk
             python = ensure_sdk_venv(self.workdir / "sdk-pip.log")
             argv = [str(python), str(REPO / "bench" / "servicers" / "sdk_noop.py"), address]

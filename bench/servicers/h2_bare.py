@@ -1,13 +1,16 @@
-"""A bare ext_proc servicer on HTTP/2 directly (the ``h2`` library on uvloop), not on grpc.aio.
+"""Bare ext_proc servicers on HTTP/2 directly, not on grpc.aio, on uvloop.
 
-It answers CONTINUE like ``bare.py --style fast`` (prebuilt replies, the phase read from the
-first tag byte, the stream ended with the reply to the request headers) and speaks just
-enough gRPC for Envoy's ext_proc client: length-prefixed messages in DATA frames, a
-``200`` / ``application/grpc`` response, ``grpc-status`` trailers. It measures what Python
-costs per stream when the gRPC library's machinery (the C core's completion queue, its poller
-and EventEngine threads, the asyncio bridge) is left out.
+Both answer CONTINUE like ``bare.py --style fast`` (prebuilt replies, the phase read from the
+first tag byte, the stream ended with the reply to the request headers):
 
-    python -m bench.servicers.h2_bare --listen 127.0.0.1:50051
+* ``own``: on :mod:`extproc.http2` (extproc's ``transport: http2``), a handler that reads and
+  returns bytes. The floor of that transport: what extproc with ``transport: http2`` and no
+  plugins is measured against.
+* ``h2lib``: on the ``h2`` library (python-hyper), speaking just enough gRPC itself. It shows
+  what a general pure-Python HTTP/2 stack costs per stream: about what grpc.aio costs, which
+  is why :mod:`extproc.http2` is written for the frames gRPC uses instead.
+
+    python -m bench.servicers.h2_bare --style own --listen 127.0.0.1:50051
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import signal
 from typing import Any
 
+import grpc
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
@@ -29,7 +33,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
-from bench.servicers.bare import _REPLIES, _REQUEST_HEADERS_TAG, _slow_reply
+from bench.servicers.bare import _REPLIES, _REQUEST_HEADERS_TAG, SERVICE, _slow_reply
 
 _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _OK = ((b"grpc-status", b"0"),)
@@ -124,25 +128,51 @@ class _Connection(asyncio.Protocol):
             self.answered.add(sid)
 
 
-async def serve(listen: str) -> None:
+async def _own_process(call: Any) -> bytes | None:
+    read, eof, replies = call.read, grpc.aio.EOF, _REPLIES
+    while True:
+        raw = await read()
+        if raw is eof:
+            return b""
+        reply = replies.get(raw[0]) if raw else None
+        if reply is None:
+            reply = _slow_reply(raw)
+            if reply is None:
+                continue
+        if raw[0] == _REQUEST_HEADERS_TAG:
+            return reply
+        await call.write(reply)
+
+
+async def serve(style: str, listen: str) -> None:
     loop = asyncio.get_running_loop()
     host, _, port = listen.rpartition(":")
-    server = await loop.create_server(_Connection, host, int(port))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"bare h2 servicer on {listen}", flush=True)
+    if style == "own":
+        from extproc.http2 import Http2Server
+
+        own = Http2Server({f"/{SERVICE}/Process": _own_process})
+        await own.listen(listen)
+        print(f"bare http2 servicer on {listen}", flush=True)
+        await stop.wait()
+        await own.stop(1.0)
+        return
+    server = await loop.create_server(_Connection, host, int(port))
+    print(f"bare h2lib servicer on {listen}", flush=True)
     await stop.wait()
     server.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--style", choices=("own", "h2lib"), required=True)
     parser.add_argument("--listen", required=True, help="host:port")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(serve(args.listen))
+    uvloop.run(serve(args.style, args.listen))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""The targets table: one block per transport's headline scenario, measured against the
+fastest bare servicer of the run whatever its transport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import report
+
+
+def _row(rps: float, **ratios: float) -> dict[str, Any]:
+    return {
+        "rps": rps,
+        "vs_bare_fast": ratios.get("fast", float("nan")),
+        "vs_bare_coalesced": ratios.get("coalesced", float("nan")),
+        "vs_bare_http2": ratios.get("http2", float("nan")),
+        "redis_round_trips_per_req": 0.05,
+        "open_loop": {"added_p99_ms": 1.5},
+    }
+
+
+def test_each_transport_gets_its_targets_against_the_fastest_bare_servicer() -> None:
+    summary = {
+        "sdk": _row(2000),
+        "bare-idiomatic": _row(3000),
+        "extproc-jwt-rl": _row(2800, fast=0.6, coalesced=0.5, http2=0.25),
+        "extproc-jwt-rl-h2": _row(4800, fast=0.95, coalesced=0.8, http2=0.41),
+    }
+    rows = {t["target"]: t for t in report.targets(summary, {})}
+    grpc_fastest = rows["throughput vs fastest bare servicer (bare-http2)"]
+    assert grpc_fastest["value"] == 0.25 and grpc_fastest["met"] is False
+    h2 = "`extproc-jwt-rl-h2`: "
+    assert rows[h2 + "throughput vs fastest bare servicer (bare-http2)"]["value"] == 0.41
+    info = rows[h2 + "throughput vs fastest bare grpc.aio servicer (bare-coalesced)"]
+    assert info["value"] == 0.8 and info["met"] is None  # reported, not judged
+    assert rows[h2 + "throughput vs envoy-extproc-sdk"]["value"] == 2.4
+    assert rows[h2 + "throughput vs envoy-extproc-sdk"]["met"] is True
+    assert rows["throughput vs envoy-extproc-sdk"]["met"] is False  # 1.4
+    assert "--workers 2 vs 1" in rows and h2 + "--workers 2 vs 1" not in rows
+
+
+def test_without_the_http2_floor_the_grpc_aio_servicers_are_the_reference() -> None:
+    summary = {"extproc-jwt-rl": _row(2800, fast=0.6, coalesced=0.5)}
+    [first, *_] = report.targets(summary, {})
+    assert first["target"] == "throughput vs fastest bare servicer (bare-coalesced)"
+    assert first["value"] == 0.5
