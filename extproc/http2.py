@@ -65,7 +65,9 @@ MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 5, 6
 
 DEFAULT_WINDOW: Final = 65_535
 MAX_WINDOW: Final = 2**31 - 1
-#: what we let each stream, and the whole connection, receive before the handler reads it
+#: what we let each stream (at least: a whole message of ``max_message_bytes`` must fit, as
+#: a message's bytes are given back only once the handler has read it), and the whole
+#: connection, receive before the handler reads it
 STREAM_WINDOW: Final = 1 << 20
 CONNECTION_WINDOW: Final = 1 << 24
 MAX_HEADER_LIST: Final = 64 * 1024
@@ -195,7 +197,7 @@ class Call:
         self.remote_closed = False
         self.local_closed = False
         self.send_window = conn.peer_initial_window
-        self.recv_window = STREAM_WINDOW
+        self.recv_window = conn.server.stream_window
         self.task: asyncio.Task[Any] | None = None
 
     # ---------------------------------------------------------------- the handler's side
@@ -271,7 +273,7 @@ class Call:
 
     def _consumed(self, n: int) -> None:
         self._unacked += n
-        if self._unacked >= STREAM_WINDOW // 2 and not self.remote_closed:
+        if self._unacked >= self._conn.server.stream_window // 2 and not self.remote_closed:
             self._conn.out.append(
                 frame(WINDOW_UPDATE, 0, self.stream_id, self._unacked.to_bytes(4, "big"))
             )
@@ -326,8 +328,8 @@ class Call:
 
     def finish(self, code: int, details: str = "", last: bytes | None = None) -> None:
         """End the call: the last message (if any) and the status, in the same write."""
-        if self.local_closed:
-            return
+        if self.local_closed or self._pending_trailers is not None:
+            return  # the first status wins (a deadline's, held behind flow control)
         if last is not None:
             self._send(b"\x00" + len(last).to_bytes(4, "big") + last)
         block = _OK_TRAILERS if code == 0 and not details else _trailers(code, details)
@@ -405,7 +407,7 @@ class _Connection(asyncio.Protocol):
         self.server.connections.add(self)
         settings = (
             (MAX_CONCURRENT_STREAMS, self.server.max_concurrent_streams),
-            (INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (INITIAL_WINDOW_SIZE, self.server.stream_window),
             (MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
             (ENABLE_PUSH, 0),
         )
@@ -536,6 +538,9 @@ class _Connection(asyncio.Protocol):
             self._reset_stream(call, FLOW_CONTROL_ERROR)
             return
         body = self._unpad(flags, payload)
+        ended = bool(flags & END_STREAM)
+        if ended:  # before any error below: a stream closed both ways gets no RST_STREAM
+            call.remote_closed = True
         # padding is flow-controlled but never read: count it as consumed now
         if length - len(body):
             call._consumed(length - len(body))
@@ -545,7 +550,7 @@ class _Connection(asyncio.Protocol):
                 code = 12 if problem.startswith("compressed") else 8  # UNIMPLEMENTED, EXHAUSTED
                 self._end_call(call, code, problem)
                 return
-        if flags & END_STREAM:
+        if ended:
             if call._buffer:
                 self._end_call(call, 13, "the request ended inside a message")  # INTERNAL
                 return
@@ -626,8 +631,7 @@ class _Connection(asyncio.Protocol):
         if server.active >= server.max_concurrent_streams:
             self._end_call(call, 8, "too many concurrent streams")
             return
-        server.active += 1
-        call.task = self.loop.create_task(server.run(handler, call))
+        server.start(handler, call)
         if timeout is not None:
             seconds = parse_timeout(timeout)
             if seconds is not None:
@@ -793,6 +797,7 @@ class Http2Server:
         self.max_concurrent_streams = max_concurrent_streams
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
+        self.stream_window = min(MAX_WINDOW, max(STREAM_WINDOW, max_message_bytes + 5))
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -814,8 +819,20 @@ class Http2Server:
         )
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def run(self, handler: Handler, call: Call) -> None:
+    def start(self, handler: Handler, call: Call) -> None:
+        self.active += 1
         self._idle.clear()
+        call.task = task = self.loop.create_task(self.run(handler, call))
+        # a done callback, not a finally in run(): a task cancelled before its first step
+        # (the HEADERS and a RST_STREAM in one read) never runs its body
+        task.add_done_callback(self._call_done)
+
+    def _call_done(self, _: asyncio.Task[None]) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def run(self, handler: Handler, call: Call) -> None:
         code, details, last = 0, "", None
         try:
             last = await handler(call)
@@ -828,10 +845,6 @@ class Http2Server:
         except Exception:
             log.exception("method handler failed", extra={"stream": call.stream_id})
             code, details = 2, "internal error"  # UNKNOWN, as grpc does; no details leak
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
         if not call.local_closed:
             call.finish(code, details, last if code == 0 else None)
 

@@ -1,6 +1,6 @@
-"""The grpc.aio transport: read a ProcessingRequest, let the stream processor decide, write
-the reply. Everything else lives in :mod:`extproc.stream`, :mod:`extproc.chain` and
-:mod:`extproc.protocol`.
+"""The servicer: read a ProcessingRequest, let the stream processor decide, write the reply;
+served by grpc.aio (``transport: grpcio``) or by :mod:`extproc.http2` (``transport: http2``).
+Everything else lives in :mod:`extproc.stream`, :mod:`extproc.chain` and :mod:`extproc.protocol`.
 
 Explicit ``context.read()`` / ``context.write()`` measured cheaper than an async-generator
 ``Process`` on grpc.aio, so the servicer uses them.
@@ -479,8 +479,8 @@ class Server:
         if loaded.config.server != self.loaded.config.server:
             log.warning(
                 "server settings changed: the plugin chain, its time budget and reply "
-                "coalescing are reloaded now; listen addresses, TLS and stream limits apply "
-                "after a restart"
+                "coalescing are reloaded now; listen addresses, the transport, TLS and stream "
+                "limits apply after a restart"
             )
         if (loaded.config.tracing, loaded.config.metrics) != self._exporters:
             log.warning("tracing and metrics exporter settings apply after a restart")
