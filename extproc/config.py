@@ -104,8 +104,8 @@ class ServerSettings(_Strict):
     )
     transport: Literal["grpcio", "http2"] = Field(
         "grpcio",
-        description="grpcio: grpc.aio (TLS, every gRPC feature); http2: extproc's own "
-        "gRPC-over-HTTP/2 on asyncio (no TLS), a fraction of grpc.aio's cost per stream",
+        description="grpcio: grpc.aio; http2: extproc's own gRPC-over-HTTP/2 on asyncio, "
+        "about a third of grpc.aio's CPU per stream",
     )
     coalesce_replies_ms: float = Field(
         3.0,
@@ -114,12 +114,6 @@ class ServerSettings(_Strict):
         description="when the worker's CPU is saturated, a reply waits up to this long (scaled"
         " by how saturated) so replies of many streams are written together; 0: never",
     )
-
-    @model_validator(mode="after")
-    def _http2_without_tls(self) -> ServerSettings:
-        if self.transport == "http2" and self.tls is not None:
-            raise ValueError("transport http2 serves no TLS: use transport grpcio for tls")
-        return self
 
     @model_validator(mode="after")
     def _budget_fits(self) -> ServerSettings:

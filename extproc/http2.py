@@ -23,8 +23,9 @@ returns the last message (sent with the status in one write) or ``None``. The sa
 runs on grpc.aio as a stream-unary method: :class:`Call` has the ``ServicerContext`` methods
 extproc uses (``read``, ``write``, ``abort``, ``invocation_metadata``).
 
-Not implemented: TLS (grpc.aio serves TLS), server push (never used by gRPC), compression,
-HTTP/1.1 upgrade. Stream priority is ignored, as RFC 9113 allows.
+TLS (1.2+, ALPN ``h2``, optional client certificates) comes from :class:`extproc.tls.ServerTls`.
+Not implemented: server push (never used by gRPC), compression, HTTP/1.1 upgrade. Stream
+priority is ignored, as RFC 9113 allows.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import grpc
 from hpack import Decoder
 from hpack.exceptions import HPACKError
+
+if TYPE_CHECKING:
+    from extproc.tls import ServerTls
 
 __all__ = ["AbortCall", "Call", "Handler", "HealthService", "Http2Server"]
 
@@ -187,7 +191,7 @@ class Call:
         self.headers = headers
         self._inbox: deque[bytes] = deque()
         self._waiter: asyncio.Future[Any] | None = None
-        self._buffer = b""  # an incomplete message
+        self._buffer = bytearray()  # an incomplete message (grows in place: no n² copies)
         self._headers_sent = False
         self._unacked = 0  # bytes read by the handler, not yet given back to the peer
         self._pending = bytearray()  # framed messages the peer's window does not take yet
@@ -241,28 +245,41 @@ class Call:
 
     def _deliver(self, data: bytes) -> str | None:
         """Split DATA into messages; returns a reason to end the call, or None."""
-        if self._buffer:
-            data = self._buffer + data
-            self._buffer = b""
-        conn = self._conn
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < 5 or len(buffer) < 5 + int.from_bytes(buffer[1:5], "big"):
+                return self._check_prefix(buffer)  # still incomplete: nothing copied
+            data = bytes(buffer)
+            buffer.clear()
+        limit = self._conn.server.max_message_bytes
         while data:
             if len(data) < 5:
-                self._buffer = data
+                buffer += data
                 return None
             if data[0]:
                 return "compressed messages are not supported"
             size = int.from_bytes(data[1:5], "big")
-            if size > conn.server.max_message_bytes:
-                return f"message larger than {conn.server.max_message_bytes} bytes"
+            if size > limit:
+                return f"message larger than {limit} bytes"
             end = 5 + size
             if len(data) < end:
-                self._buffer = data
+                buffer += data
                 return None
             self._inbox.append(data[5:end])
             data = data[end:]
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        return None
+
+    def _check_prefix(self, buffer: bytearray) -> str | None:
+        if len(buffer) < 5:
+            return None
+        if buffer[0]:
+            return "compressed messages are not supported"
+        if int.from_bytes(buffer[1:5], "big") > self._conn.server.max_message_bytes:
+            return f"message larger than {self._conn.server.max_message_bytes} bytes"
         return None
 
     def _remote_end(self) -> None:
@@ -792,10 +809,12 @@ class Http2Server:
         *,
         max_concurrent_streams: int = 10_000,
         max_message_bytes: int = 4 * 1024 * 1024,
+        tls: ServerTls | None = None,
     ) -> None:
         self.handlers = {path.encode(): h for path, h in handlers.items()}
         self.max_concurrent_streams = max_concurrent_streams
         self.max_message_bytes = max_message_bytes
+        self.tls = tls
         self.connections: set[_Connection] = set()
         self.stream_window = min(MAX_WINDOW, max(STREAM_WINDOW, max_message_bytes + 5))
         self.active = 0
@@ -810,14 +829,26 @@ class Http2Server:
             path = address.removeprefix("unix:").removeprefix("//")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # a stale socket of an earlier run
-            self._server = await self.loop.create_unix_server(lambda: _Connection(self), path)
+            self._server = await self.loop.create_unix_server(
+                self._connection, path, ssl=self.tls.context if self.tls else None
+            )
             return 0
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         self._server = await self.loop.create_server(
-            lambda: _Connection(self), host, int(port), reuse_address=True
+            self._connection,
+            host,
+            int(port),
+            reuse_address=True,
+            ssl=self.tls.context if self.tls else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    def _connection(self) -> _Connection:
+        """The protocol factory: runs when a connection is accepted, before its handshake."""
+        if self.tls is not None:
+            self.tls.refresh()
+        return _Connection(self)
 
     def start(self, handler: Handler, call: Call) -> None:
         self.active += 1

@@ -346,6 +346,11 @@ class Server:
         assert self.servicer is not None
         health = HealthService()
         self.health = health
+        tls = None
+        if settings.tls is not None:
+            from extproc.tls import ServerTls
+
+            tls = ServerTls(settings.tls)
         server = Http2Server(
             {
                 # the grpc.aio signature (request iterator, context); the Call is the context
@@ -354,6 +359,7 @@ class Server:
             },
             max_concurrent_streams=settings.max_concurrent_streams,
             max_message_bytes=settings.max_message_bytes,
+            tls=tls,
         )
         if self.freezes_heap:
             freeze_heap()

@@ -4,12 +4,17 @@ grpc's dynamic credentials ask a fetcher for the configuration on each new TLS h
 fetcher compares the files' modification times and hands over new certificates only when they
 changed (cert-manager and Kubernetes secret volumes rotate them in place). Envoy keeps its
 HTTP/2 connections to the sidecar open, so handshakes - and file checks - are rare.
+
+The http2 transport uses an :class:`ssl.SSLContext` (:class:`ServerTls`) checked the same way
+each time a connection is accepted; a changed certificate and key are loaded into the live
+context, which the following handshakes use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ import grpc
 
 from extproc.config import TlsSettings
 
-__all__ = ["server_credentials"]
+__all__ = ["ServerTls", "server_credentials"]
 
 log = logging.getLogger("extproc.tls")
 
@@ -67,3 +72,44 @@ def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials:
         certs.fetch,
         require_client_authentication=settings.client_ca_file is not None,
     )
+
+
+class ServerTls:
+    """TLS 1.2+ with ALPN ``h2`` for :class:`extproc.http2.Http2Server`; mTLS when
+    ``client_ca_file`` is set. :meth:`refresh` (called per accepted connection) reloads the
+    certificate and key when their files changed. A changed ``client_ca_file`` is added to
+    the trusted CAs (OpenSSL's context cannot drop one): removing a CA takes a restart."""
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self.settings = settings
+        self._files = _Certificates(settings)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 9113 9.2
+        self.context.set_alpn_protocols(["h2"])
+        self._load()
+        if settings.client_ca_file:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+
+    def _load(self, context: ssl.SSLContext | None = None) -> None:
+        s = self.settings
+        context = context or self.context
+        context.load_cert_chain(s.cert_file, s.key_file)
+        if s.client_ca_file:
+            context.load_verify_locations(cafile=s.client_ca_file)
+
+    def refresh(self) -> None:
+        files = self._files
+        try:
+            stamp = files._mtimes()
+            if stamp == files._stamp:
+                return
+            # OpenSSL installs the certificate before it finds that the key does not match:
+            # try the files on a scratch context first, so a half-written rotation (new
+            # certificate, old key) leaves the live one as it was; retried on the next accept
+            self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+            self._load()
+            files._stamp = stamp
+        except Exception as exc:  # keep serving with the certificates we have
+            log.error("TLS certificates could not be reloaded", extra={"error": repr(exc)})
+            return
+        log.info("TLS certificates reloaded", extra={"cert_file": self.settings.cert_file})

@@ -127,9 +127,10 @@ class TlsSidecar(SidecarProcess):
         return check(self.grpc_target, credentials(self.pki, "client"))
 
 
+@pytest.mark.parametrize("transport", ["grpcio", "http2"])
 @budget(60)
 async def test_mtls_between_envoy_and_the_sidecar(
-    tmp_path: Path, figures: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, figures: dict[str, Any], monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     pki = make_pki(tmp_path)
     cfg = tmp_path / "extproc.yaml"
@@ -137,6 +138,7 @@ async def test_mtls_between_envoy_and_the_sidecar(
         "version: 1\n"
         "server:\n"
         "  drain_delay_s: 0\n"
+        f"  transport: {transport}\n"
         f"  tls: {{cert_file: {pki['server_crt']}, key_file: {pki['server_key']},"
         f" client_ca_file: {pki['ca']}}}\n"
         "plugins:\n"

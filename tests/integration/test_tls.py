@@ -1,4 +1,4 @@
-"""gRPC over TLS and mTLS, with certificates reloaded from disk."""
+"""gRPC over TLS and mTLS, with certificates reloaded from disk, on both transports."""
 
 from __future__ import annotations
 
@@ -29,10 +29,15 @@ def _creds(files: CertFiles, cert: Path | None = None, key: Path | None = None):
     )
 
 
-async def _server(files: CertFiles, mtls: bool) -> tuple[Server, str]:
+@pytest.fixture(params=["grpcio", "http2"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _server(files: CertFiles, mtls: bool, transport: str) -> tuple[Server, str]:
     ca = f", client_ca_file: {files.ca}" if mtls else ""
     text = (
-        "server: {admin: '', drain_delay_s: 0, tls: {"
+        f"server: {{admin: '', drain_delay_s: 0, transport: {transport}, tls: {{"
         f"cert_file: {files.server_cert}, key_file: {files.server_key}{ca}"
         "}}\n"
     )
@@ -42,9 +47,9 @@ async def _server(files: CertFiles, mtls: bool) -> tuple[Server, str]:
     return server, f"localhost:{port}"
 
 
-async def test_tls_serves_and_plaintext_is_refused(tmp_path: Path) -> None:
+async def test_tls_serves_and_plaintext_is_refused(tmp_path: Path, transport: str) -> None:
     files = make_certificates(tmp_path)
-    server, target = await _server(files, mtls=False)
+    server, target = await _server(files, mtls=False, transport=transport)
     try:
         assert await _check(target, _creds(files)) == health_pb2.HealthCheckResponse.SERVING
         async with grpc.aio.insecure_channel(target) as channel:
@@ -55,9 +60,11 @@ async def test_tls_serves_and_plaintext_is_refused(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def test_mtls_requires_a_client_certificate_from_the_ca(tmp_path: Path) -> None:
+async def test_mtls_requires_a_client_certificate_from_the_ca(
+    tmp_path: Path, transport: str
+) -> None:
     files = make_certificates(tmp_path)
-    server, target = await _server(files, mtls=True)
+    server, target = await _server(files, mtls=True, transport=transport)
     try:
         good = _creds(files, files.client_cert, files.client_key)
         assert await _check(target, good) == health_pb2.HealthCheckResponse.SERVING
@@ -69,9 +76,11 @@ async def test_mtls_requires_a_client_certificate_from_the_ca(tmp_path: Path) ->
         await server.stop()
 
 
-async def test_rotated_certificates_are_used_for_new_connections(tmp_path: Path) -> None:
+async def test_rotated_certificates_are_used_for_new_connections(
+    tmp_path: Path, transport: str
+) -> None:
     first = make_certificates(tmp_path / "one")
-    server, target = await _server(first, mtls=False)
+    server, target = await _server(first, mtls=False, transport=transport)
     try:
         assert await _check(target, _creds(first)) == health_pb2.HealthCheckResponse.SERVING
         second = make_certificates(tmp_path / "two")  # a new CA and server certificate
@@ -80,5 +89,22 @@ async def test_rotated_certificates_are_used_for_new_connections(tmp_path: Path)
         assert await _check(target, _creds(second)) == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.aio.AioRpcError):
             await _check(target, _creds(first))  # the old CA no longer verifies the server
+    finally:
+        await server.stop()
+
+
+async def test_http2_keeps_its_certificate_while_a_rotation_is_half_written(
+    tmp_path: Path,
+) -> None:
+    """The certificate is replaced, its key not yet: the pair does not load, the old one keeps
+    serving new connections; once the key follows, the new pair is served."""
+    first = make_certificates(tmp_path / "one")
+    server, target = await _server(first, mtls=False, transport="http2")
+    try:
+        second = make_certificates(tmp_path / "two")
+        first.server_cert.write_bytes(second.server_cert.read_bytes())
+        assert await _check(target, _creds(first)) == health_pb2.HealthCheckResponse.SERVING
+        first.server_key.write_bytes(second.server_key.read_bytes())
+        assert await _check(target, _creds(second)) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop()
