@@ -79,6 +79,8 @@ MAX_HEADER_LIST: Final = 64 * 1024
 MAX_INBOUND_FRAME: Final = 16_384
 #: PINGs a client may send per connection without data in between (a flood is ENHANCE_YOUR_CALM)
 MAX_IDLE_PINGS: Final = 100
+#: decoded header blocks kept per connection (see ``_Connection._decode``)
+HEADER_CACHE_SIZE: Final = 64
 
 _TIMEOUT_UNITS: Final = {
     ord("H"): 3600.0,
@@ -90,6 +92,7 @@ _TIMEOUT_UNITS: Final = {
 }
 
 Handler = Callable[["Call"], Awaitable[bytes | None]]
+Headers = tuple[tuple[bytes, bytes], ...]
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -185,7 +188,7 @@ class Call:
         "task",
     )
 
-    def __init__(self, conn: _Connection, stream_id: int, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, conn: _Connection, stream_id: int, headers: Headers):
         self._conn = conn
         self.stream_id = stream_id
         self.headers = headers
@@ -401,6 +404,8 @@ class _Connection(asyncio.Protocol):
         self.peer_goaway = False
         self.decoder = Decoder()
         self.decoder.max_header_list_size = MAX_HEADER_LIST
+        self.header_cache: dict[bytes, tuple[int, Headers]] = {}
+        self.table_generation = 0
         self.calls: dict[int, Call] = {}
         self.blocked: dict[int, Call] = {}
         self.out: list[bytes] = []
@@ -597,9 +602,34 @@ class _Connection(asyncio.Protocol):
             self.continuing = None
             self._header_block(sid, first_flags, b"".join(fragments))
 
+    def _decode(self, block: bytes) -> Headers:
+        """Decode a header block (always, also for streams we no longer track, to keep the
+        table in step with the peer's encoder).
+
+        A gRPC client sends nearly the same request headers on every stream; Envoy's are the
+        same bytes each time (``:path`` as a literal never indexed, the rest indexed). A block
+        that left the dynamic table as it was decodes to the same headers for as long as the
+        table stays as it is: those are kept, keyed by the block's bytes and valid for the
+        table's current generation (a new one starts whenever a block changes the table)."""
+        hit = self.header_cache.get(block)
+        if hit is not None and hit[0] == self.table_generation:
+            return hit[1]
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        before = (len(entries), entries[0] if entries else None, table.maxsize)
+        headers = tuple((bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True))
+        if (len(entries), table.maxsize) != (before[0], before[2]) or (
+            entries and entries[0] is not before[1]
+        ):
+            self.table_generation += 1  # an insertion, eviction or resize
+        elif len(block) <= 1024:  # request headers, not whatever a client makes up
+            if len(self.header_cache) >= HEADER_CACHE_SIZE:
+                self.header_cache.clear()
+            self.header_cache[block] = (self.table_generation, headers)
+        return headers
+
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
-        # always decoded, also for streams we no longer track, to keep the table in step
-        headers = [(bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True)]
+        headers = self._decode(block)
         call = self.calls.get(sid)
         if call is not None:  # trailers from the client: gRPC clients send none; end of input
             if not flags & END_STREAM:
@@ -617,7 +647,7 @@ class _Connection(asyncio.Protocol):
             return
         self._start_call(sid, flags, headers)
 
-    def _start_call(self, sid: int, flags: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def _start_call(self, sid: int, flags: int, headers: Headers) -> None:
         server = self.server
         call = Call(self, sid, headers)
         self.calls[sid] = call

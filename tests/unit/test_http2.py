@@ -25,6 +25,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes, Settings
 from hpack import Decoder, Encoder
+from hpack.exceptions import InvalidTableIndexError
 
 from extproc.http2 import (
     ACK,
@@ -1183,3 +1184,40 @@ async def test_fuzz_never_crashes_the_server(loop_errors: list[dict[str, Any]]) 
         await assert_serves(port)
         # no call may stay counted once its connection is gone
         await eventually(lambda: server.active == 0, what=lambda: f"active={server.active}")
+
+
+def _decoder_only() -> Any:
+    """A connection object with just its HPACK state (no socket, no server)."""
+    from extproc.http2 import _Connection
+
+    conn = _Connection.__new__(_Connection)
+    conn.decoder = Decoder()
+    conn.header_cache = {}
+    conn.table_generation = 0
+    return conn
+
+
+def test_a_repeated_header_block_is_decoded_once_while_the_table_stands_still() -> None:
+    conn = _decoder_only()
+    # literal with incremental indexing: the table now holds x-first: one (index 62)
+    conn._decode(bytes([0x40, 7]) + b"x-first" + bytes([3]) + b"one")
+    # an all-indexed block, as Envoy sends for every stream after its first
+    block = bytes([0x80 | 62, 0x80 | 2])  # dynamic entry 62, then static ':method: GET'
+    assert conn._decode(block) == ((b"x-first", b"one"), (b":method", b"GET"))
+    assert block in conn.header_cache
+    cached = conn._decode(block)
+    assert cached is conn._decode(block)  # the same object: not decoded again
+    # a block that inserts an entry moves index 62 to the new entry: the same bytes now mean
+    # something else, and the cache must not answer with the old meaning
+    conn._decode(bytes([0x40, 8]) + b"x-second" + bytes([3]) + b"two")
+    assert conn._decode(block) == ((b"x-second", b"two"), (b":method", b"GET"))
+
+
+def test_an_eviction_or_a_table_resize_also_invalidates_cached_blocks() -> None:
+    conn = _decoder_only()
+    conn._decode(bytes([0x40, 6]) + b"x-keep" + bytes([1]) + b"k")  # index 62
+    block = bytes([0x80 | 62])
+    assert conn._decode(block) == ((b"x-keep", b"k"),)
+    conn._decode(bytes([0x20]))  # dynamic table size update to 0: everything evicted
+    with pytest.raises(InvalidTableIndexError):
+        conn._decode(block)  # index 62 no longer exists: not a stale cached answer
