@@ -209,6 +209,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-mw0-h2",
+        "extproc-jwt-rl-mw0, transport http2",
+        "extproc",
+        ("jwt", "rl"),
+        batch_extra=(("max_wait_ms", 0.0),),
+        transport="http2",
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-b1-pool",
         "extproc-jwt-rl-b1 over the redis-py pool (redis_pipeline: false)",
         "extproc",

@@ -44,3 +44,10 @@ def test_without_the_http2_floor_the_grpc_aio_servicers_are_the_reference() -> N
     [first, *_] = report.targets(summary, {})
     assert first["target"] == "throughput vs fastest bare servicer (bare-coalesced)"
     assert first["value"] == 0.5
+
+
+def test_a_run_without_bare_servicers_still_reports_the_other_targets() -> None:
+    rows = report.targets({"extproc-jwt-rl-h2": _row(4800)}, {})
+    assert rows[0]["target"] == (
+        "`extproc-jwt-rl-h2`: added p99 over passthrough at the open-loop rate (ms)"
+    )
