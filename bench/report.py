@@ -22,6 +22,8 @@ BASE_SUFFIX = "-base"
 HEADLINE = "extproc-jwt-rl"
 #: the headline scenario per transport (the grpcio one is the default configuration)
 HEADLINES = (HEADLINE, HEADLINE + "-h2")
+#: the same with ``--workers 2``
+WORKERS = {HEADLINE: HEADLINE + "-w2", HEADLINE + "-h2": HEADLINE + "-w2-h2"}
 
 
 def _median(values: Sequence[float]) -> float:
@@ -160,7 +162,7 @@ def _targets_of(
         add("added p99 over passthrough at the open-loop rate (ms)", added, "<= 2.0", added <= 2.0)
     trips = head["redis_round_trips_per_req"]
     add("Redis client commands per request at saturation", trips, "<= 0.10", trips <= 0.1)
-    workers = summary.get(key + "-w2") if key == HEADLINE else None
+    workers = summary.get(WORKERS[key])
     if workers:
         ratio = workers["rps"] / head["rps"]
         add("--workers 2 vs 1 (throughput ratio)", ratio, "> 1 (report)", None)

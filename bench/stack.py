@@ -209,6 +209,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-w2-h2",
+        "extproc + jwt_auth + rate_limit (batched), --workers 2, transport http2",
+        "extproc",
+        ("jwt", "rl"),
+        workers=2,
+        transport="http2",
+    ),
+    Scenario(
         "extproc-jwt-rl-mw0-h2",
         "extproc-jwt-rl-mw0, transport http2",
         "extproc",

@@ -37,6 +37,9 @@ def test_each_transport_gets_its_targets_against_the_fastest_bare_servicer() -> 
     assert rows[h2 + "throughput vs envoy-extproc-sdk"]["met"] is True
     assert rows["throughput vs envoy-extproc-sdk"]["met"] is False  # 1.4
     assert "--workers 2 vs 1" in rows and h2 + "--workers 2 vs 1" not in rows
+    summary["extproc-jwt-rl-w2-h2"] = _row(4800 * 1.1)
+    rows = {t["target"]: t for t in report.targets(summary, {})}
+    assert round(rows[h2 + "--workers 2 vs 1 (throughput ratio)"]["value"], 2) == 1.1
 
 
 def test_without_the_http2_floor_the_grpc_aio_servicers_are_the_reference() -> None:
