@@ -77,8 +77,11 @@ CONNECTION_WINDOW: Final = 1 << 24
 MAX_HEADER_LIST: Final = 64 * 1024
 #: frames we accept (our SETTINGS_MAX_FRAME_SIZE is the protocol's default)
 MAX_INBOUND_FRAME: Final = 16_384
-#: PINGs a client may send per connection without data in between (a flood is ENHANCE_YOUR_CALM)
-MAX_IDLE_PINGS: Final = 100
+#: keepalive PINGs closer together than this, with no stream activity in between, are strikes;
+#: past MAX_PING_STRIKES the connection ends with ENHANCE_YOUR_CALM (a PING flood). Spaced
+#: PINGs (Envoy's connection_keepalive, every 30 s by default in envoy.yaml) never count.
+MIN_PING_INTERVAL_S: Final = 1.0
+MAX_PING_STRIKES: Final = 10
 #: decoded header blocks kept per connection (see ``_Connection._decode``)
 HEADER_CACHE_SIZE: Final = 64
 
@@ -418,7 +421,8 @@ class _Connection(asyncio.Protocol):
         self.goaway_sent = False
         self.closed = False
         self.recv_unacked = 0
-        self.idle_pings = 0
+        self.ping_strikes = 0
+        self.last_ping = float("-inf")
         #: a header block in CONTINUATION frames: (stream id, flags of the HEADERS, fragments)
         self.continuing: tuple[int, int, list[bytes]] | None = None
 
@@ -539,7 +543,7 @@ class _Connection(asyncio.Protocol):
     def _data(self, sid: int, flags: int, payload: bytes, length: int) -> None:
         if sid == 0:
             raise ProtocolViolation(PROTOCOL_ERROR, "DATA on stream 0")
-        self.idle_pings = 0
+        self.ping_strikes = 0
         if length:
             # the connection window is given back at once (one slow handler must not starve
             # the others); each stream's window only as its handler reads
@@ -641,7 +645,7 @@ class _Connection(asyncio.Protocol):
         if sid <= self.last_stream:
             return  # trailers of a stream we already ended; dropped
         self.last_stream = sid
-        self.idle_pings = 0
+        self.ping_strikes = 0
         if self.goaway_sent:
             self.out.append(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
             return
@@ -759,9 +763,12 @@ class _Connection(asyncio.Protocol):
             raise ProtocolViolation(FRAME_SIZE_ERROR, "PING of the wrong size")
         if flags & ACK:
             return
-        self.idle_pings += 1
-        if self.idle_pings > MAX_IDLE_PINGS:
-            raise ProtocolViolation(ENHANCE_YOUR_CALM, "too many PINGs")
+        now = self.loop.time()
+        if now - self.last_ping < MIN_PING_INTERVAL_S:
+            self.ping_strikes += 1
+            if self.ping_strikes > MAX_PING_STRIKES:
+                raise ProtocolViolation(ENHANCE_YOUR_CALM, "too many PINGs")
+        self.last_ping = now
         self.out.append(frame(PING, ACK, 0, payload))
 
     def _rst(self, sid: int, payload: bytes) -> None:

@@ -1221,3 +1221,25 @@ def test_an_eviction_or_a_table_resize_also_invalidates_cached_blocks() -> None:
     conn._decode(bytes([0x20]))  # dynamic table size update to 0: everything evicted
     with pytest.raises(InvalidTableIndexError):
         conn._decode(block)  # index 62 no longer exists: not a stale cached answer
+
+
+async def test_a_ping_flood_ends_the_connection_but_spaced_keepalives_never_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from extproc import http2
+
+    async with serving() as (_, port):
+        raw = await Raw.connect(port)
+        raw.send(*(frame(PING, 0, 0, b"%08d" % i) for i in range(50)))
+        goaway = await raw.until(lambda f: f.kind == GOAWAY)
+        assert int.from_bytes(goaway.payload[4:8], "big") == 0xB  # ENHANCE_YOUR_CALM
+        raw.close()
+        # keepalives far apart (here: an interval of 0 s stands for "far apart") are answered
+        # for as long as the connection lives, with no stream on it
+        monkeypatch.setattr(http2, "MIN_PING_INTERVAL_S", 0.0)
+        raw = await Raw.connect(port)
+        raw.send(*(frame(PING, 0, 0, b"%08d" % i) for i in range(200)))
+        for i in range(200):
+            pong = await raw.until(lambda f: f.kind in (PING, GOAWAY))
+            assert pong.kind == PING and pong.payload == b"%08d" % i
+        raw.close()
