@@ -217,6 +217,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         transport="http2",
     ),
     Scenario(
+        "extproc-jwt-rl-nc-h2",
+        "extproc-jwt-rl-nc (no reply coalescing), transport http2",
+        "extproc",
+        ("jwt", "rl"),
+        coalesce_ms=0.0,
+        transport="http2",
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-mw0-h2",
         "extproc-jwt-rl-mw0, transport http2",
         "extproc",
