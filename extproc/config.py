@@ -105,7 +105,7 @@ class ServerSettings(_Strict):
     transport: Literal["grpcio", "http2"] = Field(
         "grpcio",
         description="grpcio: grpc.aio; http2: extproc's own gRPC-over-HTTP/2 on asyncio, "
-        "about a third of grpc.aio's CPU per stream",
+        "a quarter to a half of grpc.aio's CPU per request",
     )
     coalesce_replies_ms: float = Field(
         3.0,

@@ -23,6 +23,7 @@ def _tracked() -> set[str]:
 DOCS = [
     "README.md",
     "bench/README.md",
+    "bench/results/HISTORY.md",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
 ]
 
