@@ -81,6 +81,9 @@ MAX_INBOUND_FRAME: Final = 16_384
 #: past MAX_PING_STRIKES the connection ends with ENHANCE_YOUR_CALM (a PING flood). Spaced
 #: PINGs (Envoy's connection_keepalive, every 30 s by default in envoy.yaml) never count.
 MIN_PING_INTERVAL_S: Final = 1.0
+#: the PING sent with the first GOAWAY of a graceful shutdown, and how long its ACK may take
+SHUTDOWN_PING: Final = b"shutdown"
+SHUTDOWN_PING_TIMEOUT_S: Final = 1.0
 MAX_PING_STRIKES: Final = 10
 #: decoded header blocks kept per connection (see ``_Connection._decode``)
 HEADER_CACHE_SIZE: Final = 64
@@ -419,6 +422,7 @@ class _Connection(asyncio.Protocol):
         self.peer_max_frame = 16_384
         self.last_stream = 0
         self.goaway_sent = False
+        self.shutting_down = False
         self.closed = False
         self.recv_unacked = 0
         self.ping_strikes = 0
@@ -762,6 +766,8 @@ class _Connection(asyncio.Protocol):
         if len(payload) != 8:
             raise ProtocolViolation(FRAME_SIZE_ERROR, "PING of the wrong size")
         if flags & ACK:
+            if payload == SHUTDOWN_PING and self.shutting_down:
+                self.goaway()  # the client has seen the first GOAWAY: the final one
             return
         now = self.loop.time()
         if now - self.last_ping < MIN_PING_INTERVAL_S:
@@ -813,8 +819,22 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def begin_shutdown(self) -> None:
+        """The first of two GOAWAYs (RFC 9113 6.8): last stream id 2^31-1 tells the client to
+        open no more streams, and a PING marks the moment; streams it opened before it saw
+        the GOAWAY are still served. The final GOAWAY, with the last stream id really taken,
+        goes out when the PING's ACK is back (or after ``SHUTDOWN_PING_TIMEOUT_S``)."""
+        if self.closed or self.goaway_sent or self.shutting_down:
+            return
+        self.shutting_down = True
+        payload = MAX_WINDOW.to_bytes(4, "big") + NO_ERROR.to_bytes(4, "big")
+        self.out.append(frame(GOAWAY, 0, 0, payload))
+        self.out.append(frame(PING, 0, 0, SHUTDOWN_PING))
+        self.loop.call_later(SHUTDOWN_PING_TIMEOUT_S, self.goaway)
+        self.flush_soon()
+
     def goaway(self, code: int = NO_ERROR, reason: str = "") -> None:
-        if self.closed:
+        if self.closed or self.goaway_sent:
             return
         self.goaway_sent = True
         debug = reason.encode()[:256]
@@ -922,7 +942,7 @@ class Http2Server:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            conn.goaway()
+            conn.begin_shutdown()
         if self.active:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)

@@ -1,5 +1,5 @@
 """The sidecar process dies (SIGKILL) or is told to stop (SIGTERM) while a real Envoy keeps
-serving steady load: every request's status is counted."""
+serving steady load: every request's status is counted. Each test runs on both transports."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.e2e
 
 HEADERS = """
 version: 1
-server: {{message_timeout_ms: {mt}, drain_delay_s: {drain}, shutdown_grace_s: 10}}
+server: {{message_timeout_ms: {mt}, drain_delay_s: {drain}, shutdown_grace_s: 10,
+         transport: {transport}}}
 plugins:
   - plugin: headers
     config:
@@ -49,19 +50,26 @@ def load_counts(outcomes: list[Outcome]) -> Counter[str]:
     return Counter(str(o.status) for o in outcomes)
 
 
-def config(tmp_path: Path, name: str, drain: float = 0, extra: str = "") -> Path:
+def config(
+    tmp_path: Path, name: str, drain: float = 0, extra: str = "", transport: str = "grpcio"
+) -> Path:
     path = tmp_path / f"{name}.yaml"
     mt = 1000 if extra else 200
-    path.write_text(HEADERS.format(name=name, drain=drain, extra=extra, mt=mt))
+    path.write_text(HEADERS.format(name=name, drain=drain, extra=extra, mt=mt, transport=transport))
     return path
 
 
+TRANSPORTS = pytest.mark.parametrize("transport", ["grpcio", "http2"])
+
+
+@TRANSPORTS
 @pytest.mark.parametrize("allow", [False, True], ids=["fail_closed", "fail_open"])
 @budget(60)
 async def test_kill_and_restart_on_the_same_address(
-    tmp_path: Path, figures: dict[str, Any], allow: bool
+    tmp_path: Path, figures: dict[str, Any], allow: bool, transport: str
 ) -> None:
-    async with Stack([config(tmp_path, "a")], failure_mode_allow=allow) as stack:
+    cfg = config(tmp_path, "a", transport=transport)
+    async with Stack([cfg], failure_mode_allow=allow) as stack:
         load = Load(
             http_sender(
                 stack.http, lambda i: ("get", f"/r{i}", {}), keep=upstream_header("x-sidecar")
@@ -125,16 +133,17 @@ async def test_kill_and_restart_on_the_same_address(
     assert recovery < 8.0
 
 
+@TRANSPORTS
 @pytest.mark.parametrize("drain", [5.0, 0.0], ids=["drain_5s", "drain_0s"])
 @budget(75)
 async def test_sigterm_under_load_finishes_open_streams(
-    tmp_path: Path, figures: dict[str, Any], drain: float
+    tmp_path: Path, figures: dict[str, Any], drain: float, transport: str
 ) -> None:
     """Two sidecars behind Envoy; SIGTERM to one while every request holds its stream for
     0.6 s. Streams open at the signal all finish; new streams go to the other sidecar (with a
     drain delay longer than Envoy's health-check detection) or fail fast (without one)."""
-    a = config(tmp_path, "a", drain=drain, extra=SLOW)
-    b = config(tmp_path, "b", drain=drain, extra=SLOW)
+    a = config(tmp_path, "a", drain=drain, extra=SLOW, transport=transport)
+    b = config(tmp_path, "b", drain=drain, extra=SLOW, transport=transport)
     async with (
         Stack([a, b], admin=True) as stack,
         httpx.AsyncClient(trust_env=False) as admin_client,

@@ -1030,12 +1030,23 @@ async def test_graceful_stop() -> None:
 
     began = time.monotonic()
     stopping = asyncio.create_task(server.stop(2))
-    goaway = await raw.until(lambda f: f.kind == GOAWAY)
-    assert goaway.error_code == NO_ERROR
-    assert int.from_bytes(goaway.payload[:4], "big") == 1  # last stream id
-
+    # RFC 9113 6.8: first a GOAWAY with the largest stream id and a PING ...
+    first = await raw.until(lambda f: f.kind == GOAWAY)
+    assert first.error_code == NO_ERROR
+    assert int.from_bytes(first.payload[:4], "big") == 2**31 - 1
+    ping = await raw.until(lambda f: f.kind == PING)
+    assert not ping.flags & ACK
+    # ... so a stream the client opened before it saw the GOAWAY is still served
     raw.send(raw.headers(3, grpc_headers("/t.T/Echo")), frame(DATA, END_STREAM, 3, msg(b"x")))
-    refused = await raw.until(lambda f: f.sid == 3)
+    early = await raw.collect(3)
+    assert early.status == 0 and early.messages == [b"x"]
+    # the PING's ACK: now the final GOAWAY names the last stream taken, and a later one is
+    # refused
+    raw.send(frame(PING, ACK, 0, ping.payload))
+    final = await raw.until(lambda f: f.kind == GOAWAY)
+    assert final.error_code == NO_ERROR and int.from_bytes(final.payload[:4], "big") == 3
+    raw.send(raw.headers(5, grpc_headers("/t.T/Echo")), frame(DATA, END_STREAM, 5, msg(b"x")))
+    refused = await raw.until(lambda f: f.sid == 5)
     assert refused.kind == RST_STREAM and refused.error_code == REFUSED_STREAM
 
     raw.send(frame(DATA, END_STREAM, 1, msg(b"in flight")))
@@ -1243,3 +1254,28 @@ async def test_a_ping_flood_ends_the_connection_but_spaced_keepalives_never_do(
             pong = await raw.until(lambda f: f.kind in (PING, GOAWAY))
             assert pong.kind == PING and pong.payload == b"%08d" % i
         raw.close()
+
+
+async def test_graceful_stop_sends_the_final_goaway_without_the_pings_ack() -> None:
+    started = asyncio.Event()
+
+    async def slow(call: Any) -> bytes:
+        started.set()
+        await call.read()
+        return b""
+
+    server = Http2Server(handlers={"/t.T/Slow": slow})
+    port = await server.listen("127.0.0.1:0")
+    raw = await Raw.connect(port)
+    raw.send(raw.headers(1, grpc_headers("/t.T/Slow")))
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    stopping = asyncio.create_task(server.stop(3))
+    first = await raw.until(lambda f: f.kind == GOAWAY)
+    assert int.from_bytes(first.payload[:4], "big") == 2**31 - 1
+    began = time.monotonic()
+    final = await raw.until(lambda f: f.kind == GOAWAY)  # the PING is never answered
+    assert int.from_bytes(final.payload[:4], "big") == 1
+    assert 0.5 < time.monotonic() - began < 2.0  # SHUTDOWN_PING_TIMEOUT_S
+    raw.send(frame(DATA, END_STREAM, 1, msg(b"x")))
+    assert (await raw.collect(1)).status == 0
+    await asyncio.wait_for(stopping, 3)
