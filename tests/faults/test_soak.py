@@ -69,7 +69,10 @@ def pick(tokens: list[str]) -> Any:
 @pytest.mark.e2e
 @pytest.mark.redis
 @budget(90)
-async def test_soak_file_descriptors_stay_flat(tmp_path: Path, figures: dict[str, Any]) -> None:
+@pytest.mark.parametrize("transport", ["grpcio", "http2"])
+async def test_soak_file_descriptors_stay_flat(
+    tmp_path: Path, figures: dict[str, Any], transport: str
+) -> None:
     key = make_ec_key("k1")
     factory = TokenFactory(key, issuer=ISSUER)
     tokens = [factory.mint({"sub": f"s{i}"}) for i in range(20)]
@@ -77,7 +80,10 @@ async def test_soak_file_descriptors_stay_flat(tmp_path: Path, figures: dict[str
     try:
         async with JwksServer([key]) as jwks:
             cfg = tmp_path / "extproc.yaml"
-            text = f'version: 1\nserver: {{drain_delay_s: 0}}\nredis: {{url: "{redis.url}"}}\n'
+            text = (
+                f"version: 1\nserver: {{drain_delay_s: 0, transport: {transport}}}\n"
+                f'redis: {{url: "{redis.url}"}}\n'
+            )
             text += PLUGINS.format(issuer=ISSUER, jwks=f'{{uri: "{jwks.url}"}}', extra="")
             cfg.write_text(text)
             async with Stack([cfg]) as stack:
@@ -103,14 +109,16 @@ async def test_soak_file_descriptors_stay_flat(tmp_path: Path, figures: dict[str
     assert fds[2] - fds[1] <= 3 and fds[2] - fds[0] <= 6, fds
 
 
-async def in_process_soak(tmp_path: Path, extra: str, warm: int, more: int) -> dict[str, Any]:
+async def in_process_soak(
+    tmp_path: Path, extra: str, warm: int, more: int, transport: str = "grpcio"
+) -> dict[str, Any]:
     key = make_ec_key("k1")
     factory = TokenFactory(key, issuer=ISSUER)
     tokens = [factory.mint({"sub": f"s{i}"}) for i in range(20)]
     cfg = tmp_path / "extproc.yaml"
     jwks = "{inline: '" + json.dumps({"keys": [key.jwk()]}) + "'}"
     cfg.write_text(
-        "version: 1\nserver: {drain_delay_s: 0}\n"
+        f"version: 1\nserver: {{drain_delay_s: 0, transport: {transport}}}\n"
         + PLUGINS.format(issuer=ISSUER, jwks=jwks, extra=extra)
     )
     port = free_port()
@@ -159,11 +167,12 @@ async def in_process_soak(tmp_path: Path, extra: str, warm: int, more: int) -> d
     }
 
 
+@pytest.mark.parametrize("transport", ["grpcio", "http2"])
 @budget(60)
 async def test_soak_in_process_tasks_and_memory_stay_flat(
-    tmp_path: Path, figures: dict[str, Any]
+    tmp_path: Path, figures: dict[str, Any], transport: str
 ) -> None:
-    result = await in_process_soak(tmp_path, "", warm=500, more=1500)
+    result = await in_process_soak(tmp_path, "", warm=500, more=1500, transport=transport)
     figures.update(result)
     tasks0, tasks1 = result["tasks"]
     mem0, mem1 = result["traced_kib"]
