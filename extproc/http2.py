@@ -473,6 +473,9 @@ class _Connection(asyncio.Protocol):
             self._fail(exc.code, str(exc))
         except HPACKError as exc:
             self._fail(COMPRESSION_ERROR, f"header block: {exc}")
+        except Exception:  # a bug of ours: this connection ends, the process serves on
+            log.exception("HTTP/2 connection failed")
+            self._fail(INTERNAL_ERROR, "internal error")
         self.flush()
 
     # ------------------------------------------------------------------ frames in

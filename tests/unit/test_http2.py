@@ -1279,3 +1279,26 @@ async def test_graceful_stop_sends_the_final_goaway_without_the_pings_ack() -> N
     raw.send(frame(DATA, END_STREAM, 1, msg(b"x")))
     assert (await raw.collect(1)).status == 0
     await asyncio.wait_for(stopping, 3)
+
+
+async def test_a_bug_in_frame_handling_ends_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from extproc import http2
+
+    def broken(self: Any, sid: int, flags: int, payload: bytes) -> None:
+        raise RuntimeError("secret internal detail")
+
+    async with serving() as (_, port):
+        monkeypatch.setattr(http2._Connection, "_ping", broken)
+        raw = await Raw.connect(port)
+        raw.send(frame(PING, 0, 0, b"12345678"))
+        goaway = await raw.until(lambda f: f.kind == GOAWAY)
+        assert goaway.error_code == 0x2  # INTERNAL_ERROR
+        assert b"secret" not in goaway.payload  # nothing of the exception reaches the peer
+        await raw.until_closed()
+        monkeypatch.undo()
+        client = await H2.connect(port)  # the server serves on
+        assert (await client.call("/t.T/Echo", [b"ok"])).trailers == {b"grpc-status": b"0"}
+        client.close()
+    assert "secret internal detail" in caplog.text  # but the log has it
