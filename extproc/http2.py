@@ -625,7 +625,10 @@ class _Connection(asyncio.Protocol):
         hit = self.header_cache.get(block)
         if hit is not None and hit[0] == self.table_generation:
             return hit[1]
-        table = self.decoder.header_table
+        table = getattr(self.decoder, "header_table", None)
+        if not hasattr(table, "dynamic_entries"):  # an hpack whose table we cannot read
+            return tuple((bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True))
+        assert table is not None
         entries = table.dynamic_entries
         before = (len(entries), entries[0] if entries else None, table.maxsize)
         headers = tuple((bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True))
