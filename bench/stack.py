@@ -226,6 +226,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-ifw0-h2",
+        "extproc-jwt-rl-ifw0 (never waits behind a round trip in flight), transport http2",
+        "extproc",
+        ("jwt", "rl"),
+        batch_extra=(("in_flight_wait_ms", 0.0),),
+        transport="http2",
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-mw0-h2",
         "extproc-jwt-rl-mw0, transport http2",
         "extproc",
