@@ -451,6 +451,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.final_goaways()
         for call in list(self.calls.values()):
             call._reset()
         self.calls.clear()
@@ -843,6 +844,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.goaway_sent:
             return
         self.goaway_sent = True
+        self.server.final_goaways()
         debug = reason.encode()[:256]
         payload = self.last_stream.to_bytes(4, "big") + code.to_bytes(4, "big") + debug
         self.out.append(frame(GOAWAY, 0, 0, payload))
@@ -881,6 +883,8 @@ class Http2Server:
         self.connections: set[_Connection] = set()
         self.stream_window = min(MAX_WINDOW, max(STREAM_WINDOW, max_message_bytes + 5))
         self.active = 0
+        self.stopping = False
+        self._finals_sent = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._server: asyncio.AbstractServer | None = None
@@ -906,6 +910,11 @@ class Http2Server:
             ssl=self.tls.context if self.tls else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    def final_goaways(self) -> None:
+        """While stopping: note when every connection has sent its final GOAWAY (or closed)."""
+        if self.stopping and all(c.goaway_sent or c.closed for c in self.connections):
+            self._finals_sent.set()
 
     def _connection(self) -> _Connection:
         """The protocol factory: runs when a connection is accepted, before its handshake."""
@@ -949,6 +958,14 @@ class Http2Server:
             self._server.close()
         for conn in list(self.connections):
             conn.begin_shutdown()
+        # the final GOAWAYs first (a PING's round trip, at most SHUTDOWN_PING_TIMEOUT_S):
+        # after them no stream is taken, so "idle" below stays idle
+        self.stopping = True
+        self.final_goaways()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._finals_sent.wait(), min(grace, SHUTDOWN_PING_TIMEOUT_S + 0.05)
+            )
         if self.active:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)

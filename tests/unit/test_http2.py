@@ -1307,3 +1307,24 @@ async def test_a_bug_in_frame_handling_ends_that_connection_only(
         assert (await client.call("/t.T/Echo", [b"ok"])).trailers == {b"grpc-status": b"0"}
         client.close()
     assert "secret internal detail" in caplog.text  # but the log has it
+
+
+async def test_graceful_stop_of_an_idle_server_still_serves_a_stream_opened_in_the_meantime() -> (
+    None
+):
+    """No call is running when the stop begins; the client opens one before it has seen the
+    first GOAWAY. The server waits for the final GOAWAY (the PING's ACK) before it calls
+    itself idle, so that stream is served, not cut by the close."""
+    server = Http2Server(handlers=HANDLERS)
+    port = await server.listen("127.0.0.1:0")
+    raw = await Raw.connect(port)
+    await raw.until(lambda f: f.kind == SETTINGS and f.flags & ACK)
+    stopping = asyncio.create_task(server.stop(2))
+    await raw.until(lambda f: f.kind == GOAWAY)
+    ping = await raw.until(lambda f: f.kind == PING)
+    raw.send(raw.headers(1, grpc_headers("/t.T/Echo")), frame(DATA, END_STREAM, 1, msg(b"late")))
+    await asyncio.sleep(0.05)
+    raw.send(frame(PING, ACK, 0, ping.payload))
+    resp = await raw.collect(1)
+    assert resp.status == 0 and resp.messages == [b"late"]
+    await asyncio.wait_for(stopping, 3)
