@@ -163,21 +163,6 @@ SCENARIOS: tuple[Scenario, ...] = (
             ("extproc-jwt-rl", ("jwt", "rl")),
         )
     ),
-    *(
-        Scenario(
-            f"{key}-h2",
-            f"{title}, transport http2",
-            "extproc",
-            plugins,
-            transport="http2",
-            optional=optional,
-        )
-        for key, title, plugins, optional in (
-            ("extproc", "extproc, no plugins", (), False),
-            ("extproc-jwt", "extproc + jwt_auth", ("jwt",), True),
-            ("extproc-jwt-rl", "extproc + jwt_auth + rate_limit (batched)", ("jwt", "rl"), False),
-        )
-    ),
     Scenario(
         "extproc-hdr",
         "extproc + headers (one fixed request header): the cost of one trivial plugin",
@@ -209,41 +194,6 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
-        "extproc-jwt-rl-w2-h2",
-        "extproc + jwt_auth + rate_limit (batched), --workers 2, transport http2",
-        "extproc",
-        ("jwt", "rl"),
-        workers=2,
-        transport="http2",
-    ),
-    Scenario(
-        "extproc-jwt-rl-nc-h2",
-        "extproc-jwt-rl-nc (no reply coalescing), transport http2",
-        "extproc",
-        ("jwt", "rl"),
-        coalesce_ms=0.0,
-        transport="http2",
-        optional=True,
-    ),
-    Scenario(
-        "extproc-jwt-rl-ifw0-h2",
-        "extproc-jwt-rl-ifw0 (never waits behind a round trip in flight), transport http2",
-        "extproc",
-        ("jwt", "rl"),
-        batch_extra=(("in_flight_wait_ms", 0.0),),
-        transport="http2",
-        optional=True,
-    ),
-    Scenario(
-        "extproc-jwt-rl-mw0-h2",
-        "extproc-jwt-rl-mw0, transport http2",
-        "extproc",
-        ("jwt", "rl"),
-        batch_extra=(("max_wait_ms", 0.0),),
-        transport="http2",
-        optional=True,
-    ),
-    Scenario(
         "extproc-jwt-rl-b1-pool",
         "extproc-jwt-rl-b1 over the redis-py pool (redis_pipeline: false)",
         "extproc",
@@ -252,6 +202,33 @@ SCENARIOS: tuple[Scenario, ...] = (
         pipeline=False,
         optional=True,
     ),
+)
+
+
+#: scenarios run again with ``server.transport: http2`` as ``<key>-h2``: (key, in the full run)
+HTTP2_TWINS: tuple[tuple[str, bool], ...] = (
+    ("extproc", True),
+    ("extproc-jwt", False),
+    ("extproc-jwt-rl", True),
+    ("extproc-jwt-rl-w2", True),
+    ("extproc-jwt-rl-nc", False),
+    ("extproc-jwt-rl-ifw0", False),
+    ("extproc-jwt-rl-mw0", False),
+)
+
+
+def _http2_twin(s: Scenario, full: bool) -> Scenario:
+    return replace(
+        s,
+        key=f"{s.key}-h2",
+        title=f"{s.title}, transport http2",
+        transport="http2",
+        optional=not full,
+    )
+
+
+SCENARIOS += tuple(
+    _http2_twin(next(s for s in SCENARIOS if s.key == key), full) for key, full in HTTP2_TWINS
 )
 
 
