@@ -13,6 +13,7 @@ import pytest
 from extproc.testing.jwt import JwksServer, KeyPair, TokenFactory, make_rsa_key
 from extproc.testing.redis_server import RedisServer
 from extproc.testing.stack import LocalStack
+from tests.support import TRANSPORTS
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ def key() -> KeyPair:
     return make_rsa_key("k1")
 
 
-@pytest.fixture(params=["grpcio", "http2"])
+@pytest.fixture(params=TRANSPORTS)
 async def stack(
     tmp_path: Path, key: KeyPair, request: pytest.FixtureRequest
 ) -> AsyncIterator[LocalStack]:

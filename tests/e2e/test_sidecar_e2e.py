@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from extproc.testing.stack import LocalStack
+from tests.support import TRANSPORTS
 
 pytestmark = pytest.mark.e2e
 
-#: both of the sidecar's transports: grpc.aio and extproc's own HTTP/2
-TRANSPORTS = ("grpcio", "http2")
 
 CONFIG = """
 version: 1

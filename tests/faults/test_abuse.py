@@ -23,6 +23,7 @@ from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as p
 from extproc.testing.jwt import make_ec_key
 from extproc.testing.processes import SidecarProcess, free_port
 from tests.faults.harness import Stack, budget, poll
+from tests.support import TRANSPORTS
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 LIMITS = {
@@ -62,7 +63,7 @@ plugins:
 CLIENT_ANSWERS = {200, 400, 401, 403, 413, 429}
 
 
-@pytest.fixture(scope="module", params=["grpcio", "http2"])
+@pytest.fixture(scope="module", params=TRANSPORTS)
 def config_file(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """Every test here runs against both transports (grpc.aio and extproc's own HTTP/2)."""
     key = make_ec_key("k1")

@@ -24,6 +24,7 @@ from tests.faults.harness import (
     poll,
     upstream_header,
 )
+from tests.support import TRANSPORTS
 
 pytestmark = pytest.mark.e2e
 
@@ -59,10 +60,10 @@ def config(
     return path
 
 
-TRANSPORTS = pytest.mark.parametrize("transport", ["grpcio", "http2"])
+EACH_TRANSPORT = pytest.mark.parametrize("transport", TRANSPORTS)
 
 
-@TRANSPORTS
+@EACH_TRANSPORT
 @pytest.mark.parametrize("allow", [False, True], ids=["fail_closed", "fail_open"])
 @budget(60)
 async def test_kill_and_restart_on_the_same_address(
@@ -133,7 +134,7 @@ async def test_kill_and_restart_on_the_same_address(
     assert recovery < 8.0
 
 
-@TRANSPORTS
+@EACH_TRANSPORT
 @pytest.mark.parametrize("drain", [5.0, 0.0], ids=["drain_5s", "drain_0s"])
 @budget(75)
 async def test_sigterm_under_load_finishes_open_streams(

@@ -20,6 +20,7 @@ from extproc.testing.jwt import JwksServer, TokenFactory, make_ec_key
 from extproc.testing.processes import free_port
 from extproc.testing.redis_server import RedisServer
 from tests.faults.harness import Load, Stack, budget, fd_count, http_sender
+from tests.support import TRANSPORTS
 
 ISSUER = "https://issuer.test"
 PLUGINS = """
@@ -69,7 +70,7 @@ def pick(tokens: list[str]) -> Any:
 @pytest.mark.e2e
 @pytest.mark.redis
 @budget(90)
-@pytest.mark.parametrize("transport", ["grpcio", "http2"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_soak_file_descriptors_stay_flat(
     tmp_path: Path, figures: dict[str, Any], transport: str
 ) -> None:
@@ -167,7 +168,7 @@ async def in_process_soak(
     }
 
 
-@pytest.mark.parametrize("transport", ["grpcio", "http2"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @budget(60)
 async def test_soak_in_process_tasks_and_memory_stay_flat(
     tmp_path: Path, figures: dict[str, Any], transport: str

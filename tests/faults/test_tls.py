@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.envoy_config import TlsSpec
 from extproc.testing.processes import SidecarProcess
 from tests.faults.harness import Stack, budget, sidecar_spec_with
+from tests.support import TRANSPORTS
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +128,7 @@ class TlsSidecar(SidecarProcess):
         return check(self.grpc_target, credentials(self.pki, "client"))
 
 
-@pytest.mark.parametrize("transport", ["grpcio", "http2"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @budget(60)
 async def test_mtls_between_envoy_and_the_sidecar(
     tmp_path: Path, figures: dict[str, Any], monkeypatch: pytest.MonkeyPatch, transport: str

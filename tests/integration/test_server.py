@@ -19,6 +19,7 @@ from extproc.protocol.events import BodySendMode
 from extproc.server import Server
 from extproc.testing.fake_envoy import EnvoyMode, FakeEnvoy, _Grpc
 from extproc.testing.processes import free_port
+from tests.support import TRANSPORTS
 
 HEADERS_CONFIG = """
 version: 1
@@ -45,7 +46,7 @@ plugins:
 CURRENT = {"transport": "grpcio"}
 
 
-@pytest.fixture(autouse=True, params=["grpcio", "http2"])
+@pytest.fixture(autouse=True, params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> Iterator[str]:
     CURRENT["transport"] = request.param
     yield request.param

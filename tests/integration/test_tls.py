@@ -12,6 +12,7 @@ from extproc.config import parse_config
 from extproc.server import Server
 from extproc.testing.certs import CertFiles, make_certificates
 from extproc.testing.processes import free_port
+from tests.support import TRANSPORTS
 
 
 async def _check(target: str, creds: grpc.ChannelCredentials) -> int:
@@ -29,7 +30,7 @@ def _creds(files: CertFiles, cert: Path | None = None, key: Path | None = None):
     )
 
 
-@pytest.fixture(params=["grpcio", "http2"])
+@pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
