@@ -1,0 +1,76 @@
+"""The harness's modes: the quick one fits in a minute, the full one has five latency rounds,
+and a warm-up "together" loads every sidecar at once and nothing else."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import run as bench_run
+from bench.load import LoadResult
+from bench.run import MODES, Mode, _warm
+from bench.stack import scenario
+
+#: what the harness spends around the load in the quick mode, measured: starting the stack
+#: (~8 s: every sidecar imports at once on two cores), reading counters per sample, the report
+AROUND_THE_LOAD_S = 15
+
+
+def _load_seconds(mode: Mode) -> float:
+    """Seconds of generated load a mode plans (wrk runs at least a whole second)."""
+    n = len(mode.scenarios)
+    wrk = max(1.0, round(mode.duration_s))
+    warm = max(1.0, round(mode.warmup_s))
+    latency = len(mode.latency_scenarios) if mode.latency_scenarios is not None else n
+    return (
+        (warm if mode.warmup_together else n * warm)
+        + mode.rounds * n * wrk
+        + mode.latency_rounds * latency * mode.latency_duration_s
+    )
+
+
+def test_the_quick_mode_plans_less_than_a_minute() -> None:
+    quick = MODES["quick"]
+    assert _load_seconds(quick) + AROUND_THE_LOAD_S < 60
+    # one warm-up serially per scenario would not fit
+    serial = Mode(**{**quick.__dict__, "warmup_together": False})
+    assert _load_seconds(serial) + AROUND_THE_LOAD_S > 60
+
+
+def test_the_full_mode_takes_medians_of_five_rounds_in_both_phases() -> None:
+    full = MODES["full"]
+    assert full.rounds >= 5
+    assert full.latency_rounds >= 5
+    assert not full.warmup_together
+
+
+class _Stack:
+    def port(self, key: str) -> int:
+        return 1000 + len(key)
+
+
+def test_a_warm_up_together_loads_every_sidecar_at_the_same_time(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chosen = [scenario(k) for k in ("passthrough", "native", "bare-fast", "extproc", "sdk")]
+    sidecars = [s for s in chosen if s.sidecar]
+    barrier = threading.Barrier(len(sidecars), timeout=5)
+    calls: list[tuple[int, dict[str, Any]]] = []
+
+    def fake_wrk(port: int, script: Path, **kw: Any) -> LoadResult:
+        calls.append((port, kw))
+        barrier.wait()  # raises BrokenBarrierError unless all of them run at once
+        return LoadResult(123, 1.0, {"200": 123}, 0, {"p99": 1.0})
+
+    monkeypatch.setattr(bench_run, "run_wrk", fake_wrk)
+    mode = Mode(**{**MODES["quick"].__dict__, "scenarios": tuple(s.key for s in chosen)})
+    _warm(_Stack(), chosen, Path("x.lua"), mode)  # type: ignore[arg-type]
+    assert sorted(port for port, _ in calls) == sorted(_Stack().port(s.key) for s in sidecars)
+    assert all(kw["duration_s"] == mode.warmup_s for _, kw in calls)
+    assert all(kw["connections"] < mode.connections for _, kw in calls)
+    out = capsys.readouterr().out
+    assert all(f"warm {s.key}" in out for s in sidecars)
+    assert "passthrough" not in out
