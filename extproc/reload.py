@@ -11,6 +11,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Final
 
 from watchfiles import awatch
 
@@ -26,6 +27,12 @@ def content_hash(path: str | Path) -> str | None:
         return None
 
 
+#: how often watchfiles' thread comes back (for the GIL) to look for changes and for
+#: cancellation: its default, 50 ms, was 20 wake-ups a second of an idle sidecar; a config
+#: change now takes effect within about a quarter of a second instead
+STEP_MS: Final = 250
+
+
 async def watch_config(
     path: str, reload: Callable[[], Awaitable[bool]], *, debounce_ms: int = 100
 ) -> None:
@@ -34,7 +41,9 @@ async def watch_config(
     if not target.is_absolute():
         target = Path.cwd() / target
     last = content_hash(target)
-    async for _changes in awatch(target.parent, debounce=debounce_ms, recursive=False):
+    async for _changes in awatch(
+        target.parent, debounce=debounce_ms, step=STEP_MS, recursive=False
+    ):
         current = content_hash(target)
         if current is None or current == last:
             continue
