@@ -37,12 +37,14 @@ from extproc.stream import StreamMetrics, StreamProcessor
 
 if TYPE_CHECKING:
     from extproc.http2 import Http2Server
+    from extproc.observability.watchdog import LoopLagWatchdog
 
 __all__ = ["ExtProcServicer", "Server", "grpc_address"]
 
 log = logging.getLogger("extproc.server")
 
 from_bytes: Final = pb.ProcessingRequest.FromString
+
 _NOTHING: Final = b""
 
 HEALTH_SERVICE = "extproc"
@@ -72,6 +74,18 @@ def grpc_address(listen: str) -> str:
     return listen
 
 
+def _busy(servicer: ExtProcServicer) -> Callable[[], bool]:
+    """For the watchdog: did a stream start since the last call, or is one still open?"""
+    seen = servicer.streams_started
+
+    def busy() -> bool:
+        nonlocal seen
+        started, seen = servicer.streams_started != seen, servicer.streams_started
+        return started or servicer.open_streams > 0
+
+    return busy
+
+
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(
         self,
@@ -98,6 +112,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._remote = errors.labels("remote")
         self._local = errors.labels("local")
         self.open_streams = 0
+        self.streams_started = 0
+        #: woken at each stream's start (it slows down while the worker is idle)
+        self.watchdog: LoopLagWatchdog | None = None
         self.coalescer = ReplyCoalescer(config.server.coalesce_replies_ms / 1000.0)
         self._active: dict[asyncio.Task[Any], float] = {}
         self._idled: set[asyncio.Task[Any]] = set()
@@ -109,6 +126,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return _NOTHING
         gen.pin()
         self.open_streams += 1
+        self.streams_started += 1
+        watchdog = self.watchdog
+        if watchdog is not None and watchdog.idle:
+            watchdog.wake()
         settings = self.settings
         stream = StreamProcessor(
             gen.chain,
@@ -300,8 +321,12 @@ class Server:
             await self._start_grpcio(settings)
         await self._set_health()
         self.watchdog = LoopLagWatchdog(
-            self.services.registry, settings.loop_lag_threshold_ms / 1000, self._hook_codes
+            self.services.registry,
+            settings.loop_lag_threshold_ms / 1000,
+            self._hook_codes,
+            busy=_busy(self.servicer),
         )
+        self.servicer.watchdog = self.watchdog
         self.watchdog.start()
         self._tasks.append(asyncio.ensure_future(self._health_loop()))
         self._tasks.append(asyncio.ensure_future(self.servicer.sweep_idle()))
@@ -454,6 +479,8 @@ class Server:
     async def _health_loop(self) -> None:
         while not self.shutting_down:
             await asyncio.sleep(1.0)
+            if self.watchdog is not None:
+                self.watchdog.wake()  # health_check hooks are plugin code too
             try:
                 await self._set_health()
             except Exception:
@@ -467,6 +494,8 @@ class Server:
             loaded = load_config(self.config_path)
             if self.runtime.current and loaded.digest == self.runtime.current.loaded.digest:
                 return True
+            if self.watchdog is not None:
+                self.watchdog.wake()  # the new plugins' initialize runs on this loop
             await self.runtime.reload(loaded, self.loaded.config.server.shutdown_grace_s)
         except ConfigError as exc:
             self.runtime.reloads_failed += 1

@@ -8,6 +8,15 @@ logged once with the plugin's name and counted in ``extproc_loop_stalls_total{pl
 
 asyncio's debug mode finds the same stalls but costs far too much for production; this costs
 one loop callback per interval and a thread that sleeps.
+
+An idle worker should not pay for it: while no work arrives (the ``busy`` predicate), the
+heartbeat slows to ``idle_interval`` and the thread sleeps until the next beat could be late.
+``wake()``, called where work starts (a stream, a health check, a reload), brings both back to
+full speed at once, so the first request after a quiet spell is watched like any other. Idle,
+a sidecar wakes a handful of times a second instead of ~140.
+
+Lateness is measured against the time the next beat was *due*: a reported stall lasted at least
+that long (the thread cannot tell how much earlier it began).
 """
 
 from __future__ import annotations
@@ -60,50 +69,84 @@ class LoopLagWatchdog:
         threshold: float,
         hook_codes: Callable[[], Mapping[CodeType, str]] = dict,
         interval: float = 0.01,
+        *,
+        idle_interval: float = 0.25,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.threshold = threshold
         self.interval = interval
+        #: the heartbeat's interval while ``busy()`` says no work arrived (None: never idle)
+        self.idle_interval = max(idle_interval, interval)
         self.hook_codes = hook_codes
+        self._busy = busy
         self.stalls = registry.counter(
             "extproc_loop_stalls_total", "event-loop stalls past the threshold", ("plugin",)
         )
         self.lag = registry.histogram("extproc_loop_lag_seconds", "event-loop wake-up lateness")
         self.last_stall: tuple[str, float] | None = None
-        self._beat = time.monotonic()
+        #: the heartbeat runs at ``idle_interval`` (call :meth:`wake` when work starts)
+        self.idle = False
+        self._due = time.monotonic() + interval  # when the next beat should run
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._stop = threading.Event()
+        self._woken = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        bound = self.lag.labels()
-
-        def beat(expected: float) -> None:
-            now = time.monotonic()
-            bound.observe(max(now - expected, 0.0))
-            self._beat = now
-            if not self._stop.is_set():
-                loop.call_later(self.interval, beat, now + self.interval)
-
-        self._beat = time.monotonic()
-        loop.call_later(self.interval, beat, self._beat + self.interval)
+        self._schedule(self.interval)
         self._thread = threading.Thread(target=self._watch, name="extproc-watchdog", daemon=True)
         self._thread.start()
 
+    def _schedule(self, delay: float) -> None:
+        assert self._loop is not None
+        self._due = time.monotonic() + delay
+        self._timer = self._loop.call_later(delay, self._beat, self._due)
+
+    def _beat(self, due: float) -> None:
+        now = time.monotonic()
+        self.lag.labels().observe(max(now - due, 0.0))
+        if self._stop.is_set():
+            return
+        self.idle = self._busy is not None and not self._busy()
+        self._schedule(self.idle_interval if self.idle else self.interval)
+
+    def wake(self) -> None:
+        """Work starts: back to a beat every ``interval`` (from the loop's thread; cheap
+        when already awake, so call it freely)."""
+        if not self.idle or self._timer is None or self._stop.is_set():
+            return
+        self.idle = False
+        self._timer.cancel()
+        self._schedule(self.interval)
+        self._woken.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._woken.set()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
 
     def _watch(self) -> None:
-        reported_beat = 0.0
-        while not self._stop.wait(self.threshold / 2):
-            beat = self._beat
-            late = time.monotonic() - beat
-            if late <= self.threshold or beat == reported_beat:
+        reported = 0.0
+        while True:
+            wait = self.threshold / 2
+            if self.idle:  # no beat can be late before due + threshold
+                wait = max(wait, self._due + self.threshold - time.monotonic())
+            self._woken.wait(wait)
+            self._woken.clear()
+            if self._stop.is_set():
+                return
+            due = self._due
+            late = time.monotonic() - due
+            if late <= self.threshold or due == reported:
                 continue
-            reported_beat = beat  # one report per stall
+            reported = due  # one report per stall
             frame = sys._current_frames().get(self._loop_thread)
             try:
                 plugin = _blame(frame, self.hook_codes()) or "(none)"

@@ -1,0 +1,100 @@
+"""The loop-lag watchdog: it names the blocking plugin, slows down while the worker is idle, and
+watches the first piece of work after a quiet spell at full speed again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from extproc.observability.metrics import Registry
+from extproc.observability.watchdog import LoopLagWatchdog, plugin_hook_codes
+
+
+class Blocking:
+    async def on_request(self, seconds: float) -> None:
+        time.sleep(seconds)  # noqa: ASYNC251 - what the watchdog is for
+
+
+def _beats(dog: LoopLagWatchdog) -> int:
+    return dog.lag.labels().count
+
+
+def _watchdog(busy: list[bool], plugin: Blocking | None = None) -> LoopLagWatchdog:
+    codes = plugin_hook_codes({"blocking": plugin}) if plugin is not None else {}
+    return LoopLagWatchdog(
+        Registry(),
+        threshold=0.05,
+        hook_codes=lambda: codes,
+        interval=0.01,
+        idle_interval=0.2,
+        busy=lambda: busy[0],
+    )
+
+
+async def test_an_idle_worker_beats_at_the_idle_interval_and_a_busy_one_at_full_speed() -> None:
+    busy = [False]
+    dog = _watchdog(busy)
+    dog.start()
+    try:
+        await asyncio.sleep(0.1)  # the first beat finds no work
+        assert dog.idle
+        idle_start = _beats(dog)
+        await asyncio.sleep(0.7)
+        idle_beats = _beats(dog) - idle_start
+        busy[0] = True
+        dog.wake()
+        busy_start = _beats(dog)
+        await asyncio.sleep(0.3)
+        busy_beats = _beats(dog) - busy_start
+    finally:
+        dog.stop()
+    assert idle_beats <= 5  # every 0.2 s, not every 0.01 s
+    assert busy_beats >= 10
+    assert not dog.idle
+
+
+async def test_a_quiet_loop_is_not_a_stall() -> None:
+    """Lateness counts from when the next beat was due, not from the last one: 0.2 s between
+    idle beats, four times the threshold, is no stall."""
+    dog = _watchdog([False])
+    dog.start()
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        dog.stop()
+    assert dog.last_stall is None
+    assert dog.stalls.labels("(none)").value == 0
+
+
+async def test_the_first_work_after_a_quiet_spell_is_watched_at_full_speed() -> None:
+    plugin = Blocking()
+    busy = [False]
+    dog = _watchdog(busy, plugin)
+    dog.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert dog.idle
+        busy[0] = True
+        dog.wake()  # what the servicer does when a stream starts
+        # blocks for less than idle_interval + threshold: unseen if the beat stayed idle
+        await plugin.on_request(0.15)
+        for _ in range(50):
+            if dog.last_stall is not None:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        dog.stop()
+    assert dog.last_stall is not None
+    name, late = dog.last_stall
+    assert name == "blocking"
+    assert 0.05 < late < 0.15  # a lower bound of the 0.15 s it blocked
+
+
+async def test_stop_returns_at_once_while_idle() -> None:
+    dog = LoopLagWatchdog(Registry(), threshold=5.0, idle_interval=10.0, busy=lambda: False)
+    dog.start()
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    dog.stop()
+    assert time.monotonic() - started < 0.5
+    assert dog._thread is not None and not dog._thread.is_alive()
