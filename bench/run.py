@@ -88,9 +88,9 @@ class Mode:
     threads: int = 1
     #: paired fixed-rate rounds of every sidecar scenario against this one (None: none)
     paired_with: str | None = None
-    #: warm every scenario at the same time (one ``warmup_s`` in all) instead of one after
-    #: another: what keeps the quick mode under a minute; the first round then still meets
-    #: some tokens its sidecar has not verified yet
+    #: warm every sidecar at the same time (one ``warmup_s`` in all) instead of one after
+    #: another: what keeps the quick mode under a minute (each sidecar gets a share of the
+    #: machine, so ``subjects`` must be few enough for it to see every token)
     warmup_together: bool = False
 
 

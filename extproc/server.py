@@ -44,7 +44,6 @@ __all__ = ["ExtProcServicer", "Server", "grpc_address"]
 log = logging.getLogger("extproc.server")
 
 from_bytes: Final = pb.ProcessingRequest.FromString
-
 _NOTHING: Final = b""
 
 HEALTH_SERVICE = "extproc"

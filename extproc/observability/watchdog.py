@@ -13,7 +13,7 @@ An idle worker should not pay for it: while no work arrives (the ``busy`` predic
 heartbeat slows to ``idle_interval`` and the thread sleeps until the next beat could be late.
 ``wake()``, called where work starts (a stream, a health check, a reload), brings both back to
 full speed at once, so the first request after a quiet spell is watched like any other. Idle,
-a sidecar wakes a handful of times a second instead of ~140.
+the watchdog wakes a sidecar ~8 times a second instead of ~140.
 
 Lateness is measured against the time the next beat was *due*: a reported stall lasted at least
 that long (the thread cannot tell how much earlier it began).
@@ -75,7 +75,7 @@ class LoopLagWatchdog:
     ) -> None:
         self.threshold = threshold
         self.interval = interval
-        #: the heartbeat's interval while ``busy()`` says no work arrived (None: never idle)
+        #: the heartbeat's interval while ``busy()`` says no work arrived (no ``busy``: never)
         self.idle_interval = max(idle_interval, interval)
         self.hook_codes = hook_codes
         self._busy = busy
