@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import platform
 import re
@@ -162,12 +163,17 @@ def _redis_calls(stack: Stack) -> dict[str, int]:
     }
 
 
-_BATCH_FAMILIES = ("extproc_rate_limit_batch_wait_seconds", "extproc_rate_limit_batch_size")
+_HOOK_FAMILY = "extproc_plugin_duration_seconds"
+_BATCH_FAMILIES = (
+    "extproc_rate_limit_batch_wait_seconds",
+    "extproc_rate_limit_batch_size",
+    _HOOK_FAMILY,
+)
 
 
 def _batch_metrics(stack: Stack, key: str) -> dict[str, float]:
-    """The rate limiter's batching histograms (cumulative) from the sidecar's /metrics;
-    empty when the scenario has no admin port."""
+    """The rate limiter's batching histograms and the plugin hooks' durations (cumulative)
+    from the sidecar's /metrics; empty when the scenario has no admin port."""
     admin = stack.running[key].admin
     if not admin:
         return {}
@@ -217,6 +223,46 @@ def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     }
 
 
+_LABELS = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _hooks(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each plugin's request-headers hook time during a sample, from the sidecar's own
+    histogram: mean, p50 and p99 in µs (interpolated within buckets). The hook's time
+    includes what it awaits (the rate limiter's Redis round trip), not the server's own."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    sums: dict[str, float] = {}
+    for name, value in after.items():
+        if not name.startswith(_HOOK_FAMILY):
+            continue
+        labels = dict(_LABELS.findall(name))
+        if labels.get("phase") != "request_headers" or "plugin" not in labels:
+            continue
+        delta = value - before.get(name, 0.0)
+        if name.startswith(f"{_HOOK_FAMILY}_bucket"):
+            bound = math.inf if labels["le"] == "+Inf" else float(labels["le"])
+            buckets.setdefault(labels["plugin"], []).append((bound, delta))
+        elif name.startswith(f"{_HOOK_FAMILY}_sum"):
+            sums[labels["plugin"]] = delta
+    out: dict[str, dict[str, float]] = {}
+    for plugin, cumulative in buckets.items():
+        cumulative.sort()
+        count = cumulative[-1][1] if cumulative else 0.0
+        if not count:
+            continue
+        histogram = BoundHistogram(tuple(le for le, _ in cumulative if le != math.inf))
+        below = 0.0
+        for i, (_, n) in enumerate(cumulative):
+            histogram.counts[i], below = int(n - below), n
+        histogram.count = int(count)
+        out[plugin] = {
+            "mean_us": sums.get(plugin, 0.0) / count * 1e6,
+            "p50_us": histogram.quantile(0.5) * 1e6,
+            "p99_us": histogram.quantile(0.99) * 1e6,
+        }
+    return out
+
+
 def _allowed(s: Scenario) -> frozenset[str]:
     return frozenset({"200", "429"} if s.deny else {"200"})
 
@@ -236,7 +282,8 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
     before, calls = _cpu(stack, s.key), _redis_calls(stack)
     result: LoadResult = load()
     after, calls_after = _cpu(stack, s.key), _redis_calls(stack)
-    batching = _batching(batches, _batch_metrics(stack, s.key))
+    metrics_after = _batch_metrics(stack, s.key)
+    batching = _batching(batches, metrics_after)
     n = max(1, result.requests)
     if batching is not None:
         # the rate limiter's own round trips (the Redis totals also count the token cache's)
@@ -260,6 +307,7 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
         "redis_cmds_per_req": sum(commands.values()) / n,
         "redis_commands": commands,
         "batching": batching,
+        "hooks": _hooks(batches, metrics_after),
         "extra": result.extra,
     }
 

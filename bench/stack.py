@@ -408,8 +408,8 @@ class Running:
     endpoints: tuple[str, ...] = ()
     ext_proc: ExtProcSpec | None = None
     port: int = 0
-    #: the sidecar's admin address (rate-limited scenarios: the harness reads the batcher's
-    #: histograms from /metrics between samples); "" when off
+    #: the sidecar's admin address (extproc scenarios: the harness reads the batcher's and
+    #: the plugin hooks' histograms from /metrics between samples); "" when off
     admin: str = ""
 
 
@@ -500,8 +500,8 @@ class Stack:
                 from extproc.supervisor import worker_addresses
 
                 run.endpoints = tuple(worker_addresses(address, s.workers))
-            if "rl" in s.plugins:
-                run.admin = f"127.0.0.1:{free_port()}"
+            # the harness reads the rate limiter's batching and every hook's duration there
+            run.admin = f"127.0.0.1:{free_port()}"
             sidecar = SidecarProcess(
                 path,
                 listen=address,
