@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -342,23 +342,28 @@ def _paired_table(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _by_load(data: dict[str, Any], field: str) -> Iterator[tuple[str, str, Any]]:
+    """(scenario, load, value) of a summary ``field`` present at saturation (closed loop)
+    and at the open-loop rate, in that order per scenario."""
+    rate = f"{data['settings']['latency_rate']:g} req/s"
+    for key, row in data["summary"].items():
+        for load, value in (
+            ("saturated (closed loop)", row.get(field)),
+            (rate, row.get("open_loop", {}).get(field)),
+        ):
+            if value:
+                yield key, load, value
+
+
 def _batching_table(data: dict[str, Any]) -> list[str]:
     """What the rate limiter's adaptive batching chose, from its own histograms: at
     saturation (closed loop) and at the open-loop rate."""
-    rate = f"{data['settings']['latency_rate']:g} req/s"
-    rows = []
-    for key, row in data["summary"].items():
-        phases = (
-            ("saturated (closed loop)", row.get("batching")),
-            (rate, row.get("open_loop", {}).get("batching")),
-        )
-        for load, b in phases:
-            if b:
-                rows.append(
-                    f"| `{key}` | {load} | {_fmt(b['round_trips_per_req'], 3)} "
-                    f"| {_fmt(b['mean_batch'], 1)} | {_fmt(b['wait_mean_us'])} "
-                    f"| {_fmt(b['wait_p50_us'])} | {_fmt(b['wait_p99_us'])} |"
-                )
+    rows = [
+        f"| `{key}` | {load} | {_fmt(b['round_trips_per_req'], 3)} "
+        f"| {_fmt(b['mean_batch'], 1)} | {_fmt(b['wait_mean_us'])} "
+        f"| {_fmt(b['wait_p50_us'])} | {_fmt(b['wait_p99_us'])} |"
+        for key, load, b in _by_load(data, "batching")
+    ]
     if not rows:
         return []
     return [
@@ -380,19 +385,12 @@ def _batching_table(data: dict[str, Any]) -> list[str]:
 def _hooks_table(data: dict[str, Any]) -> list[str]:
     """Where a request's time goes inside the sidecar: each plugin's request-headers hook,
     from the sidecar's own histogram, at saturation and at the open-loop rate."""
-    rate = f"{data['settings']['latency_rate']:g} req/s"
-    rows = []
-    for key, row in data["summary"].items():
-        phases = (
-            ("saturated (closed loop)", row.get("hooks")),
-            (rate, row.get("open_loop", {}).get("hooks")),
-        )
-        for load, hooks in phases:
-            for plugin, h in (hooks or {}).items():
-                rows.append(
-                    f"| `{key}` | {load} | {plugin} | {_fmt(h['mean_us'])} "
-                    f"| {_fmt(h['p50_us'])} | {_fmt(h['p99_us'])} |"
-                )
+    rows = [
+        f"| `{key}` | {load} | {plugin} | {_fmt(h['mean_us'])} "
+        f"| {_fmt(h['p50_us'])} | {_fmt(h['p99_us'])} |"
+        for key, load, hooks in _by_load(data, "hooks")
+        for plugin, h in hooks.items()
+    ]
     if not rows:
         return []
     return [

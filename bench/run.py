@@ -202,18 +202,14 @@ def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     batches = delta.get(f"{size}_count", 0.0)
     if not requests or not batches:
         return None
-    # the deltas of cumulative buckets, back into a histogram of our own to interpolate in
-    cumulative = sorted(
-        (float(name.split('le="')[1].rstrip('"}')), n)
-        for name, n in delta.items()
-        if name.startswith(f"{wait}_bucket") and "+Inf" not in name
+    histogram = _histogram(
+        [
+            (float(name.split('le="')[1].rstrip('"}')), n)
+            for name, n in delta.items()
+            if name.startswith(f"{wait}_bucket") and "+Inf" not in name
+        ],
+        requests,
     )
-    histogram = BoundHistogram(tuple(le for le, _ in cumulative))
-    below = 0.0
-    for i, (_, n) in enumerate(cumulative):
-        histogram.counts[i], below = int(n - below), n
-    histogram.counts[-1] = int(requests - below)
-    histogram.count = int(requests)
     return {
         "batches": batches,
         "mean_batch": delta.get(f"{size}_sum", 0.0) / batches,
@@ -221,6 +217,20 @@ def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         "wait_p50_us": histogram.quantile(0.5) * 1e6,
         "wait_p99_us": histogram.quantile(0.99) * 1e6,
     }
+
+
+def _histogram(cumulative: list[tuple[float, float]], count: float) -> BoundHistogram:
+    """The deltas of a Prometheus histogram's cumulative buckets (``le`` bound, count; without
+    +Inf) and its total, back into a histogram of our own to interpolate quantiles in (as
+    ``histogram_quantile`` does)."""
+    cumulative = sorted(cumulative)
+    histogram = BoundHistogram(tuple(le for le, _ in cumulative))
+    below = 0.0
+    for i, (_, n) in enumerate(cumulative):
+        histogram.counts[i], below = int(n - below), n
+    histogram.counts[-1] = int(count - below)
+    histogram.count = int(count)
+    return histogram
 
 
 _LABELS = re.compile(r'(\w+)="([^"]*)"')
@@ -246,15 +256,10 @@ def _hooks(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[
             sums[labels["plugin"]] = delta
     out: dict[str, dict[str, float]] = {}
     for plugin, cumulative in buckets.items():
-        cumulative.sort()
-        count = cumulative[-1][1] if cumulative else 0.0
+        count = max(n for _, n in cumulative)  # the +Inf bucket's
         if not count:
             continue
-        histogram = BoundHistogram(tuple(le for le, _ in cumulative if le != math.inf))
-        below = 0.0
-        for i, (_, n) in enumerate(cumulative):
-            histogram.counts[i], below = int(n - below), n
-        histogram.count = int(count)
+        histogram = _histogram([(le, n) for le, n in cumulative if le != math.inf], count)
         out[plugin] = {
             "mean_us": sums.get(plugin, 0.0) / count * 1e6,
             "p50_us": histogram.quantile(0.5) * 1e6,
