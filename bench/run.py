@@ -164,14 +164,14 @@ def _redis_calls(stack: Stack) -> dict[str, int]:
 
 
 _HOOK_FAMILY = "extproc_plugin_duration_seconds"
-_BATCH_FAMILIES = (
+_SCRAPED_FAMILIES = (
     "extproc_rate_limit_batch_wait_seconds",
     "extproc_rate_limit_batch_size",
     _HOOK_FAMILY,
 )
 
 
-def _batch_metrics(stack: Stack, key: str) -> dict[str, float]:
+def _sidecar_metrics(stack: Stack, key: str) -> dict[str, float]:
     """The rate limiter's batching histograms and the plugin hooks' durations (cumulative)
     from the sidecar's /metrics; empty when the scenario has no admin port."""
     admin = stack.running[key].admin
@@ -183,7 +183,7 @@ def _batch_metrics(stack: Stack, key: str) -> dict[str, float]:
         text = response.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(_BATCH_FAMILIES):
+        if line.startswith(_SCRAPED_FAMILIES):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
@@ -283,12 +283,12 @@ def _cpu(stack: Stack, key: str) -> dict[str, float]:
 
 
 def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
-    batches = _batch_metrics(stack, s.key)
+    metrics = _sidecar_metrics(stack, s.key)
     before, calls = _cpu(stack, s.key), _redis_calls(stack)
     result: LoadResult = load()
     after, calls_after = _cpu(stack, s.key), _redis_calls(stack)
-    metrics_after = _batch_metrics(stack, s.key)
-    batching = _batching(batches, metrics_after)
+    metrics_after = _sidecar_metrics(stack, s.key)
+    batching = _batching(metrics, metrics_after)
     n = max(1, result.requests)
     if batching is not None:
         # the rate limiter's own round trips (the Redis totals also count the token cache's)
@@ -312,7 +312,7 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
         "redis_cmds_per_req": sum(commands.values()) / n,
         "redis_commands": commands,
         "batching": batching,
-        "hooks": _hooks(batches, metrics_after),
+        "hooks": _hooks(metrics, metrics_after),
         "extra": result.extra,
     }
 
