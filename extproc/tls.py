@@ -16,8 +16,9 @@ import logging
 import os
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -26,6 +27,8 @@ from extproc.config import TlsSettings
 __all__ = ["ServerTls", "server_credentials"]
 
 log = logging.getLogger("extproc.tls")
+
+T = TypeVar("T")
 
 
 class _Certificates:
@@ -48,20 +51,25 @@ class _Certificates:
         ca = Path(s.client_ca_file).read_bytes() if s.client_ca_file else None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-    def fetch(self) -> Any:
-        """Called by grpc on each handshake: a new configuration, or None to keep the old."""
+    def reload(self, load: Callable[[], T]) -> T | None:
+        """``load()``'s result when a file changed since the last successful load, else None.
+        A failed load is logged and tried again next time; the old certificates stay."""
         try:
             stamp = self._mtimes()
             with self._lock:
                 if stamp == self._stamp:
                     return None
-                config = self.config()
+                loaded = load()
                 self._stamp = stamp
-            log.info("TLS certificates reloaded", extra={"cert_file": self.settings.cert_file})
-            return config
         except Exception as exc:  # keep serving with the certificates we have
             log.error("TLS certificates could not be reloaded", extra={"error": repr(exc)})
             return None
+        log.info("TLS certificates reloaded", extra={"cert_file": self.settings.cert_file})
+        return loaded
+
+    def fetch(self) -> Any:
+        """Called by grpc on each handshake: a new configuration, or None to keep the old."""
+        return self.reload(self.config)
 
 
 def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials:
@@ -98,18 +106,12 @@ class ServerTls:
             context.load_verify_locations(cafile=s.client_ca_file)
 
     def refresh(self) -> None:
-        files = self._files
-        try:
-            stamp = files._mtimes()
-            if stamp == files._stamp:
-                return
-            # OpenSSL installs the certificate before it finds that the key does not match:
-            # try the files on a scratch context first, so a half-written rotation (new
-            # certificate, old key) leaves the live one as it was; retried on the next accept
-            self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-            self._load()
-            files._stamp = stamp
-        except Exception as exc:  # keep serving with the certificates we have
-            log.error("TLS certificates could not be reloaded", extra={"error": repr(exc)})
-            return
-        log.info("TLS certificates reloaded", extra={"cert_file": self.settings.cert_file})
+        self._files.reload(self._swap)
+
+    def _swap(self) -> bool:
+        # OpenSSL installs the certificate before it finds that the key does not match: try
+        # the files on a scratch context first, so a half-written rotation (new certificate,
+        # old key) leaves the live one as it was; retried on the next accept
+        self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        self._load()
+        return True
