@@ -266,11 +266,9 @@ class Call:
             if len(data) < 5:
                 buffer += data
                 return None
-            if data[0]:
-                return "compressed messages are not supported"
             size = int.from_bytes(data[1:5], "big")
-            if size > limit:
-                return f"message larger than {limit} bytes"
+            if data[0] or size > limit:
+                return self._check_prefix(data)
             end = 5 + size
             if len(data) < end:
                 buffer += data
@@ -282,13 +280,15 @@ class Call:
             waiter.set_result(None)
         return None
 
-    def _check_prefix(self, buffer: bytearray) -> str | None:
-        if len(buffer) < 5:
+    def _check_prefix(self, prefix: bytes | bytearray) -> str | None:
+        """Why a message with this (at least partial) length prefix must end the call."""
+        if len(prefix) < 5:
             return None
-        if buffer[0]:
+        if prefix[0]:
             return "compressed messages are not supported"
-        if int.from_bytes(buffer[1:5], "big") > self._conn.server.max_message_bytes:
-            return f"message larger than {self._conn.server.max_message_bytes} bytes"
+        limit = self._conn.server.max_message_bytes
+        if int.from_bytes(prefix[1:5], "big") > limit:
+            return f"message larger than {limit} bytes"
         return None
 
     def _remote_end(self) -> None:
