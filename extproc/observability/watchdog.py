@@ -83,6 +83,7 @@ class LoopLagWatchdog:
             "extproc_loop_stalls_total", "event-loop stalls past the threshold", ("plugin",)
         )
         self.lag = registry.histogram("extproc_loop_lag_seconds", "event-loop wake-up lateness")
+        self._lag = self.lag.labels()
         self.last_stall: tuple[str, float] | None = None
         #: the heartbeat runs at ``idle_interval`` (call :meth:`wake` when work starts)
         self.idle = False
@@ -108,7 +109,7 @@ class LoopLagWatchdog:
 
     def _beat(self, due: float) -> None:
         now = time.monotonic()
-        self.lag.labels().observe(max(now - due, 0.0))
+        self._lag.observe(max(now - due, 0.0))
         if self._stop.is_set():
             return
         self.idle = self._busy is not None and not self._busy()
