@@ -43,6 +43,8 @@ from typing import Any, Final, Self
 
 import yaml
 
+from extproc.testing.ports import free_port
+
 __all__ = [
     "EchoUpstream",
     "EnvoyNotFoundError",
@@ -65,18 +67,6 @@ class EnvoyNotFoundError(RuntimeError):
 class ProcessStartError(RuntimeError):
     """A helper process exited or did not become ready in time; the message ends with the
     tail of its log."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it).
-
-    Another process may take it before you bind it: prefer port 0 where the server can
-    report the port it got (Envoy does, see :class:`EnvoyProcess`).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOCALHOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def envoy_binary() -> str:

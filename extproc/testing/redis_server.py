@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+from extproc.testing.ports import free_port
+
 __all__ = ["RedisNotFoundError", "RedisServer", "RedisStartError"]
 
 _HOST: Final = "127.0.0.1"
@@ -39,13 +41,6 @@ class RedisNotFoundError(RuntimeError):
 
 class RedisStartError(RuntimeError):
     """redis-server did not come up; the message carries the tail of its log."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _command(port: int, *args: str, timeout: float = 2.0) -> bytes:
@@ -105,7 +100,7 @@ class RedisServer:
         it). A port taken between choosing and binding is retried with another."""
         keep = self.port
         for _ in range(attempts):
-            port = keep or _free_port()
+            port = keep or free_port()
             if self._spawn(port):
                 self.port = port
                 return
