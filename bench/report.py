@@ -16,6 +16,8 @@ REFERENCE_FAST = "bare-fast"
 REFERENCE_COALESCED = "bare-coalesced"
 #: the bare servicer on extproc's own HTTP/2 (``transport: http2``): the fastest of all
 REFERENCE_HTTP2 = "bare-http2"
+#: bare-http2 plus one Redis round trip per request: the floor of a Redis-backed decision
+REFERENCE_REDIS = "bare-http2-redis"
 REFERENCE_PASS = "passthrough"
 #: key suffix of a scenario's twin run from the baseline commit (``--baseline``)
 BASE_SUFFIX = "-base"
@@ -174,6 +176,15 @@ def _targets_of(
     added = head.get("open_loop", {}).get("added_p99_ms")
     if added is not None:
         add("added p99 over passthrough at the open-loop rate (ms)", added, "<= 2.0", added <= 2.0)
+        floor = summary.get(REFERENCE_REDIS, {}).get("open_loop", {}).get("added_p99_ms")
+        if floor is not None:
+            add(
+                f"the same for the floor with one Redis round trip per request "
+                f"({REFERENCE_REDIS}, ms)",
+                floor,
+                "(report)",
+                None,
+            )
     trips = head["redis_round_trips_per_req"]
     add("Redis client commands per request at saturation", trips, "<= 0.10", trips <= 0.1)
     workers = summary.get(WORKERS[key])

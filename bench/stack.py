@@ -52,7 +52,8 @@ OPEN_LIMIT = 100_000
 class Scenario:
     key: str
     title: str
-    #: none | native | bare-idiomatic | bare-fast | bare-coalesced | extproc | sdk
+    #: none | native | bare-idiomatic | bare-fast | bare-coalesced | bare-http2 |
+    #: bare-http2-redis | extproc | sdk (and the optional bare-eof, bare-h2lib)
     backend: str
     #: plugins of an extproc backend: () | ("hdr",) | ("noop",) | ("jwt",) | ("jwt", "rl")
     plugins: tuple[str, ...] = ()
@@ -76,7 +77,7 @@ class Scenario:
 
     @property
     def needs_redis(self) -> bool:
-        return "rl" in self.plugins
+        return "rl" in self.plugins or self.backend == "bare-http2-redis"
 
     @property
     def sidecar(self) -> bool:
@@ -105,6 +106,12 @@ SCENARIOS: tuple[Scenario, ...] = (
         "bare-http2",
         "bare servicer on extproc.http2 (transport http2's floor) + uvloop + early end",
         "bare-http2",
+    ),
+    Scenario(
+        "bare-http2-redis",
+        "bare-http2 + one Redis round trip (INCR) per request: the floor of a Redis-backed "
+        "decision",
+        "bare-http2-redis",
     ),
     Scenario(
         "bare-h2lib",
@@ -530,10 +537,12 @@ class Stack:
                 "--listen",
                 address,
             ]
-        elif s.backend in ("bare-http2", "bare-h2lib"):
-            style = "own" if s.backend == "bare-http2" else "h2lib"
+        elif s.backend in ("bare-http2", "bare-http2-redis", "bare-h2lib"):
+            style = {"bare-http2": "own", "bare-http2-redis": "own-redis"}.get(s.backend, "h2lib")
             argv = [sys.executable, "-m", "bench.servicers.h2_bare", "--style", style]
             argv += ["--listen", address]
+            if self.redis is not None and s.needs_redis:
+                argv += ["--redis", f"127.0.0.1:{self.redis.port}"]
         else:  # sdk
             python = ensure_sdk_venv(self.workdir / "sdk-pip.log")
             argv = [str(python), str(REPO / "bench" / "servicers" / "sdk_noop.py"), address]

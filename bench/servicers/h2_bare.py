@@ -6,11 +6,17 @@ first tag byte, the stream ended with the reply to the request headers):
 * ``own``: on :mod:`extproc.http2` (extproc's ``transport: http2``), a handler that reads and
   returns bytes. The floor of that transport: what extproc with ``transport: http2`` and no
   plugins is measured against.
+* ``own-redis``: ``own`` plus one Redis round trip per request (``INCR`` of one key, over
+  extproc's pipelined connection :class:`~extproc.services.redis_pipe.RedisPipe`) before it
+  answers the request headers. The floor of any sidecar that asks Redis on every request
+  (rate_limit with batching off is one): what ``transport: http2``, Python and one round trip
+  cost together, with no framework and no plugin around them.
 * ``h2lib``: on the ``h2`` library (python-hyper), speaking just enough gRPC itself. It shows
   what a general pure-Python HTTP/2 stack costs per stream: about what grpc.aio costs, which
   is why :mod:`extproc.http2` is written for the frames gRPC uses instead.
 
     python -m bench.servicers.h2_bare --style own --listen 127.0.0.1:50051
+    python -m bench.servicers.h2_bare --style own-redis --redis 127.0.0.1:6379 --listen ...
 """
 
 from __future__ import annotations
@@ -144,18 +150,54 @@ async def _own_process(call: Any) -> bytes | None:
         await call.write(reply)
 
 
-async def serve(style: str, listen: str) -> None:
+#: the key the ``own-redis`` servicer counts in (one key: the round trip is the point)
+FLOOR_KEY = "bench:floor"
+
+
+def _own_redis_process(redis: str) -> Any:
+    from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
+
+    host, _, port = redis.rpartition(":")
+    pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
+    incr = pack_command("INCR", FLOOR_KEY)
+
+    async def process(call: Any) -> bytes | None:
+        read, eof, replies = call.read, grpc.aio.EOF, _REPLIES
+        while True:
+            raw = await read()
+            if raw is eof:
+                return b""
+            reply = replies.get(raw[0]) if raw else None
+            if reply is None:
+                reply = _slow_reply(raw)
+                if reply is None:
+                    continue
+            if raw[0] == _REQUEST_HEADERS_TAG:
+                await pipe.execute_packed(incr)
+                return reply
+            await call.write(reply)
+
+    return process
+
+
+async def serve(style: str, listen: str, redis: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     host, _, port = listen.rpartition(":")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if style == "own":
+    if style in ("own", "own-redis"):
         from extproc.http2 import Http2Server
 
-        own = Http2Server({f"/{SERVICE}/Process": _own_process})
+        if style == "own-redis":
+            if not redis:
+                raise SystemExit("--style own-redis needs --redis host:port")
+            handler = _own_redis_process(redis)
+        else:
+            handler = _own_process
+        own = Http2Server({f"/{SERVICE}/Process": handler})
         await own.listen(listen)
-        print(f"bare http2 servicer on {listen}", flush=True)
+        print(f"bare http2 servicer ({style}) on {listen}", flush=True)
         await stop.wait()
         await own.stop(1.0)
         return
@@ -167,12 +209,13 @@ async def serve(style: str, listen: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--style", choices=("own", "h2lib"), required=True)
+    parser.add_argument("--style", choices=("own", "own-redis", "h2lib"), required=True)
     parser.add_argument("--listen", required=True, help="host:port")
+    parser.add_argument("--redis", help="host:port of the Redis of --style own-redis")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(serve(args.style, args.listen))
+    uvloop.run(serve(args.style, args.listen, args.redis))
 
 
 if __name__ == "__main__":

@@ -54,3 +54,18 @@ def test_a_run_without_bare_servicers_still_reports_the_other_targets() -> None:
     assert rows[0]["target"] == (
         "`extproc-jwt-rl-h2`: added p99 over passthrough at the open-loop rate (ms)"
     )
+
+
+def test_the_redis_floor_is_reported_beside_the_added_p99() -> None:
+    summary = {
+        "extproc-jwt-rl-h2": _row(4800),
+        "bare-http2-redis": {"rps": 13000, "open_loop": {"added_p99_ms": 1.1}},
+    }
+    rows = {t["target"]: t for t in report.targets(summary, {})}
+    floor = rows[
+        "`extproc-jwt-rl-h2`: the same for the floor with one Redis round trip per request "
+        "(bare-http2-redis, ms)"
+    ]
+    assert floor["value"] == 1.1 and floor["met"] is None
+    del summary["bare-http2-redis"]
+    assert not any("floor" in t["target"] for t in report.targets(summary, {}))

@@ -1,0 +1,53 @@
+"""The benchmark's Redis floor (``bench.servicers.h2_bare --style own-redis``): against a real
+redis-server it answers the request headers only after one INCR, and passes the other phases
+through like the bare http2 servicer."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from bench.servicers import bare, h2_bare
+from extproc.testing.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+class _Call:
+    """What :mod:`extproc.http2` hands a handler: ``read()`` of raw messages, ``write()``."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self._messages = list(messages)
+        self.written: list[bytes] = []
+
+    async def read(self) -> object:
+        return self._messages.pop(0) if self._messages else grpc.aio.EOF
+
+    async def write(self, payload: bytes) -> None:
+        self.written.append(payload)
+
+
+def _message(field: str) -> bytes:
+    request = bare.pb.ProcessingRequest()
+    getattr(request, field).SetInParent()
+    return request.SerializeToString()
+
+
+async def test_each_request_costs_one_incr_before_its_reply() -> None:
+    with RedisServer() as server:
+        process = h2_bare._own_redis_process(f"127.0.0.1:{server.port}")
+        for n in (1, 2, 3):
+            call = _Call([_message("request_headers")])
+            reply = await process(call)
+            assert reply == bare._REPLIES[bare._REQUEST_HEADERS_TAG]
+            assert server.command_stats()["incr"]["calls"] == n
+        # a phase other than the request headers is answered in passing, without Redis
+        call = _Call([_message("request_trailers"), _message("request_headers")])
+        await process(call)
+        assert len(call.written) == 1
+        assert server.command_stats()["incr"]["calls"] == 4
+
+
+async def test_the_floor_needs_a_redis_address() -> None:
+    with pytest.raises(SystemExit, match="needs --redis"):
+        await h2_bare.serve("own-redis", "127.0.0.1:0", None)
