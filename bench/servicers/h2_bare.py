@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -134,32 +135,8 @@ class _Connection(asyncio.Protocol):
             self.answered.add(sid)
 
 
-async def _own_process(call: Any) -> bytes | None:
-    read, eof, replies = call.read, grpc.aio.EOF, _REPLIES
-    while True:
-        raw = await read()
-        if raw is eof:
-            return b""
-        reply = replies.get(raw[0]) if raw else None
-        if reply is None:
-            reply = _slow_reply(raw)
-            if reply is None:
-                continue
-        if raw[0] == _REQUEST_HEADERS_TAG:
-            return reply
-        await call.write(reply)
-
-
-#: the key the ``own-redis`` servicer counts in (one key: the round trip is the point)
-FLOOR_KEY = "bench:floor"
-
-
-def _own_redis_process(redis: str) -> Any:
-    from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
-
-    host, _, port = redis.rpartition(":")
-    pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
-    incr = pack_command("INCR", FLOOR_KEY)
+def _handler(ask: Callable[[], Awaitable[object]] | None = None) -> Any:
+    """The ``own`` handler; with ``ask``, awaited before the reply to the request headers."""
 
     async def process(call: Any) -> bytes | None:
         read, eof, replies = call.read, grpc.aio.EOF, _REPLIES
@@ -173,11 +150,27 @@ def _own_redis_process(redis: str) -> Any:
                 if reply is None:
                     continue
             if raw[0] == _REQUEST_HEADERS_TAG:
-                await pipe.execute_packed(incr)
+                if ask is not None:
+                    await ask()
                 return reply
             await call.write(reply)
 
     return process
+
+
+_own_process = _handler()
+
+#: the key the ``own-redis`` servicer counts in (one key: the round trip is the point)
+FLOOR_KEY = "bench:floor"
+
+
+def _own_redis_process(redis: str) -> Any:
+    from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
+
+    host, _, port = redis.rpartition(":")
+    pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
+    incr = pack_command("INCR", FLOOR_KEY)
+    return _handler(lambda: pipe.execute_packed(incr))
 
 
 async def serve(style: str, listen: str, redis: str | None = None) -> None:
