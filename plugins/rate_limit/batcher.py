@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -93,7 +93,8 @@ class Batcher(Generic[T, R]):
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._soon: asyncio.Handle | None = None
+        #: the round trip an idle batcher started for this tick's requests, not yet running
+        self._soon: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._flushing = False
@@ -129,15 +130,23 @@ class Batcher(Generic[T, R]):
         if self._in_flight or self._flushing or self.window:
             self._pump()
         elif self._soon is None:
-            # Idle: send on the next loop tick, which is when a round trip started now would
-            # begin anyway (its task runs then) - with every request submitted during this
-            # tick in the same round trip. No added wait; under load, free batching.
-            self._soon = loop.call_soon(self._on_soon)
+            # Idle: start the round trip's task now; it takes its batch when it first runs,
+            # on the next loop tick, which is when a round trip started now would begin anyway
+            # - with every request submitted during this tick in the same round trip. No added
+            # wait; under load, free batching; and no loop turn of its own before the send.
+            self._soon = self._spawn(self._run_soon())
         return future
 
-    def _on_soon(self) -> None:
+    async def _run_soon(self) -> None:
         self._soon = None
+        entries = None
+        if not (self.window or self._in_flight or self._flushing):
+            entries = self._take()  # still idle: this task carries the first batch itself
+        # the rest (or all, when the load changed meanwhile) as _pump decides; when nothing
+        # is left (flushed meanwhile, or every caller gave up), it marks the batcher idle
         self._pump()
+        if entries is not None:
+            await self._run(entries)
 
     def _purge_cancelled(self) -> None:
         self._queue = collections.deque(e for e in self._queue if not e.future.done())
@@ -179,13 +188,27 @@ class Batcher(Generic[T, R]):
         self._pump()
 
     def _dispatch(self) -> bool:
+        entries = self._take()
+        if entries is None:
+            return False
+        self._spawn(self._run(entries))
+        return True
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _take(self) -> list[_Entry[T, R]] | None:
+        """The next batch, counted as a round trip in flight (``None``: nothing to send)."""
         entries: list[_Entry[T, R]] = []
         while self._queue and len(entries) < self.max_batch:
             entry = self._queue.popleft()
             if not entry.future.done():  # its caller gave up: do not count it
                 entries.append(entry)
         if not entries:
-            return False
+            return None
         if self._on_wait is not None:
             now = asyncio.get_running_loop().time()
             for entry in entries:
@@ -196,10 +219,7 @@ class Batcher(Generic[T, R]):
         self.sent += len(entries)
         if self._on_batch is not None:
             self._on_batch(len(entries))
-        task = asyncio.get_running_loop().create_task(self._run(entries))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return True
+        return entries
 
     async def _run(self, entries: list[_Entry[T, R]]) -> None:
         try:

@@ -76,6 +76,47 @@ async def test_idle_batches_what_arrives_in_the_same_loop_tick() -> None:
     assert store.batches == [[0, 1, 2, 3]]
 
 
+async def test_idle_round_trip_is_sent_on_the_next_tick() -> None:
+    """An idle batcher's round trip starts on the very next loop turn (its own task takes the
+    batch), not one turn later through a callback that then starts a task."""
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=10.0, max_in_flight=1
+    )
+    futures = [b.submit(i, FAR) for i in range(2)]
+    await asyncio.sleep(0)
+    assert store.batches == [[0, 1]]
+    futures.append(b.submit(2, FAR))  # in flight now: it waits for the first to return
+    assert await asyncio.gather(*futures) == [0, 10, 20]
+    assert store.batches == [[0, 1], [2]]
+
+
+async def test_a_flush_before_the_idle_round_trip_runs_sends_each_item_once() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=10.0, max_in_flight=2
+    )
+    futures = [b.submit(i, FAR) for i in range(3)]
+    assert await b.flush(1.0)  # before the idle round trip's task has run
+    assert await asyncio.gather(*futures) == [0, 10, 20]
+    assert store.batches == [[0, 1, 2]]
+    await settle()
+    assert store.batches == [[0, 1, 2]] and b.in_flight == 0 and b.queued == 0
+
+
+async def test_closing_before_the_idle_round_trip_runs_fails_its_items() -> None:
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_batch=100, max_wait=10.0, max_in_flight=1
+    )
+    future = b.submit(1, FAR)
+    close = asyncio.ensure_future(b.close(0.05))  # the flush sends it; nobody answers
+    await asyncio.sleep(0)
+    assert not await close
+    with pytest.raises(BatcherClosedError):
+        await future
+
+
 async def test_gathers_while_in_flight_and_sends_on_return() -> None:
     store = GatedStore()
     b: Batcher[int, int] = Batcher(
