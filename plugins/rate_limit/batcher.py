@@ -127,7 +127,7 @@ class Batcher(Generic[T, R]):
         self._queue.append(_Entry(item, future, deadline, loop.time()))
         self._idle.clear()
         self.window = self._saturation() * self.max_wait
-        if self._in_flight or self._flushing or self.window:
+        if self._gathering:
             self._pump()
         elif self._soon is None:
             # Idle: start the round trip's task now; it takes its batch when it first runs,
@@ -140,13 +140,19 @@ class Batcher(Generic[T, R]):
     async def _run_soon(self) -> None:
         self._soon = None
         entries = None
-        if not (self.window or self._in_flight or self._flushing):
+        if not self._gathering:
             entries = self._take()  # still idle: this task carries the first batch itself
         # the rest (or all, when the load changed meanwhile) as _pump decides; when nothing
         # is left (flushed meanwhile, or every caller gave up), it marks the batcher idle
         self._pump()
         if entries is not None:
             await self._run(entries)
+
+    @property
+    def _gathering(self) -> bool:
+        """A round trip is in flight, a flush is on, or the worker is saturated: requests go
+        through :meth:`_pump`'s rules rather than straight out on the next tick."""
+        return bool(self._in_flight or self._flushing or self.window)
 
     def _purge_cancelled(self) -> None:
         self._queue = collections.deque(e for e in self._queue if not e.future.done())
@@ -263,10 +269,7 @@ class Batcher(Generic[T, R]):
         finished within ``within`` seconds."""
         self._closed = True
         done = await self.flush(within)
-        self._cancel_timer()
-        if self._soon is not None:
-            self._soon.cancel()
-            self._soon = None
+        self._cancel_timer()  # an idle round trip not yet running is one of the tasks below
         while self._queue:
             entry = self._queue.popleft()
             if not entry.future.done():
