@@ -45,7 +45,7 @@ from hpack.exceptions import HPACKError
 if TYPE_CHECKING:
     from extproc.tls import ServerTls
 
-__all__ = ["AbortCall", "Call", "Handler", "HealthService", "Http2Server"]
+__all__ = ["AbortCall", "Call", "Handler", "Http2Server"]
 
 log = logging.getLogger("extproc.http2")
 
@@ -980,41 +980,3 @@ class Http2Server:
                 conn.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
-
-
-class HealthService:
-    """``grpc.health.v1.Health/Check`` for :class:`Http2Server`, with the ``set`` /
-    ``enter_graceful_shutdown`` methods of grpc's ``health.aio.HealthServicer``. ``Watch`` is
-    answered UNIMPLEMENTED (Envoy's and Kubernetes' gRPC health checks use ``Check``)."""
-
-    PATH: Final = "/grpc.health.v1.Health/Check"
-
-    def __init__(self) -> None:
-        from grpc_health.v1 import health_pb2
-
-        self._pb = health_pb2
-        self._status: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
-        self._shutdown = False
-
-    async def set(self, service: str, status: int) -> None:
-        if not self._shutdown:
-            self._status[service] = status
-
-    async def enter_graceful_shutdown(self) -> None:
-        for service in self._status:
-            self._status[service] = self._pb.HealthCheckResponse.NOT_SERVING
-        self._shutdown = True
-
-    async def check(self, call: Call) -> bytes:
-        raw = await call.read()
-        if raw is grpc.aio.EOF:
-            await call.abort(3, "a HealthCheckRequest is required")  # INVALID_ARGUMENT
-        try:
-            service = self._pb.HealthCheckRequest.FromString(raw).service
-        except Exception:
-            await call.abort(3, "not a HealthCheckRequest")
-        status = self._status.get(service)
-        if status is None:
-            await call.abort(5, "unknown service")  # NOT_FOUND
-        reply: bytes = self._pb.HealthCheckResponse(status=status).SerializeToString()
-        return reply

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.coalesce import ReplyCoalescer
 from extproc.config import Config, ConfigError, LoadedConfig, ServerSettings, load_config
+from extproc.health import SERVICE as HEALTH_GRPC_SERVICE
+from extproc.health import HealthService
 from extproc.observability.metrics import Registry
 from extproc.observability.tracing import StreamSpan, StreamTracer
 from extproc.plugin import HealthState
@@ -271,7 +273,7 @@ class Server:
         self.admin_address = admin if admin is not None else settings.admin
         self.services = services or Services(workers=int(os.environ.get("EXTPROC_WORKERS", "1")))
         self.runtime = Runtime(self.services)
-        self.health: Any = health.aio.HealthServicer()
+        self.health = HealthService()
         self._server: grpc.aio.Server | None = None
         self._http2: Http2Server | None = None
         self._admin: Any = None
@@ -365,11 +367,9 @@ class Server:
         )
 
     async def _start_http2(self, settings: ServerSettings) -> None:
-        from extproc.http2 import HealthService, Http2Server
+        from extproc.http2 import Http2Server
 
         assert self.servicer is not None
-        health = HealthService()
-        self.health = health
         tls = None
         if settings.tls is not None:
             from extproc.tls import ServerTls
@@ -379,7 +379,10 @@ class Server:
             {
                 # the grpc.aio signature (request iterator, context); the Call is the context
                 f"/{SERVICE_NAME}/Process": functools.partial(self.servicer.Process, None),
-                HealthService.PATH: health.check,
+                **{
+                    f"/{HEALTH_GRPC_SERVICE}/{name}": functools.partial(method, None)
+                    for name, method in self.health.methods().items()
+                },
             },
             max_concurrent_streams=settings.max_concurrent_streams,
             max_message_bytes=settings.max_message_bytes,
@@ -418,7 +421,15 @@ class Server:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": process}),)
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # the health service on bytes too (wire-compatible with the generated one)
+        health = self.health.methods()
+        health_methods = {
+            "Check": grpc.stream_unary_rpc_method_handler(health["Check"]),
+            "Watch": grpc.stream_stream_rpc_method_handler(health["Watch"]),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(HEALTH_GRPC_SERVICE, health_methods),)
+        )
         if settings.tls is not None:
             from extproc.tls import server_credentials
 
@@ -542,6 +553,7 @@ class Server:
         log.info("shutting down", extra={"open_streams": open_streams})
         if settings.drain_delay_s:
             await asyncio.sleep(settings.drain_delay_s)
+        self.health.end_watches()  # an open Watch would hold the stop for its whole grace
         if self._server is not None:
             await self._server.stop(settings.shutdown_grace_s)
         if self._http2 is not None:

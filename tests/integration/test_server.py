@@ -403,3 +403,30 @@ async def test_saturated_worker_writes_replies_of_many_streams_together(tmp_path
             status = (await client.get(f"http://127.0.0.1:{server._admin.port}/status")).json()
         assert status["reply_coalescing"]["rounds"] == c.rounds
         assert status["reply_coalescing"]["max_hold_ms"] == 20.0
+
+
+async def test_health_watch_follows_shutdown_and_does_not_hold_it(tmp_path: Path) -> None:
+    """Watch (client-side gRPC health checking) gets SERVING, then NOT_SERVING as soon as the
+    server starts to stop; the open Watch does not keep the stop waiting for its grace."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"server: {{drain_delay_s: 0.3, shutdown_grace_s: 30, transport: {CURRENT['transport']}}}\n"
+        "plugins: []\n"
+    )
+    port = free_port()
+    server = Server(load_config(cfg), listen=f"127.0.0.1:{port}", admin="")
+    await server.start()
+    pb = health_pb2.HealthCheckResponse
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="extproc")
+        )
+        assert (await watch.read()).status == pb.SERVING
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        stopping = asyncio.ensure_future(server.stop())
+        assert (await asyncio.wait_for(watch.read(), 5)).status == pb.NOT_SERVING
+        await asyncio.wait_for(stopping, 20)
+        took = loop.time() - began
+        assert took < 10, f"the stop waited {took:.1f} s for an open Watch"
+        assert await watch.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import random
 import time
@@ -27,6 +28,7 @@ from h2.settings import SettingCodes, Settings
 from hpack import Decoder, Encoder
 from hpack.exceptions import InvalidTableIndexError
 
+from extproc.health import HealthService
 from extproc.http2 import (
     ACK,
     CANCEL,
@@ -53,12 +55,13 @@ from extproc.http2 import (
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
-    HealthService,
     Http2Server,
     frame,
 )
 
 TIMEOUT = 3.0
+CHECK = "/grpc.health.v1.Health/Check"
+WATCH = "/grpc.health.v1.Health/Watch"
 EOF = grpc.aio.EOF
 #: every client connection of the running test, closed when it ends
 _WRITERS: list[asyncio.StreamWriter] = []
@@ -1065,12 +1068,12 @@ async def test_graceful_stop() -> None:
 async def test_health_service() -> None:
     health = HealthService()
     pb = health_pb2.HealthCheckResponse
-    async with serving({HealthService.PATH: health.check}) as (_, port):
+    async with serving({CHECK: functools.partial(health.check, None)}) as (_, port):
         client = await H2.connect(port)
 
         async def check(service: str) -> Resp:
             req = health_pb2.HealthCheckRequest(service=service).SerializeToString()
-            return await client.call(HealthService.PATH, [req])
+            return await client.call(CHECK, [req])
 
         resp = await check("")
         assert resp.status == 0
@@ -1092,7 +1095,7 @@ async def test_health_service() -> None:
 async def test_grpc_aio_client_interop() -> None:
     health = HealthService()
     async with (
-        serving({HealthService.PATH: health.check}) as (_, port),
+        serving({CHECK: functools.partial(health.check, None)}) as (_, port),
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
     ):
         stream = channel.stream_stream(
@@ -1117,6 +1120,29 @@ async def test_grpc_aio_client_interop() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_watch_streams_changes_to_a_grpc_aio_client() -> None:
+    health = HealthService()
+    pb = health_pb2.HealthCheckResponse
+    handlers = {f"/grpc.health.v1.Health/{n}": functools.partial(m, None)
+                for n, m in health.methods().items()}  # fmt: skip
+    async with (
+        serving(handlers) as (_, port),
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="svc"), timeout=10)
+        assert (await watch.read()).status == pb.SERVICE_UNKNOWN
+        await health.set("svc", pb.SERVING)
+        assert (await watch.read()).status == pb.SERVING
+        await health.set("svc", pb.SERVING)  # no change, nothing sent
+        await health.set("svc", pb.NOT_SERVING)
+        assert (await watch.read()).status == pb.NOT_SERVING
+        health.end_watches()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await watch.read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 # ---------------------------------------------------------------------------------- 15. fuzz
