@@ -85,6 +85,9 @@ MIN_PING_INTERVAL_S: Final = 1.0
 SHUTDOWN_PING: Final = b"shutdown"
 SHUTDOWN_PING_TIMEOUT_S: Final = 1.0
 MAX_PING_STRIKES: Final = 10
+#: a TLS client that has not finished its handshake after this long is dropped (asyncio's
+#: default is 60 s: a minute of a file descriptor for each silent client)
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 #: decoded header blocks kept per connection (see ``_Connection._decode``)
 HEADER_CACHE_SIZE: Final = 64
 
@@ -897,7 +900,7 @@ class Http2Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # a stale socket of an earlier run
             self._server = await self.loop.create_unix_server(
-                self._connection, path, ssl=self.tls.context if self.tls else None
+                self._connection, path, **self._tls_options()
             )
             return 0
         host, _, port = address.rpartition(":")
@@ -907,9 +910,14 @@ class Http2Server:
             host,
             int(port),
             reuse_address=True,
-            ssl=self.tls.context if self.tls else None,
+            **self._tls_options(),
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    def _tls_options(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        return {"ssl": self.tls.context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
 
     def final_goaways(self) -> None:
         """While stopping: note when every connection has sent its final GOAWAY (or closed)."""
@@ -917,9 +925,8 @@ class Http2Server:
             self._finals_sent.set()
 
     def _connection(self) -> _Connection:
-        """The protocol factory: runs when a connection is accepted, before its handshake."""
-        if self.tls is not None:
-            self.tls.refresh()
+        """The protocol factory: runs when a connection is accepted (before a TLS handshake,
+        whose certificates :class:`extproc.tls.ServerTls` picks)."""
         return _Connection(self)
 
     def start(self, handler: Handler, call: Call) -> None:

@@ -5,9 +5,12 @@ fetcher compares the files' modification times and hands over new certificates o
 changed (cert-manager and Kubernetes secret volumes rotate them in place). Envoy keeps its
 HTTP/2 connections to the sidecar open, so handshakes - and file checks - are rare.
 
-The http2 transport uses an :class:`ssl.SSLContext` (:class:`ServerTls`) checked the same way
-each time a connection is accepted; a changed certificate and key are loaded into the live
-context, which the following handshakes use.
+The http2 transport checks the files the same way at each handshake (:class:`ServerTls`) and
+builds a new :class:`ssl.SSLContext` when they changed; the listener's context hands each
+handshake over to the newest one. A new context rather than the live one changed in place: an
+OpenSSL context can add trusted CAs but not drop one. With client certificates (mTLS) TLS
+sessions are not resumed: a resumed session skips the client certificate's verification, so a
+client whose CA was removed could come back on an old session.
 """
 
 from __future__ import annotations
@@ -84,34 +87,40 @@ def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials:
 
 class ServerTls:
     """TLS 1.2+ with ALPN ``h2`` for :class:`extproc.http2.Http2Server`; mTLS when
-    ``client_ca_file`` is set. :meth:`refresh` (called per accepted connection) reloads the
-    certificate and key when their files changed. A changed ``client_ca_file`` is added to
-    the trusted CAs (OpenSSL's context cannot drop one): removing a CA takes a restart."""
+    ``client_ca_file`` is set. :attr:`context` is the listener's: at each handshake it hands
+    the connection to :meth:`current`, built anew when a file changed, so a rotated
+    certificate, key or CA bundle - a CA removed included - applies to the next connection."""
 
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
         self._files = _Certificates(settings)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 9113 9.2
-        self.context.set_alpn_protocols(["h2"])
-        self._load()
-        if settings.client_ca_file:
-            self.context.verify_mode = ssl.CERT_REQUIRED
+        self._current = self._build()
+        self.context = self._build()
+        self.context.sni_callback = self._handover  # called with or without SNI
 
-    def _load(self, context: ssl.SSLContext | None = None) -> None:
+    def _build(self) -> ssl.SSLContext:
         s = self.settings
-        context = context or self.context
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 9113 9.2
+        context.set_alpn_protocols(["h2"])
         context.load_cert_chain(s.cert_file, s.key_file)
         if s.client_ca_file:
             context.load_verify_locations(cafile=s.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+            # no resumption: every connection's client certificate is verified (against the
+            # CAs of its moment). Envoy keeps its connections, so handshakes are rare.
+            context.options |= ssl.OP_NO_TICKET
+            context.num_tickets = 0
+        return context
 
-    def refresh(self) -> None:
-        self._files.reload(self._swap)
+    def current(self) -> ssl.SSLContext:
+        """The context for a new connection: a new one when a file changed and the new files
+        load (a half-written rotation - a new certificate with the old key - does not: the
+        old context stays, and the next handshake tries again)."""
+        fresh = self._files.reload(self._build)
+        if fresh is not None:
+            self._current = fresh
+        return self._current
 
-    def _swap(self) -> bool:
-        # OpenSSL installs the certificate before it finds that the key does not match: try
-        # the files on a scratch context first, so a half-written rotation (new certificate,
-        # old key) leaves the live one as it was; retried on the next accept
-        self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-        self._load()
-        return True
+    def _handover(self, conn: ssl.SSLSocket | ssl.SSLObject, _name: str | None, _: object) -> None:
+        conn.context = self.current()
