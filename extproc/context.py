@@ -30,6 +30,21 @@ __all__ = [
     "time_left",
 ]
 
+
+def plugin_logger(plugin_name: str) -> logging.LoggerAdapter[logging.Logger]:
+    """The logger of :attr:`PluginContext.logger`: ``extproc.plugin.<name>``, keeping the
+    ``extra={...}`` fields of each call (a plain :class:`logging.LoggerAdapter` replaces them
+    with its own before Python 3.13, and structured logs would lose them)."""
+    return _FieldsKept(logging.getLogger(f"extproc.plugin.{plugin_name}"), {})
+
+
+class _FieldsKept(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        fields = kwargs.get("extra")
+        kwargs["extra"] = {**(self.extra or {}), **fields} if fields else self.extra
+        return msg, kwargs
+
+
 #: well-known request-context keys, set by the authentication plugin from verified claims only
 AUTH_CLAIMS: Final = "auth.claims"
 AUTH_SUBJECT: Final = "auth.subject"

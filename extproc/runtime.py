@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from extproc.chain import Chain, Slot
 from extproc.config import LoadedConfig, instance_name
-from extproc.context import PluginContext
+from extproc.context import PluginContext, plugin_logger
 from extproc.observability.metrics import PluginMetrics, Registry
 from extproc.plugin import HealthState, HealthStatus, Plugin
 from extproc.rollout import make_gate
@@ -138,7 +138,7 @@ async def build_generation(
         context = PluginContext(
             plugin_name=name,
             config=plugin_config,
-            logger=logging.LoggerAdapter(logging.getLogger(f"extproc.plugin.{name}"), {}),
+            logger=plugin_logger(name),
             metrics=PluginMetrics(services.registry, cls.name or name),
             cache=MemoryCache(),
             secrets=services.secrets,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from extproc.context import Clock, PluginContext
+from extproc.context import Clock, PluginContext, plugin_logger
 from extproc.observability.metrics import PluginMetrics, Registry
 from extproc.services.cache import MemoryCache
 from extproc.services.http import HttpClient
@@ -35,7 +34,7 @@ def make_plugin_context(
     ``extproc.plugin.<name>``, :class:`PluginMetrics` on ``registry`` (a fresh one unless
     given), a :class:`MemoryCache` on ``clock``, :class:`Secrets` from the environment and an
     :class:`HttpClient` (close it with ``await context.http.aclose()``)."""
-    logger = logging.LoggerAdapter(logging.getLogger(f"extproc.plugin.{plugin_name}"), {})
+    logger = plugin_logger(plugin_name)
     return PluginContext(
         plugin_name=plugin_name,
         config=config,
