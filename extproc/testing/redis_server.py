@@ -10,6 +10,9 @@
         server.restart()    # same port, empty data (scripts must be loaded again)
         server.command_stats()["evalsha"]["calls"]
 
+    with RedisServer(tls=certs) as server:   # also TLS on server.tls_port (certs: CertFiles)
+        client = make_redis(server.tls_url, tls=RedisTls(ca_file=str(certs.ca), ...))
+
 Only the process it started is ever signalled, by pid. A missing ``redis-server`` binary is an
 error (:class:`RedisNotFoundError`), never a skip.
 """
@@ -26,9 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Literal, Self
 
 from extproc.testing.ports import free_port
+
+if TYPE_CHECKING:
+    from extproc.testing.certs import CertFiles
 
 __all__ = ["RedisNotFoundError", "RedisServer", "RedisStartError"]
 
@@ -72,7 +78,13 @@ class RedisServer:
     """One ``redis-server`` on a free 127.0.0.1 port, started in ``__init__`` (or ``start``)."""
 
     def __init__(
-        self, *, binary: str | None = None, start: bool = True, unix_socket: bool = False
+        self,
+        *,
+        binary: str | None = None,
+        start: bool = True,
+        unix_socket: bool = False,
+        tls: CertFiles | None = None,
+        tls_auth_clients: Literal["yes", "no", "optional"] = "optional",
     ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
@@ -84,12 +96,24 @@ class RedisServer:
         self._log = Path(self._dir.name) / "redis.log"
         #: with ``unix_socket``, the server also listens on this socket (``unix://`` + it)
         self.socket_path = str(Path(self._dir.name) / "redis.sock") if unix_socket else None
+        #: with ``tls``, the server also listens for TLS on ``tls_port`` with the server
+        #: certificate of these files, and checks client certificates against their CA
+        #: (``tls_auth_clients``: "yes" requires one); the plain port stays for the helpers
+        self.tls = tls
+        self.tls_auth_clients = tls_auth_clients
+        self.tls_port = 0
         if start:
             self.start()
 
     @property
     def url(self) -> str:
         return f"redis://{_HOST}:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        if not self.tls_port:
+            raise RuntimeError("this RedisServer was started without tls")
+        return f"rediss://{_HOST}:{self.tls_port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -101,6 +125,8 @@ class RedisServer:
         keep = self.port
         for _ in range(attempts):
             port = keep or free_port()
+            if self.tls is not None and not (keep and self.tls_port):
+                self.tls_port = free_port()
             if self._spawn(port):
                 self.port = port
                 return
@@ -122,6 +148,14 @@ class RedisServer:
         ]  # fmt: skip
         if self.socket_path is not None:
             args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        if self.tls is not None:
+            args += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", self.tls_auth_clients,
+            ]  # fmt: skip
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

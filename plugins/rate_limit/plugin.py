@@ -62,6 +62,8 @@ from plugins.rate_limit.store import LocalStore, RedisStore, StoreUnavailableErr
 __all__ = ["RateLimitPlugin"]
 
 _UNKNOWN: Final = "unknown"
+#: how long initialize waits to open the Redis connection and load the script
+_WARM_TIMEOUT_S: Final = 1.0
 _BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 #: seconds; the first bucket is "sent on the next loop tick" (no gathering, nothing in flight)
 _WAIT_BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
@@ -158,6 +160,14 @@ class _Parts:
         return None
 
 
+def _cause(exc: StoreUnavailableError) -> str:
+    """What went wrong, for the log: the store's summary and the client's own message (host,
+    port and the TLS or network error; redis-py's messages carry no credentials)."""
+    cause = exc.__cause__
+    text = f"{exc}: {cause}" if cause is not None and str(cause) else str(exc)
+    return text[:300]
+
+
 class _BadCostError(Exception):
     pass
 
@@ -185,6 +195,8 @@ class RateLimitPlugin(Plugin):
         self._clock: Clock = time.monotonic  # replaced by the context's in initialize
         self._margin = config.fallback_margin_ms / 1000.0
         self._redis_timeout = config.redis_timeout_ms / 1000.0
+        #: the last Redis call failed (an outage is logged when it starts and when it ends)
+        self._store_down = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -220,10 +232,25 @@ class RateLimitPlugin(Plugin):
                 pipe=RedisPipe(settings) if settings is not None else None,
             )
             store = self._redis
+            logger = context.logger
 
             async def send(batch: Sequence[Sequence[Hit]], deadline: float) -> list[list[Outcome]]:
                 left = deadline - asyncio.get_running_loop().time()
-                return await store.acquire(batch, min(left, self._redis_timeout))
+                try:
+                    decided = await store.acquire(batch, min(left, self._redis_timeout))
+                except StoreUnavailableError as exc:
+                    if not self._store_down:  # logged once per outage, with its first cause
+                        self._store_down = True
+                        logger.warning(
+                            "Redis unavailable: the rules apply their fail policy until it "
+                            "answers again",
+                            extra={"error": _cause(exc)},
+                        )
+                    raise
+                if self._store_down:
+                    self._store_down = False
+                    logger.info("Redis answers again: the rules count in Redis")
+                return decided
 
             self._batcher = Batcher(
                 send,
@@ -235,6 +262,15 @@ class RateLimitPlugin(Plugin):
                 on_batch=self._batch_size.observe,
                 on_wait=self._batch_wait.observe,
             )
+            try:
+                await store.warm(_WARM_TIMEOUT_S)
+            except StoreUnavailableError as exc:
+                self._store_down = True
+                logger.warning(
+                    "Redis unavailable at start: the rules apply their fail policy until it "
+                    "answers",
+                    extra={"error": _cause(exc)},
+                )
         context.logger.info(
             "rate_limit ready: %d rules, store=%s",
             len(self._rules),

@@ -268,6 +268,24 @@ class RedisStore:
         self.breaker.record_success()
         return result
 
+    async def warm(self, within: float) -> None:
+        """Open the connection and load the script before a request needs them: a TLS
+        handshake or a distant Redis can take longer than one decision's budget, and the
+        first requests would get their rules' fail policy. Raises
+        :class:`StoreUnavailableError` (the caller logs it; requests try again)."""
+        try:
+            async with asyncio.timeout(within):
+                if self._pipe is not None:
+                    await self._pipe.execute("SCRIPT", "LOAD", SCRIPT)
+                else:
+                    await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                        "SCRIPT", "LOAD", SCRIPT
+                    )
+        except TimeoutError as exc:
+            raise StoreUnavailableError("redis timed out") from exc
+        except (RedisError, ReplyError, OSError) as exc:
+            raise StoreUnavailableError(f"redis failed: {type(exc).__name__}") from exc
+
     @property
     def pipelined(self) -> bool:
         return self._pipe is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -283,8 +284,9 @@ async def test_timed_out_connection_is_not_reused(server: RedisServer) -> None:
 
 
 async def test_redis_restart_recovers_without_restarting_the_plugin(
-    server: RedisServer, harness: Harness
+    server: RedisServer, harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="extproc.plugin.rate_limit")
     cfg = config(
         limit=10**6,
         fail="closed",
@@ -304,6 +306,11 @@ async def test_redis_restart_recovers_without_restarting_the_plugin(
             recovered = isinstance((await call(plugin))[0], Continue)
     assert (await plugin.health_check()).state is HealthState.HEALTHY
     assert server.calls("eval") >= 1
+    # the outage is logged when it starts (with its cause) and when it ends, not per request
+    lines = [r.getMessage().partition(":")[0] for r in caplog.records if "Redis" in r.getMessage()]
+    assert lines == ["Redis unavailable", "Redis answers again"]
+    start = next(r for r in caplog.records if r.getMessage().startswith("Redis unavailable"))
+    assert start.levelno == logging.WARNING and "redis failed" in start.error  # type: ignore[attr-defined]
 
 
 async def test_take_over_keeps_counters_and_cache(server: RedisServer, harness: Harness) -> None:

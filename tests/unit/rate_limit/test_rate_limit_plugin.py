@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
@@ -333,13 +334,25 @@ async def test_breaker_opens_reports_degraded_and_skips_redis(make: Any) -> None
     clocks = Clocks()
     cfg = config(rule_with("open"), breaker={"failure_threshold": 3, "reset_timeout_s": 5})
     plugin, _ = await make(cfg, redis=redis, clocks=clocks)
+    assert redis.calls == 1  # initialize tried to load the script (outside the breaker)
     assert (await plugin.health_check()).state is HealthState.HEALTHY
     await run(plugin, 10)
-    assert redis.calls == 3  # then the breaker is open: no more calls
+    assert redis.calls == 1 + 3  # then the breaker is open: no more calls
     assert (await plugin.health_check()).state is HealthState.DEGRADED
     clocks.advance(5.0)
     await run(plugin, 1)
-    assert redis.calls == 4  # one half-open trial
+    assert redis.calls == 1 + 4  # one half-open trial
+
+
+async def test_redis_down_at_start_is_logged_once_with_its_cause(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="extproc.plugin.rate_limit")
+    plugin, _ = await make(config(rule_with("open")), redis=DownRedis())
+    await run(plugin, 5)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage()[:29] for r in warnings] == ["Redis unavailable at start: t"]
+    assert warnings[0].error == "redis failed: ConnectionError: down"  # type: ignore[attr-defined]
 
 
 async def test_hanging_redis_answers_within_the_budget(make: Any) -> None:
@@ -390,12 +403,13 @@ async def test_a_request_queued_behind_a_hanging_round_trip_answers_by_its_own_d
 async def test_no_budget_left_skips_redis(make: Any) -> None:
     redis = DownRedis()
     plugin, _ = await make(config(rule_with("local")), redis=redis)
+    warmed = redis.calls  # initialize's script load
     token = _deadline.set(asyncio.get_running_loop().time())
     try:
         result = await plugin.on_request(event())
     finally:
         _deadline.reset(token)
-    assert isinstance(result, Continue) and redis.calls == 0
+    assert isinstance(result, Continue) and redis.calls == warmed
 
 
 # ---------------------------------------------------------------- config checks
