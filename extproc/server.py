@@ -28,6 +28,7 @@ from extproc.coalesce import ReplyCoalescer
 from extproc.config import Config, ConfigError, LoadedConfig, ServerSettings, load_config
 from extproc.health import SERVICE as HEALTH_GRPC_SERVICE
 from extproc.health import HealthService
+from extproc.observability.gcpause import GcPauses
 from extproc.observability.metrics import Registry
 from extproc.observability.tracing import StreamSpan, StreamTracer
 from extproc.plugin import HealthState
@@ -283,6 +284,7 @@ class Server:
         self.servicer: ExtProcServicer | None = None
         self.shutting_down = False
         self.watchdog: Any = None
+        self._gc_pauses: GcPauses | None = None
         self.tracer: StreamTracer | None = None
         self._span_processors = tuple(span_processors)
         self.meter_provider: Any = None
@@ -329,6 +331,8 @@ class Server:
         )
         self.servicer.watchdog = self.watchdog
         self.watchdog.start()
+        self._gc_pauses = GcPauses(self.services.registry)
+        self._gc_pauses.install()
         self._tasks.append(asyncio.ensure_future(self._health_loop()))
         self._tasks.append(asyncio.ensure_future(self.servicer.sweep_idle()))
         if self.admin_address:
@@ -560,6 +564,8 @@ class Server:
             await self._http2.stop(settings.shutdown_grace_s)
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self._gc_pauses is not None:
+            self._gc_pauses.uninstall()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

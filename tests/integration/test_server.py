@@ -159,6 +159,7 @@ async def test_health_admin_and_status(tmp_path: Path) -> None:
             assert [p["name"] for p in status["plugins"]] == ["hang", "raise", "teapot", "headers"]
             metrics = (await client.get(f"{base}/metrics")).text
             assert "extproc_config_generation 1" in metrics
+            assert 'extproc_gc_pause_seconds_count{generation="2"}' in metrics
             assert (await client.get(f"{base}/nope")).status_code == 404
 
 
