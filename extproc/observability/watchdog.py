@@ -17,6 +17,14 @@ the watchdog wakes a sidecar ~8 times a second instead of ~140.
 
 Lateness is measured against the time the next beat was *due*: a reported stall lasted at least
 that long (the thread cannot tell how much earlier it began).
+
+A process that did not run at all - stopped (SIGSTOP, a debugger), or on a machine that
+stalled (a VM paused, its host overloaded) - comes back with every beat late, though no code of
+ours blocked anything. The thread tells the two apart by its own sleep: when it overslept by
+more than the threshold while the process used almost no CPU time, the process stood still;
+that is logged once (info) and not counted as a loop stall. A plugin that blocks in C code
+holding the GIL also keeps the thread from waking, but the process is on a CPU meanwhile, so
+that stays a stall.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ class LoopLagWatchdog:
         *,
         idle_interval: float = 0.25,
         busy: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.threshold = threshold
         self.interval = interval
@@ -79,6 +89,10 @@ class LoopLagWatchdog:
         self.idle_interval = max(idle_interval, interval)
         self.hook_codes = hook_codes
         self._busy = busy
+        self._clock = clock
+        self._cpu_clock = cpu_clock
+        #: how often the whole process stood still past the threshold (read by tests)
+        self.frozen = 0
         self.stalls = registry.counter(
             "extproc_loop_stalls_total", "event-loop stalls past the threshold", ("plugin",)
         )
@@ -87,7 +101,7 @@ class LoopLagWatchdog:
         self.last_stall: tuple[str, float] | None = None
         #: the heartbeat runs at ``idle_interval`` (call :meth:`wake` when work starts)
         self.idle = False
-        self._due = time.monotonic() + interval  # when the next beat should run
+        self._due = clock() + interval  # when the next beat should run
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -104,11 +118,11 @@ class LoopLagWatchdog:
 
     def _schedule(self, delay: float) -> None:
         assert self._loop is not None
-        self._due = time.monotonic() + delay
+        self._due = self._clock() + delay
         self._timer = self._loop.call_later(delay, self._beat, self._due)
 
     def _beat(self, due: float) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._lag.observe(max(now - due, 0.0))
         if self._stop.is_set():
             return
@@ -138,16 +152,28 @@ class LoopLagWatchdog:
         while True:
             wait = self.threshold / 2
             if self.idle:  # no beat can be late before due + threshold
-                wait = max(wait, self._due + self.threshold - time.monotonic())
+                wait = max(wait, self._due + self.threshold - self._clock())
+            slept_at, cpu_at = self._clock(), self._cpu_clock()
             self._woken.wait(wait)
             self._woken.clear()
             if self._stop.is_set():
                 return
             due = self._due
-            late = time.monotonic() - due
+            now = self._clock()
+            late = now - due
             if late <= self.threshold or due == reported:
                 continue
             reported = due  # one report per stall
+            overslept = now - slept_at - wait
+            if overslept > self.threshold and self._cpu_clock() - cpu_at < overslept / 4:
+                self.frozen += 1
+                log.info(
+                    "the process did not run for %.0f ms (stopped, or the machine stalled): "
+                    "not a loop stall",
+                    overslept * 1000,
+                    extra={"frozen_ms": round(overslept * 1000, 1)},
+                )
+                continue
             frame = sys._current_frames().get(self._loop_thread)
             try:
                 plugin = _blame(frame, self.hook_codes()) or "(none)"

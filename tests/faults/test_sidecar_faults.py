@@ -223,3 +223,28 @@ async def test_sigterm_under_load_finishes_open_streams(
         assert all(o.status in (500, 503) and o.elapsed < 1.5 for o in failed), [
             (o.status, round(o.elapsed, 2)) for o in failed
         ]
+
+
+@budget(40)
+async def test_a_stopped_and_continued_sidecar_reports_a_freeze_not_a_loop_stall(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP for a second, then SIGCONT (a debugger, a paused VM): every beat of the loop-lag
+    watchdog comes back late, but no plugin blocked anything. The sidecar says the process did
+    not run, and counts no stall; it serves on."""
+    from extproc.testing.processes import SidecarProcess
+
+    cfg = config(tmp_path, "frozen")
+    with SidecarProcess(cfg, workdir=tmp_path / "sidecar") as sidecar:
+        await asyncio.sleep(0.5)
+        assert sidecar.pid is not None
+        os.kill(sidecar.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.0)
+        finally:
+            os.kill(sidecar.pid, signal.SIGCONT)
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(sidecar.health) == "SERVING"
+        log = sidecar.log_text()
+    assert "the process did not run for" in log
+    assert "event loop blocked" not in log

@@ -98,3 +98,49 @@ async def test_stop_returns_at_once_while_idle() -> None:
     dog.stop()
     assert time.monotonic() - started < 0.5
     assert dog._thread is not None and not dog._thread.is_alive()
+
+
+async def test_a_process_that_did_not_run_is_no_stall() -> None:
+    """The clock jumps a second while the process uses no CPU (what SIGSTOP or a paused VM
+    look like from inside): logged as a freeze, not counted as a loop stall."""
+    offset = [0.0]
+    dog = LoopLagWatchdog(
+        Registry(), threshold=0.05, interval=0.01, clock=lambda: time.monotonic() + offset[0]
+    )
+    dog.start()
+    try:
+        await asyncio.sleep(0.1)
+        offset[0] = 1.0  # every thread of the process stood still for a second
+        await asyncio.sleep(0.2)
+    finally:
+        dog.stop()
+    assert dog.frozen == 1
+    assert dog.last_stall is None
+
+
+async def test_a_plugin_holding_the_gil_in_c_code_is_still_a_stall() -> None:
+    """The watchdog's thread cannot run while C code holds the GIL either, so it oversleeps as
+    in a freeze; but the process is on a CPU meanwhile, which tells the two apart."""
+
+    class GilHolding:
+        async def on_request(self) -> None:
+            sum(range(30_000_000))  # one C call: the GIL is not released until it returns
+
+    plugin = GilHolding()
+    codes = plugin_hook_codes({"gil": plugin})
+    dog = LoopLagWatchdog(Registry(), threshold=0.05, hook_codes=lambda: codes, interval=0.01)
+    dog.start()
+    try:
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await plugin.on_request()
+        blocked = time.monotonic() - started
+        for _ in range(50):
+            if dog.last_stall is not None:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        dog.stop()
+    assert blocked > 0.1, "the C call was too quick to be a stall on this machine"
+    assert dog.frozen == 0
+    assert dog.last_stall is not None and dog.last_stall[0] == "gil"
