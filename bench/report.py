@@ -56,6 +56,21 @@ def _hooks(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def _error_causes(samples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The 5xx and socket errors of the samples by status, and the sidecar's plugin
+    failures (``"<plugin> <kind>"``) that answered them, summed."""
+    out: dict[str, int] = {}
+    for x in samples:
+        for status, n in x.get("statuses", {}).items():
+            if status.startswith("5"):
+                out[status] = out.get(status, 0) + n
+        if x.get("socket_errors"):
+            out["socket"] = out.get("socket", 0) + x["socket_errors"]
+        for cause, n in (x.get("plugin_errors") or {}).items():
+            out[cause] = out.get(cause, 0) + n
+    return out
+
+
 def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Medians over the rounds; ratios are taken within each round first."""
     out: dict[str, dict[str, Any]] = {}
@@ -93,6 +108,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             ),
             "batching": _batching(samples),
             "hooks": _hooks(samples),
+            "error_causes": _error_causes(samples),
         }
         lat = [r[key] for r in data.get("latency_rounds", []) if key in r]
         if lat:
@@ -110,6 +126,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             row["open_loop"]["added_p99_ms"] = _median(added)
             row["open_loop"]["batching"] = _batching(lat)
             row["open_loop"]["hooks"] = _hooks(lat)
+            row["open_loop"]["error_causes"] = _error_causes(lat)
         out[key] = row
     return out
 
@@ -259,6 +276,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
                 f"| {_fmt(ol['p99'], 2)} | {_fmt(ol['p99.9'], 2)} | {_fmt(ol['added_p99_ms'], 2)} "
                 f"| {_fmt(ol['errors'])} |"
             )
+    lines += _errors_section(data)
     lines += _batching_table(data)
     lines += _hooks_table(data)
     lines += _baseline_table(data)
@@ -364,6 +382,26 @@ def _by_load(data: dict[str, Any], field: str) -> Iterator[tuple[str, str, Any]]
         ):
             if value:
                 yield key, load, value
+
+
+def _errors_section(data: dict[str, Any]) -> list[str]:
+    """Where there were errors: by status, and the sidecar's plugin failures behind them."""
+    rows = [
+        f"- `{key}`, {load}: " + ", ".join(f"{cause} {n:,}" for cause, n in sorted(causes.items()))
+        for key, load, causes in _by_load(data, "error_causes")
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Errors",
+        "",
+        "By status (5xx, socket errors) and, from the sidecar's "
+        "`extproc_plugin_errors_total`, the plugin failures whose policy answered them "
+        "(`<plugin> <kind>`; jwt_auth fails closed with 503). All rounds summed.",
+        "",
+        *rows,
+    ]
 
 
 def _batching_table(data: dict[str, Any]) -> list[str]:

@@ -165,10 +165,12 @@ def _redis_calls(stack: Stack) -> dict[str, int]:
 
 
 _HOOK_FAMILY = "extproc_plugin_duration_seconds"
+_ERRORS_FAMILY = "extproc_plugin_errors_total"
 _SCRAPED_FAMILIES = (
     "extproc_rate_limit_batch_wait_seconds",
     "extproc_rate_limit_batch_size",
     _HOOK_FAMILY,
+    _ERRORS_FAMILY,
 )
 
 
@@ -235,6 +237,20 @@ def _histogram(cumulative: list[tuple[float, float]], count: float) -> BoundHist
 
 
 _LABELS = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _plugin_errors(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """The sidecar's plugin failures during a sample, ``"<plugin> <kind>"`` (timeout,
+    exception ...) -> count: the cause of the errors the load generator saw, when a plugin's
+    failure policy answered them (an error with no count here came from elsewhere)."""
+    out: dict[str, int] = {}
+    for name, value in after.items():
+        if name.startswith(_ERRORS_FAMILY):
+            delta = int(value - before.get(name, 0.0))
+            if delta:
+                labels = dict(_LABELS.findall(name))
+                out[f"{labels.get('plugin', '?')} {labels.get('kind', '?')}"] = delta
+    return out
 
 
 def _hooks(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -314,6 +330,7 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
         "redis_commands": commands,
         "batching": batching,
         "hooks": _hooks(metrics, metrics_after),
+        "plugin_errors": _plugin_errors(metrics, metrics_after),
         "extra": result.extra,
     }
 
