@@ -314,7 +314,11 @@ class TokenCacheConfig(PluginConfig):
     ttl_fraction: float = Field(
         0.8, gt=0, le=1, description="share of the token's remaining lifetime an entry lives"
     )
-    redis: bool = Field(True, description="use Redis as a second tier when one is configured")
+    redis: bool = Field(
+        True,
+        description="use Redis as a second tier when one is configured (not read while the "
+        "worker's CPU is saturated: verifying here is cheaper than waiting for the read)",
+    )
     redis_prefix: str = Field("extproc:jwt:", max_length=64, description="Redis key prefix")
     redis_timeout_ms: int = Field(20, ge=1, le=1000, description="bound on each Redis call")
 

@@ -16,11 +16,12 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from extproc.context import AUTH_CLAIMS, AUTH_SUBJECT, PluginContext
 from extproc.observability.metrics import BoundCounter, BoundHistogram
+from extproc.observability.saturation import loop_saturation
 from extproc.plugin import (
     CONTINUE,
     Continue,
@@ -128,6 +129,8 @@ class JwtAuthPlugin(Plugin):
         self._challenge_invalid = f'Bearer {realm}error="invalid_token"'
         self._challenge_forbidden = f'Bearer {realm}error="insufficient_scope"'
         self.token_cache: TokenCache | None = None
+        #: how saturated the worker is (0 - 1): the Redis tier is skipped when it is
+        self._saturation: Callable[[], float] = lambda: 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,6 +141,7 @@ class JwtAuthPlugin(Plugin):
     async def initialize(self, context: PluginContext) -> None:
         self.ctx = context
         self._wall = context.wall_clock
+        self._saturation = loop_saturation()
         self._log = context.logger
         m = context.metrics
         hits = m.counter("token_cache_total", "Validated-token cache lookups", ["result"])
@@ -330,7 +334,10 @@ class JwtAuthPlugin(Plugin):
             digest = token_digest(found.token)
             for p in candidates:
                 entry = cache.get_local(p.cache_prefix + digest)
-                if entry is None and cache.has_l2:
+                # not on a saturated worker: there the read waits behind every queued request
+                # (past the hook's deadline: a 503 for a valid token) and costs more CPU than
+                # verifying the token here (tens of µs)
+                if entry is None and cache.has_l2 and not self._saturation():
                     if not shaped:  # garbage costs no Redis read
                         check_token_shape(found.token, self.extractor.max_token_bytes)
                         shaped = True

@@ -279,6 +279,9 @@ async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1:
                 plugin = JwtAuthPlugin(cfg)
                 ctx = make_plugin_context("jwt_auth", cfg, redis=redis)
                 await plugin.initialize(ctx)
+                # the meter would read this test process's own CPU (pytest's thread is the
+                # loop's): these steps assume spare CPU, the saturated case is set below
+                plugin._saturation = lambda: 0.0
                 made.append((plugin, ctx))
             a, b = made[0][0], made[1][0]
             token = TokenFactory(k1, issuer=ISSUER).mint({"sub": "shared"})
@@ -298,6 +301,19 @@ async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1:
             bad = await b.on_request(event(token[:-1] + "."))
             assert isinstance(bad, Reject) and bad.status == 401
             assert await _get_calls(redis) == reads
+            # a saturated worker verifies here instead of reading Redis (the read would wait
+            # behind every queued request), and reads it again once it has spare CPU
+            fresh = TokenFactory(k1, issuer=ISSUER).mint({"sub": "fresh"})
+            assert isinstance(await a.on_request(event(fresh)), Continue)
+            await a.token_cache.aclose()  # stored in Redis
+            reads = await _get_calls(redis)
+            b._saturation = lambda: 1.0
+            assert isinstance(await b.on_request(event(fresh)), Continue)
+            assert await _get_calls(redis) == reads and b.token_cache.tiered.l2_hits == 1
+            b.token_cache.l1.clear()
+            b._saturation = lambda: 0.0
+            assert isinstance(await b.on_request(event(fresh)), Continue)
+            assert await _get_calls(redis) == reads + 1 and b.token_cache.tiered.l2_hits == 2
             # a stalled Redis costs at most its timeout, and the token is verified locally
             rs.pause()
             try:
