@@ -29,6 +29,9 @@ log = logging.getLogger("extproc.deadlines")
 #: GC pause, no CPU to run on - not by the work it guards: a deadline with a later ``limit``
 #: gets the lost time back.
 STALL_TOLERANCE: Final = 0.02
+#: A task whose wait is over when its deadline comes (its awaited future is done; it only
+#: waits for the loop to run it) is looked at again this much later, up to its ``limit``.
+RUNNABLE_RECHECK: Final = 0.002
 
 _ATTR: Final = "_extproc_deadlines"
 
@@ -51,12 +54,20 @@ def loop_deadlines(loop: asyncio.AbstractEventLoop | None = None) -> DeadlineHea
 class Deadline:
     """One pending deadline of a :class:`DeadlineHeap`."""
 
-    __slots__ = ("_fire", "deadline", "done", "expired", "limit")
+    __slots__ = ("_fire", "deadline", "done", "expired", "limit", "task")
 
-    def __init__(self, deadline: float, limit: float, fire: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        deadline: float,
+        limit: float,
+        fire: Callable[[], object],
+        task: asyncio.Task[object] | None = None,
+    ) -> None:
         self.deadline = deadline
         self.limit = limit
         self._fire: Callable[[], object] | None = fire
+        #: the task the deadline guards (TaskTimeout), if any: see DeadlineHeap
+        self.task = task
         #: the guarded work ended (:meth:`cancel`): this deadline will not fire
         self.done = False
         #: the deadline passed and ``fire`` was called
@@ -66,6 +77,7 @@ class Deadline:
         """The guarded work ended: never fire (and let go of what ``fire`` refers to)."""
         self.done = True
         self._fire = None
+        self.task = None
 
 
 class DeadlineHeap:
@@ -76,6 +88,13 @@ class DeadlineHeap:
     could not have used that time; a deadline that has a later ``limit`` is moved by as long as
     the timer was late, never past ``limit``, instead of firing. ``limit`` defaults to the
     deadline itself: no time given back.
+
+    Likewise a task's deadline (:class:`TaskTimeout`) whose task is no longer waiting - what it
+    awaited is done, and it only waits for the loop to get to it, behind the other requests of
+    a saturated worker - is looked at again :data:`RUNNABLE_RECHECK` later, up to ``limit``: the
+    deadline bounds the work it guards (a plugin's dependency), not the queue for the CPU.
+    Without this a valid request got its plugin's failure policy (a 503) because its Redis
+    reply, which came in time, was read too late.
     """
 
     __slots__ = ("_handle", "_heap", "_seq", "armed", "loop", "stall_tolerance")
@@ -96,10 +115,16 @@ class DeadlineHeap:
         return len(self._heap)
 
     def at(
-        self, deadline: float, fire: Callable[[], object], *, limit: float | None = None
+        self,
+        deadline: float,
+        fire: Callable[[], object],
+        *,
+        limit: float | None = None,
+        task: asyncio.Task[object] | None = None,
     ) -> Deadline:
-        """Call ``fire`` at ``deadline`` (loop time) unless the returned handle is cancelled."""
-        entry = Deadline(deadline, deadline if limit is None else limit, fire)
+        """Call ``fire`` at ``deadline`` (loop time) unless the returned handle is cancelled;
+        with ``task``, not while that task's wait is over (see the class), up to ``limit``."""
+        entry = Deadline(deadline, deadline if limit is None else limit, fire, task)
         heapq.heappush(self._heap, (deadline, next(self._seq), entry))
         if deadline < self.armed:
             self._arm(deadline)
@@ -132,10 +157,16 @@ class DeadlineHeap:
                 return
             heapq.heappop(heap)
             late = now - deadline
-            if late > self.stall_tolerance and deadline < entry.limit:
-                entry.deadline = min(entry.limit, now + late)
-                heapq.heappush(heap, (entry.deadline, next(self._seq), entry))
-                continue
+            if deadline < entry.limit:
+                later = 0.0
+                if late > self.stall_tolerance:
+                    later = now + late
+                elif entry.task is not None and _runnable(entry.task):
+                    later = now + RUNNABLE_RECHECK
+                if later:
+                    entry.deadline = min(entry.limit, later)
+                    heapq.heappush(heap, (entry.deadline, next(self._seq), entry))
+                    continue
             fire, entry._fire = entry._fire, None
             entry.expired = entry.done = True
             if fire is not None:
@@ -143,6 +174,12 @@ class DeadlineHeap:
                     fire()
                 except Exception:  # one bad callback must not leave the others unfired
                     log.exception("deadline callback failed")
+
+
+def _runnable(task: asyncio.Task[object]) -> bool:
+    """The task's wait is over: the future it awaits is done and its wake-up is queued."""
+    waiter = getattr(task, "_fut_waiter", None)  # asyncio's Task, C or Python; not public API
+    return waiter is not None and waiter.done()
 
 
 class TaskTimeout:
@@ -171,7 +208,7 @@ class TaskTimeout:
             raise RuntimeError("a timeout needs a task")
         self._task = task
         self._cancelling = task.cancelling()
-        self._entry = self._heap.at(self._deadline, task.cancel, limit=self._limit)
+        self._entry = self._heap.at(self._deadline, task.cancel, limit=self._limit, task=task)
         return self
 
     def __exit__(

@@ -168,3 +168,41 @@ def test_a_closed_loop_and_its_heap_go_away_together() -> None:
     del loop
     gc.collect()
     assert ref() is None
+
+
+async def _answered_in_time_but_run_late(limit: float | None) -> str:
+    """A guarded wait whose answer comes 2 ms before the deadline, on a loop so busy (a 15 ms
+    callback) that the task only gets to run after the deadline: the deadline's timer runs
+    on time (7 ms late, under the stall tolerance) and finds the task's wait already over."""
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop, stall_tolerance=0.02)
+    answer: asyncio.Future[str] = loop.create_future()
+    start = loop.time()
+    loop.call_at(start + 0.002, time.sleep, 0.015)  # the worker busy with other requests
+    loop.call_at(start + 0.008, answer.set_result, "answer")  # the dependency answers in time
+
+    async def guarded() -> str:
+        with heap.timeout(start + 0.010, limit=None if limit is None else start + limit):
+            return await answer
+
+    try:
+        return await guarded()
+    except TimeoutError:
+        return "timeout"
+
+
+async def test_a_wait_that_ended_in_time_is_not_cut_while_its_task_waits_for_the_cpu() -> None:
+    assert await _answered_in_time_but_run_late(limit=1.0) == "answer"
+
+
+async def test_without_a_limit_the_deadline_is_kept_even_for_a_runnable_task() -> None:
+    assert await _answered_in_time_but_run_late(limit=None) == "timeout"
+
+
+async def test_a_wait_still_pending_at_the_deadline_times_out_despite_the_limit() -> None:
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop)
+    start = loop.time()
+    with pytest.raises(TimeoutError), heap.timeout(start + 0.01, limit=start + 1.0):
+        await loop.create_future()  # never answered
+    assert loop.time() - start < 0.5  # at its deadline, not at the limit
