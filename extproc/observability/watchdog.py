@@ -160,12 +160,10 @@ class LoopLagWatchdog:
                 return
             due = self._due
             now = self._clock()
-            late = now - due
-            if late <= self.threshold or due == reported:
-                continue
-            reported = due  # one report per stall
             overslept = now - slept_at - wait
             if overslept > self.threshold and self._cpu_clock() - cpu_at < overslept / 4:
+                # whether or not the loop has beaten since: its late beat is not a stall
+                reported = due
                 self.frozen += 1
                 log.info(
                     "the process did not run for %.0f ms (stopped, or the machine stalled): "
@@ -174,6 +172,10 @@ class LoopLagWatchdog:
                     extra={"frozen_ms": round(overslept * 1000, 1)},
                 )
                 continue
+            late = now - due
+            if late <= self.threshold or due == reported:
+                continue
+            reported = due  # one report per stall
             frame = sys._current_frames().get(self._loop_thread)
             try:
                 plugin = _blame(frame, self.hook_codes()) or "(none)"

@@ -19,6 +19,14 @@ def _beats(dog: LoopLagWatchdog) -> int:
     return dog.lag.labels().count
 
 
+async def _reported(dog: LoopLagWatchdog) -> None:
+    """Give the watchdog's thread half a second to report a stall."""
+    for _ in range(50):
+        if dog.last_stall is not None:
+            return
+        await asyncio.sleep(0.01)
+
+
 def _watchdog(busy: list[bool], plugin: Blocking | None = None) -> LoopLagWatchdog:
     codes = plugin_hook_codes({"blocking": plugin}) if plugin is not None else {}
     return LoopLagWatchdog(
@@ -78,10 +86,7 @@ async def test_the_first_work_after_a_quiet_spell_is_watched_at_full_speed() -> 
         dog.wake()  # what the servicer does when a stream starts
         # blocks for less than idle_interval + threshold: unseen if the beat stayed idle
         await plugin.on_request(0.15)
-        for _ in range(50):
-            if dog.last_stall is not None:
-                break
-            await asyncio.sleep(0.01)
+        await _reported(dog)
     finally:
         dog.stop()
     assert dog.last_stall is not None
@@ -135,10 +140,7 @@ async def test_a_plugin_holding_the_gil_in_c_code_is_still_a_stall() -> None:
         started = time.monotonic()
         await plugin.on_request()
         blocked = time.monotonic() - started
-        for _ in range(50):
-            if dog.last_stall is not None:
-                break
-            await asyncio.sleep(0.01)
+        await _reported(dog)
     finally:
         dog.stop()
     assert blocked > 0.1, "the C call was too quick to be a stall on this machine"
