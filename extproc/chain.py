@@ -321,7 +321,7 @@ class Chain:
                 waiter.set_result(None)
 
         task.add_done_callback(wake)
-        timer = loop_deadlines(loop).at(deadline, wake, limit=limit)
+        timer = loop_deadlines(loop).at(deadline, wake, limit=limit, task=task)
         try:
             await waiter
         except asyncio.CancelledError:

@@ -160,3 +160,28 @@ async def test_a_hook_that_swallows_its_deadline_leaves_the_task_uncancelled() -
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # no cancellation left pending
     await asyncio.sleep(0)  # and none is delivered later
+
+
+class Answered(Plugin):
+    """Its dependency answers 2 ms before the hook's deadline, but the worker is busy with
+    other requests (a 15 ms callback) and resumes the hook only after the deadline."""
+
+    name = "answered"
+
+    async def on_request(self, event: RequestEvent) -> Result:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[None] = loop.create_future()
+        start = loop.time()
+        loop.call_at(start + 0.002, time.sleep, 0.015)  # the busy worker
+        loop.call_at(start + 0.008, reply.set_result, None)  # the dependency, in time
+        await reply
+        return CONTINUE
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "inline"])
+async def test_a_dependency_that_answered_in_time_is_not_a_timeout(isolate: bool) -> None:
+    """The deadline (10 ms) comes 7 ms late - under the stall tolerance - and finds the hook's
+    wait over: it waits for the loop, not for its dependency, so it is not cut."""
+    c = chain(Answered(None), isolate=isolate, timeout=0.010, budget=1.0)
+    outcome = await c.run(request_headers())
+    assert outcome.respond is None
