@@ -4,6 +4,7 @@ rate limiter's own)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -206,3 +207,52 @@ async def test_a_wait_still_pending_at_the_deadline_times_out_despite_the_limit(
     with pytest.raises(TimeoutError), heap.timeout(start + 0.01, limit=start + 1.0):
         await loop.create_future()  # never answered
     assert loop.time() - start < 0.5  # at its deadline, not at the limit
+
+
+class _Reply(asyncio.Protocol):
+    def __init__(self, reply: asyncio.Future[bytes]) -> None:
+        self.reply = reply
+
+    def data_received(self, data: bytes) -> None:
+        if not self.reply.done():
+            self.reply.set_result(data)
+
+
+async def _socket_reply_in_time_read_late() -> bytes | str:
+    """A real socket: the reply reaches the kernel 2 ms in, while the loop runs a 15 ms
+    callback (other requests); the deadline is at 10 ms, its limit far later."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    reply: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.connect_accepted_socket(lambda: _Reply(reply), ours)
+    heap = DeadlineHeap(loop, stall_tolerance=0.02)
+    start = loop.time()
+
+    def busy() -> None:
+        theirs.send(b"reply")
+        time.sleep(0.015)
+
+    loop.call_at(start + 0.002, loop.call_soon, busy)
+    try:
+        with heap.timeout(start + 0.010, limit=start + 1.0):
+            return await reply
+    except TimeoutError:
+        return "timeout"
+    finally:
+        transport.close()
+        theirs.close()
+        await asyncio.sleep(0)  # the transport's close runs
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_socket_reply_that_came_in_time_is_read_on_both_loops(loop_kind: str) -> None:
+    """uvloop runs timers before it polls I/O in each turn: the reply that reached the socket
+    during the busy callback is read in that turn's poll, so the deadline, next turn, finds the
+    task's wait over (as on asyncio, which polls first)."""
+    import uvloop
+
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(_socket_reply_in_time_read_late()) == b"reply"
+    finally:
+        loop.close()
