@@ -17,9 +17,11 @@ What it keeps from :mod:`extproc.services.redis`:
   at once and the next command reconnects;
 * **bounded**: at most ``max_pending`` unanswered commands; past that a command fails at once;
 * the same connection settings: host and port or Unix socket, database, username and password,
-  client name, connect timeout - read from the redis-py client's pool
-  (:meth:`PipeSettings.from_client`). TLS, credential providers and other connection classes
-  are not handled here: ``from_client`` returns ``None`` and the caller keeps using redis-py.
+  client name, connect timeout, and TLS (``rediss://``: CA file, client certificate and key,
+  hostname check, verification on or off) - read from the redis-py client's pool
+  (:meth:`PipeSettings.from_client`). Credential providers, other TLS options and other
+  connection classes are not handled here: ``from_client`` returns ``None`` and the caller
+  keeps using redis-py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -37,14 +40,14 @@ import hiredis
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["PipeSettings", "RedisPipe", "ReplyError", "pack_command"]
+__all__ = ["PipeSettings", "PipeTls", "RedisPipe", "ReplyError", "pack_command"]
 
 
 class ReplyError(Exception):
     """Redis answered with an error (``-ERR ...``, ``-NOSCRIPT ...``)."""
 
 
-_PLAIN_CONNECTIONS: Final = frozenset({"Connection", "UnixDomainSocketConnection"})
+_CONNECTIONS: Final = frozenset({"Connection", "UnixDomainSocketConnection", "SSLConnection"})
 #: connection_kwargs of redis-py that this module either applies or may ignore safely
 _UNDERSTOOD: Final = frozenset(
     {
@@ -54,8 +57,31 @@ _UNDERSTOOD: Final = frozenset(
         "maint_notifications_pool_handler", "maint_notifications_config",
         "orig_host_address", "orig_socket_timeout", "orig_socket_connect_timeout",
         "encoding", "encoding_errors", "decode_responses",
+        "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname", "ssl_cert_reqs",
     }
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PipeTls:
+    """TLS to Redis, as redis-py's ``SSLConnection`` does it with these options."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    check_hostname: bool = True
+    verify: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """A client context (made at each connect: rotated client certificates apply to the
+        next connection). No ``ca_file``: the system's CAs."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.check_hostname = self.check_hostname and self.verify
+        if not self.verify:
+            context.verify_mode = ssl.CERT_NONE
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,23 +97,38 @@ class PipeSettings:
     #: an unanswered command this old (seconds) marks the connection as dead
     stale_after: float = 0.25
     keepalive: bool = True
+    #: TLS (``rediss://``), or None
+    tls: PipeTls | None = None
 
     @classmethod
     def from_client(cls, redis: Redis) -> PipeSettings | None:
         """The settings of ``redis``'s connections, or ``None`` when they use something this
-        module does not do (TLS, a credential provider, an unknown option)."""
+        module does not do (a credential provider, a TLS option beyond those of
+        :class:`PipeTls`, an unknown option)."""
         pool = getattr(redis, "connection_pool", None)
         kwargs: dict[str, Any] | None = getattr(pool, "connection_kwargs", None)
         if pool is None or kwargs is None:
             return None
         if type(pool).__name__ != "ConnectionPool":  # e.g. a blocking or sentinel pool
             return None
-        if pool.connection_class.__name__ not in _PLAIN_CONNECTIONS:
+        if pool.connection_class.__name__ not in _CONNECTIONS:
             return None
         if set(kwargs) - _UNDERSTOOD:
             return None
         path = kwargs.get("path")
         timeout = kwargs.get("socket_timeout") or 0.25
+        tls = None
+        if pool.connection_class.__name__ == "SSLConnection":
+            reqs = kwargs.get("ssl_cert_reqs", "required")
+            if reqs not in ("required", "none", ssl.CERT_REQUIRED, ssl.CERT_NONE):
+                return None  # "optional": not a mode a client should run in; redis-py decides
+            tls = PipeTls(
+                ca_file=kwargs.get("ssl_ca_certs"),
+                cert_file=kwargs.get("ssl_certfile"),
+                key_file=kwargs.get("ssl_keyfile"),
+                check_hostname=bool(kwargs.get("ssl_check_hostname", True)),
+                verify=reqs in ("required", ssl.CERT_REQUIRED),
+            )
         return cls(
             host=str(kwargs.get("host", "127.0.0.1")),
             port=int(kwargs.get("port", 6379)),
@@ -99,6 +140,7 @@ class PipeSettings:
             connect_timeout=float(kwargs.get("socket_connect_timeout") or timeout),
             stale_after=float(timeout),
             keepalive=bool(kwargs.get("socket_keepalive", False)),
+            tls=tls,
         )
 
 
@@ -246,7 +288,12 @@ class RedisPipe:
                 if s.path is not None:
                     made = await loop.create_unix_connection(lambda: _Protocol(lost), s.path)
                 else:
-                    made = await loop.create_connection(lambda: _Protocol(lost), s.host, s.port)
+                    made = await loop.create_connection(
+                        lambda: _Protocol(lost),
+                        s.host,
+                        s.port,
+                        ssl=s.tls.context() if s.tls is not None else None,
+                    )
                 proto = made[1]
                 transport = proto.transport
                 sock = made[0].get_extra_info("socket")

@@ -9,7 +9,13 @@ import asyncio
 import pytest
 
 from extproc.services.redis import RedisTls, make_redis
-from extproc.services.redis_pipe import PipeSettings, RedisPipe, ReplyError, pack_command
+from extproc.services.redis_pipe import (
+    PipeSettings,
+    PipeTls,
+    RedisPipe,
+    ReplyError,
+    pack_command,
+)
 from extproc.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -167,11 +173,19 @@ async def test_settings_come_from_the_redis_py_client_auth_and_db_included() -> 
         await bad.aclose()
 
 
-def test_tls_and_unknown_pools_stay_with_redis_py() -> None:
-    assert PipeSettings.from_client(make_redis("rediss://h:1/0", tls=RedisTls())) is None
-    client = make_redis("redis://127.0.0.1:1/0")
-    client.connection_pool.connection_kwargs["credential_provider"] = object()
-    assert PipeSettings.from_client(client) is None
+def test_tls_settings_are_taken_and_unknown_options_stay_with_redis_py() -> None:
+    tls = RedisTls(ca_file="/ca.pem", cert_file="/c.pem", key_file="/k.pem")
+    settings = PipeSettings.from_client(make_redis("rediss://h:1/0", tls=tls))
+    assert settings is not None and (settings.host, settings.port) == ("h", 1)
+    assert settings.tls == PipeTls("/ca.pem", "/c.pem", "/k.pem", check_hostname=True)
+    unverified = make_redis("rediss://h:1/0", tls=RedisTls(verify=False))
+    insecure = PipeSettings.from_client(unverified)
+    assert insecure is not None and insecure.tls == PipeTls(check_hostname=False, verify=False)
+    assert PipeSettings.from_client(make_redis("redis://h:1/0")).tls is None  # type: ignore[union-attr]
+    for option, value in (("credential_provider", object()), ("ssl_ca_data", "PEM")):
+        client = make_redis("rediss://127.0.0.1:1/0")
+        client.connection_pool.connection_kwargs[option] = value
+        assert PipeSettings.from_client(client) is None, option
 
 
 async def test_a_closed_pipe_refuses_commands() -> None:

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from extproc.context import _deadline
 from extproc.plugin import Continue, Reject
 from extproc.services.redis import RedisTls, make_redis
+from extproc.services.redis_pipe import PipeSettings, RedisPipe
 from extproc.testing.certs import CertFiles, make_certificates
 from extproc.testing.context import make_plugin_context
 from extproc.testing.redis_server import RedisServer
@@ -71,14 +72,38 @@ async def test_tls_redis_needs_our_ca_and_a_client_certificate(
             assert b"PONG" not in plain.recv(100)
 
 
-async def test_rate_limit_counts_exactly_over_tls_redis(
+async def test_the_pipelined_connection_speaks_mutual_tls(
     mtls_redis: RedisServer, certs: CertFiles
 ) -> None:
-    """TLS Redis is not on the pipelined connection (RedisPipe speaks plain TCP): the plugin
-    takes redis-py's pool, and the counts are the same."""
+    def pipe(tls: RedisTls) -> RedisPipe:
+        client = make_redis(mtls_redis.tls_url, tls=tls, socket_timeout=2.0, connect_timeout=2.0)
+        settings = PipeSettings.from_client(client)
+        assert settings is not None and settings.tls is not None
+        return RedisPipe(settings)
+
+    good = pipe(client_tls(certs))
+    try:
+        assert await good.execute("PING") == b"PONG"
+        assert await good.execute("INCR", "n") == 1
+    finally:
+        await good.aclose()
+    for tls in (client_tls(certs, cert=False), client_tls(certs, ca=certs.other_ca)):
+        bad = pipe(tls)
+        try:
+            with pytest.raises((OSError, ConnectionError)):
+                await bad.execute("PING")
+        finally:
+            await bad.aclose()
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipe", "pool"])
+async def test_rate_limit_counts_exactly_over_tls_redis(
+    mtls_redis: RedisServer, certs: CertFiles, pipelined: bool
+) -> None:
+    """Over TLS too, through the pipelined connection (the default) or redis-py's pool."""
     rule = {"name": "k", "key": ["header:x-api-key"], "fail": "closed",
             "limits": [{"requests": 3, "per": "day"}]}  # fmt: skip
-    cfg = RateLimitConfig.model_validate({"rules": [rule]})
+    cfg = RateLimitConfig.model_validate({"rules": [rule], "redis_pipeline": pipelined})
     redis = make_redis(
         mtls_redis.tls_url, tls=client_tls(certs), socket_timeout=1.0, connect_timeout=1.0
     )
@@ -87,7 +112,7 @@ async def test_rate_limit_counts_exactly_over_tls_redis(
     await plugin.initialize(ctx)
     loop = asyncio.get_running_loop()
     try:
-        assert plugin._redis is not None and not plugin._redis.pipelined
+        assert plugin._redis is not None and plugin._redis.pipelined is pipelined
         results = []
         for _ in range(5):
             token = _deadline.set(loop.time() + 1.0)
