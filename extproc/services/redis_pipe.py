@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import hiredis
 
+from extproc.services.redis import RedisTls
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["PipeSettings", "PipeTls", "RedisPipe", "ReplyError", "pack_command"]
+__all__ = ["PipeSettings", "RedisPipe", "ReplyError", "pack_command", "tls_context"]
 
 
 class ReplyError(Exception):
@@ -62,26 +64,17 @@ _UNDERSTOOD: Final = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class PipeTls:
-    """TLS to Redis, as redis-py's ``SSLConnection`` does it with these options."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    check_hostname: bool = True
-    verify: bool = True
-
-    def context(self) -> ssl.SSLContext:
-        """A client context (made at each connect: rotated client certificates apply to the
-        next connection). No ``ca_file``: the system's CAs."""
-        context = ssl.create_default_context(cafile=self.ca_file)
-        context.check_hostname = self.check_hostname and self.verify
-        if not self.verify:
-            context.verify_mode = ssl.CERT_NONE
-        if self.cert_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
-        return context
+def tls_context(tls: RedisTls) -> ssl.SSLContext:
+    """A client context for ``tls``, as redis-py's ``SSLConnection`` makes it from the same
+    options (made at each connect: rotated client certificates apply to the next connection).
+    No ``ca_file``: the system's CAs."""
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    context.check_hostname = tls.check_hostname and tls.verify
+    if not tls.verify:
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +91,13 @@ class PipeSettings:
     stale_after: float = 0.25
     keepalive: bool = True
     #: TLS (``rediss://``), or None
-    tls: PipeTls | None = None
+    tls: RedisTls | None = None
 
     @classmethod
     def from_client(cls, redis: Redis) -> PipeSettings | None:
         """The settings of ``redis``'s connections, or ``None`` when they use something this
         module does not do (a credential provider, a TLS option beyond those of
-        :class:`PipeTls`, an unknown option)."""
+        :class:`~extproc.services.redis.RedisTls`, an unknown option)."""
         pool = getattr(redis, "connection_pool", None)
         kwargs: dict[str, Any] | None = getattr(pool, "connection_kwargs", None)
         if pool is None or kwargs is None:
@@ -122,7 +115,7 @@ class PipeSettings:
             reqs = kwargs.get("ssl_cert_reqs", "required")
             if reqs not in ("required", "none", ssl.CERT_REQUIRED, ssl.CERT_NONE):
                 return None  # "optional": not a mode a client should run in; redis-py decides
-            tls = PipeTls(
+            tls = RedisTls(
                 ca_file=kwargs.get("ssl_ca_certs"),
                 cert_file=kwargs.get("ssl_certfile"),
                 key_file=kwargs.get("ssl_keyfile"),
@@ -292,7 +285,7 @@ class RedisPipe:
                         lambda: _Protocol(lost),
                         s.host,
                         s.port,
-                        ssl=s.tls.context() if s.tls is not None else None,
+                        ssl=tls_context(s.tls) if s.tls is not None else None,
                     )
                 proto = made[1]
                 transport = proto.transport

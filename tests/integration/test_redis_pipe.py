@@ -11,7 +11,6 @@ import pytest
 from extproc.services.redis import RedisTls, make_redis
 from extproc.services.redis_pipe import (
     PipeSettings,
-    PipeTls,
     RedisPipe,
     ReplyError,
     pack_command,
@@ -177,10 +176,10 @@ def test_tls_settings_are_taken_and_unknown_options_stay_with_redis_py() -> None
     tls = RedisTls(ca_file="/ca.pem", cert_file="/c.pem", key_file="/k.pem")
     settings = PipeSettings.from_client(make_redis("rediss://h:1/0", tls=tls))
     assert settings is not None and (settings.host, settings.port) == ("h", 1)
-    assert settings.tls == PipeTls("/ca.pem", "/c.pem", "/k.pem", check_hostname=True)
+    assert settings.tls == tls
     unverified = make_redis("rediss://h:1/0", tls=RedisTls(verify=False))
     insecure = PipeSettings.from_client(unverified)
-    assert insecure is not None and insecure.tls == PipeTls(check_hostname=False, verify=False)
+    assert insecure is not None and insecure.tls == RedisTls(check_hostname=False, verify=False)
     assert PipeSettings.from_client(make_redis("redis://h:1/0")).tls is None  # type: ignore[union-attr]
     for option, value in (("credential_provider", object()), ("ssl_ca_data", "PEM")):
         client = make_redis("rediss://127.0.0.1:1/0")
