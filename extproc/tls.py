@@ -94,8 +94,8 @@ class ServerTls:
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
         self._files = _Certificates(settings)
-        self._current = self._build()
-        self.context = self._build()
+        # the listener's context is the first one handed over to (to itself: no change)
+        self.context = self._current = self._build()
         self.context.sni_callback = self._handover  # called with or without SNI
 
     def _build(self) -> ssl.SSLContext:
