@@ -3,7 +3,6 @@ on: server verification, client certificates, and the rate limiter's exact count
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from extproc.context import _deadline
 from extproc.plugin import Continue, Reject
 from extproc.services.redis import RedisTls, make_redis
 from extproc.services.redis_pipe import PipeSettings, RedisPipe
@@ -20,7 +18,7 @@ from extproc.testing.certs import CertFiles, make_certificates
 from extproc.testing.context import make_plugin_context
 from extproc.testing.redis_server import RedisServer
 from plugins.rate_limit import RateLimitConfig, RateLimitPlugin
-from tests.integration.test_rate_limit_redis import event
+from tests.integration.test_rate_limit_redis import call
 
 pytestmark = pytest.mark.redis
 
@@ -110,16 +108,9 @@ async def test_rate_limit_counts_exactly_over_tls_redis(
     ctx = make_plugin_context("rate_limit", cfg, redis=redis)
     plugin = RateLimitPlugin(cfg)
     await plugin.initialize(ctx)
-    loop = asyncio.get_running_loop()
     try:
         assert plugin._redis is not None and plugin._redis.pipelined is pipelined
-        results = []
-        for _ in range(5):
-            token = _deadline.set(loop.time() + 1.0)
-            try:
-                results.append(await plugin.on_request(event("tls-client")))
-            finally:
-                _deadline.reset(token)
+        results = [(await call(plugin, budget=1.0, key="tls-client"))[0] for _ in range(5)]
         assert [type(r) for r in results] == [Continue] * 3 + [Reject] * 2
         assert all(r.status == 429 for r in results[3:] if isinstance(r, Reject))
         # Redis decided: 3 grants and the first denial (the next one came from the plugin's

@@ -15,6 +15,7 @@ from extproc.observability.metrics import Registry
 from extproc.plugin import CONTINUE, Continue, Plugin, Reject, RequestEvent, Result
 from extproc.services.breaker import CircuitBreaker
 from extproc.testing.events import request_headers
+from tests.unit.test_deadlines import answered_while_busy
 
 
 class Sleeper(Plugin):
@@ -169,12 +170,7 @@ class Answered(Plugin):
     name = "answered"
 
     async def on_request(self, event: RequestEvent) -> Result:
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[None] = loop.create_future()
-        start = loop.time()
-        loop.call_at(start + 0.002, time.sleep, 0.015)  # the busy worker
-        loop.call_at(start + 0.008, reply.set_result, None)  # the dependency, in time
-        await reply
+        await answered_while_busy(None)
         return CONTINUE
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from extproc.deadlines import DeadlineHeap, loop_deadlines
+
+T = TypeVar("T")
 
 
 class CountingLoop:
@@ -171,16 +173,26 @@ def test_a_closed_loop_and_its_heap_go_away_together() -> None:
     assert ref() is None
 
 
-async def _answered_in_time_but_run_late(limit: float | None) -> str:
-    """A guarded wait whose answer comes 2 ms before the deadline, on a loop so busy (a 15 ms
-    callback) that the task only gets to run after the deadline: the deadline's timer runs
-    on time (7 ms late, under the stall tolerance) and finds the task's wait already over."""
+def answered_while_busy(value: T) -> asyncio.Future[T]:
+    """A dependency's answer that comes 8 ms from now - in time for a 10 ms deadline - while
+    the loop is busy (a 15 ms callback from 2 ms on: other requests), so whoever awaits it
+    runs only after that deadline. Also used by test_chain_deadlines."""
     loop = asyncio.get_running_loop()
-    heap = DeadlineHeap(loop, stall_tolerance=0.02)
-    answer: asyncio.Future[str] = loop.create_future()
+    answer: asyncio.Future[T] = loop.create_future()
     start = loop.time()
     loop.call_at(start + 0.002, time.sleep, 0.015)  # the worker busy with other requests
-    loop.call_at(start + 0.008, answer.set_result, "answer")  # the dependency answers in time
+    loop.call_at(start + 0.008, answer.set_result, value)  # the dependency answers in time
+    return answer
+
+
+async def _answered_in_time_but_run_late(limit: float | None) -> str:
+    """A guarded wait whose answer comes 2 ms before the deadline, but the task only gets to
+    run after the deadline: the deadline's timer runs on time (7 ms late, under the stall
+    tolerance) and finds the task's wait already over."""
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop, stall_tolerance=0.02)
+    start = loop.time()
+    answer = answered_while_busy("answer")
 
     async def guarded() -> str:
         with heap.timeout(start + 0.010, limit=None if limit is None else start + limit):
