@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from plugins.rate_limit.batcher import Batcher, BatcherClosedError, QueueFullError
+from plugins.rate_limit.batcher import RATE_INTERVAL, Batcher, BatcherClosedError, QueueFullError
 
 FAR = 1e12  # a deadline that never matters
 
@@ -305,7 +305,12 @@ def test_bounds_are_checked() -> None:
 async def test_saturated_worker_gathers_for_the_window_with_nothing_in_flight() -> None:
     store = GatedStore(auto=True)
     b: Batcher[int, int] = Batcher(
-        store.send, saturation=saturated, max_batch=100, max_wait=0.02, max_in_flight=2
+        store.send,
+        saturation=saturated,
+        max_batch=100,
+        max_wait=0.02,
+        max_in_flight=2,
+        min_gather=0,
     )
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -332,7 +337,7 @@ async def test_saturated_worker_sends_a_full_batch_at_once() -> None:
 
 async def test_half_saturated_worker_waits_half_of_max_wait() -> None:
     store = GatedStore(auto=True)
-    b: Batcher[int, int] = Batcher(store.send, saturation=lambda: 0.5, max_wait=0.04)
+    b: Batcher[int, int] = Batcher(store.send, saturation=lambda: 0.5, max_wait=0.04, min_gather=0)
     future = b.submit(1, FAR)
     assert b.window == pytest.approx(0.02)
     assert await future == 10
@@ -340,9 +345,57 @@ async def test_half_saturated_worker_waits_half_of_max_wait() -> None:
 
 async def test_gathering_never_takes_more_than_a_quarter_of_the_budget() -> None:
     store = GatedStore(auto=True)
-    b: Batcher[int, int] = Batcher(store.send, saturation=saturated, max_wait=10.0)
+    b: Batcher[int, int] = Batcher(store.send, saturation=saturated, max_wait=10.0, min_gather=0)
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with asyncio.timeout(5):
         assert await b.submit(1, started + 0.04) == 10  # budget 40 ms: waits about 10 ms
     assert loop.time() - started < 1.0
+
+
+async def test_saturated_worker_at_a_low_rate_sends_at_once() -> None:
+    """Saturated by the meter, but requests come too slowly for a window to collect company:
+    waiting would save no round trip, so each goes as with spare CPU."""
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=saturated, max_batch=100, max_wait=0.02, max_in_flight=2
+    )
+    for i in range(4):  # ~1 request per RATE_INTERVAL: ~20 a second, x 20 ms = 0.4 < 4
+        async with asyncio.timeout(0.015):  # answered well within the 20 ms window
+            assert await b.submit(i, FAR) == i * 10
+        await asyncio.sleep(RATE_INTERVAL)
+    assert 0 < b.arrival_rate < 100
+    assert b.window == 0.0
+    assert store.batches == [[0], [1], [2], [3]]
+
+
+async def test_saturated_worker_at_a_high_rate_gathers() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=saturated, max_batch=1000, max_wait=0.02, max_in_flight=2
+    )
+    burst = [b.submit(i, FAR) for i in range(200)]  # unmeasured yet: goes at once
+    await asyncio.gather(*burst)
+    await asyncio.sleep(RATE_INTERVAL * 1.2)
+    # 200 in ~60 ms measured now: thousands a second, x 20 ms is far above 4
+    first = b.submit(1000, FAR)
+    assert b.arrival_rate > 1000
+    assert b.window == pytest.approx(0.02)
+    await settle()
+    assert len(store.batches) == 1  # the new request waits for company
+    rest = [b.submit(i, FAR) for i in range(1001, 1004)]
+    assert await asyncio.gather(first, *rest) == [10000, 10010, 10020, 10030]
+    assert store.batches[1] == [1000, 1001, 1002, 1003]
+
+
+async def test_arrival_rate_after_a_quiet_spell_is_the_new_one() -> None:
+    store = GatedStore(auto=True)
+    b: Batcher[int, int] = Batcher(store.send, saturation=idle, max_wait=0.02)
+    await asyncio.gather(*(b.submit(i, FAR) for i in range(100)))
+    await asyncio.sleep(RATE_INTERVAL * 1.2)
+    await b.submit(0, FAR)
+    busy = b.arrival_rate
+    assert busy > 500
+    await asyncio.sleep(RATE_INTERVAL * 5)  # quiet: more than 4 intervals
+    await b.submit(0, FAR)
+    assert b.arrival_rate < busy / 10  # not averaged with the busy spell's rate
