@@ -5,7 +5,10 @@ connection back for every command; a round trip costs ~60 µs of client CPU in a
 more under load (measured in ``bench/``). :class:`RedisPipe` keeps one connection, writes each
 command as it comes and matches replies to callers in order (Redis answers a connection's
 commands in order), parsing with hiredis' C reader. A round trip is one ``write`` and one
-``data_received``: no task, no pool.
+``data_received``: no task, no pool. :meth:`RedisPipe.send_nowait` goes further for a caller
+that can take its reply in a callback: the callback runs in ``data_received`` itself, so the
+reply reaches its caller in the loop turn that read it, not one turn later through a future
+and the awaiting task's wake-up.
 
 What it keeps from :mod:`extproc.services.redis`:
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -42,7 +46,17 @@ from extproc.services.redis import RedisTls
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["PipeSettings", "RedisPipe", "ReplyError", "pack_command", "tls_context"]
+__all__ = [
+    "OnReply",
+    "PendingReply",
+    "PipeSettings",
+    "RedisPipe",
+    "ReplyError",
+    "pack_command",
+    "tls_context",
+]
+
+log = logging.getLogger("extproc.redis_pipe")
 
 
 class ReplyError(Exception):
@@ -154,6 +168,44 @@ def pack_command(*args: str | bytes | int) -> bytes:
     return b"".join(parts)
 
 
+#: a :meth:`RedisPipe.send_nowait` callback: ``(reply, None)`` or ``(None, error)``; an error
+#: reply is a :class:`ReplyError`, a lost connection a ``ConnectionError``
+OnReply = Callable[[Any, BaseException | None], None]
+
+
+class PendingReply:
+    """A command sent with :meth:`RedisPipe.send_nowait`: its reply goes to ``on_reply``, once,
+    from ``data_received`` (or the connection's end). :meth:`cancel` stops waiting: the reply
+    is still read when it comes, and dropped. Quacks like the futures in the connection's queue
+    (``done``, ``set_result``, ``set_exception``)."""
+
+    __slots__ = ("_on_reply",)
+
+    def __init__(self, on_reply: OnReply) -> None:
+        self._on_reply: OnReply | None = on_reply
+
+    def done(self) -> bool:
+        return self._on_reply is None
+
+    def cancel(self) -> None:
+        self._on_reply = None
+
+    def set_result(self, reply: Any) -> None:
+        self._deliver(reply, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._deliver(None, exc)
+
+    def _deliver(self, reply: Any, exc: BaseException | None) -> None:
+        on_reply, self._on_reply = self._on_reply, None
+        if on_reply is None:
+            return
+        try:
+            on_reply(reply, exc)
+        except Exception:  # it runs inside data_received: never let it end the connection
+            log.exception("Redis reply callback failed")
+
+
 class _Protocol(asyncio.Protocol):
     """One connection: commands out in order, replies back to their waiters in order."""
 
@@ -161,7 +213,9 @@ class _Protocol(asyncio.Protocol):
         self._on_lost = on_lost
         self._reader = hiredis.Reader(replyError=ReplyError)
         #: (waiter, sent at) per unanswered command, oldest first
-        self.waiters: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.waiters: collections.deque[tuple[asyncio.Future[Any] | PendingReply, float]] = (
+            collections.deque()
+        )
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -240,16 +294,49 @@ class RedisPipe:
 
     async def execute_packed(self, payload: bytes) -> Any:
         loop = asyncio.get_running_loop()
+        proto = self._open(loop)
+        if proto is None:
+            proto = await self._connection()
+        else:
+            self._check_pending(proto)
+        return await proto.send(payload, loop)
+
+    def usable(self) -> bool:
+        """Is there an open connection that :meth:`send_nowait` can send on now? (A connection
+        that stopped answering is closed here, as the next command would close it.)"""
+        return self._open(asyncio.get_running_loop()) is not None
+
+    def send_nowait(self, payload: bytes, on_reply: OnReply) -> PendingReply | None:
+        """Send a packed command now; its reply (or error) goes to ``on_reply``, called from
+        the read that brings it. ``None``: there is no open connection to send on (none yet,
+        lost, or just closed as stale): use :meth:`execute_packed`, which opens one. Raises
+        ``ConnectionError`` when ``max_pending`` commands wait. The caller bounds the wait
+        (:meth:`PendingReply.cancel` at its deadline)."""
+        loop = asyncio.get_running_loop()
+        proto = self._open(loop)
+        if proto is None:
+            return None
+        self._check_pending(proto)
+        pending = PendingReply(on_reply)
+        proto.waiters.append((pending, loop.time()))
+        assert proto.transport is not None
+        proto.transport.write(payload)
+        return pending
+
+    def _open(self, loop: asyncio.AbstractEventLoop) -> _Protocol | None:
+        """The open connection to send on, or ``None`` (none, lost, or closed now as stale)."""
         proto = self._proto
         if proto is None or proto.closed:
-            proto = await self._connection()
-        elif proto.waiters:
-            if len(proto.waiters) >= self.max_pending:
-                raise ConnectionError("too many Redis commands waiting for a reply")
-            if loop.time() - proto.waiters[0][1] > self.settings.stale_after:
-                proto.abort(ConnectionError("Redis stopped answering on this connection"))
-                proto = await self._connection()
-        return await proto.send(payload, loop)
+            return None
+        waiters = proto.waiters
+        if waiters and loop.time() - waiters[0][1] > self.settings.stale_after:
+            proto.abort(ConnectionError("Redis stopped answering on this connection"))
+            return None
+        return proto
+
+    def _check_pending(self, proto: _Protocol) -> None:
+        if len(proto.waiters) >= self.max_pending:
+            raise ConnectionError("too many Redis commands waiting for a reply")
 
     async def _connection(self) -> _Protocol:
         if self._closed:

@@ -214,3 +214,100 @@ def test_the_same_under_uvloop() -> None:
 
     with RedisServer() as server:
         uvloop.run(scenario(server))
+
+
+class Replies:
+    """Collects send_nowait callbacks: (reply, error) in the order they came."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[object, BaseException | None]] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, reply: object, exc: BaseException | None) -> None:
+        self.got.append((reply, exc))
+        self.arrived.set()
+
+    async def wait(self, n: int) -> None:
+        async with asyncio.timeout(2.0):
+            while len(self.got) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+async def test_send_nowait_hands_each_reply_to_its_callback_in_the_read() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        try:
+            replies = Replies()
+            assert pipe.send_nowait(pack_command("PING"), replies) is None  # nothing open yet
+            await pipe.execute("SET", "s", "x")
+            for command in (("ECHO", "a"), ("INCR", "s"), ("ECHO", "b")):
+                assert pipe.send_nowait(pack_command(*command), replies) is not None
+            # interleaved with awaited commands, each reply still reaches its own caller
+            assert await pipe.execute("GET", "s") == b"x"
+            await replies.wait(3)
+            assert replies.got[0] == (b"a", None)
+            assert replies.got[1][0] is None
+            assert isinstance(replies.got[1][1], ReplyError)
+            assert replies.got[2] == (b"b", None)
+            assert pipe.connects == 1
+        finally:
+            await pipe.aclose()
+
+
+async def test_send_nowait_a_cancelled_reply_is_read_and_dropped() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        try:
+            await pipe.execute("SET", "k", "old")
+            server.pause()
+            dropped = Replies()
+            pending = pipe.send_nowait(pack_command("GET", "k"), dropped)
+            assert pending is not None and not pending.done()
+            pending.cancel()
+            assert pending.done()
+            server.resume()
+            await pipe.execute("SET", "k", "new")
+            assert await pipe.execute("GET", "k") == b"new"
+            assert dropped.got == []
+            assert pipe.connects == 1
+        finally:
+            server.resume()
+            await pipe.aclose()
+
+
+async def test_send_nowait_a_failing_callback_does_not_end_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(reply: object, exc: BaseException | None) -> None:
+        raise RuntimeError("a bug in the caller")
+
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server))
+        try:
+            await pipe.execute("PING")
+            assert pipe.send_nowait(pack_command("ECHO", "x"), broken) is not None
+            assert await pipe.execute("ECHO", "after") == b"after"
+            assert pipe.connects == 1 and pipe.connected
+            assert "Redis reply callback failed" in caplog.text
+        finally:
+            await pipe.aclose()
+
+
+async def test_send_nowait_callbacks_fail_when_the_server_goes_away() -> None:
+    with RedisServer() as server:
+        pipe = RedisPipe(_settings(server), max_pending=3)
+        try:
+            await pipe.execute("PING")
+            server.pause()
+            replies = Replies()
+            for _ in range(3):
+                assert pipe.send_nowait(pack_command("PING"), replies) is not None
+            with pytest.raises(ConnectionError, match="too many"):
+                pipe.send_nowait(pack_command("PING"), replies)
+            server.kill()
+            await replies.wait(3)
+            assert all(r is None and isinstance(e, ConnectionError) for r, e in replies.got)
+            assert pipe.send_nowait(pack_command("PING"), replies) is None  # lost: reconnect
+        finally:
+            await pipe.aclose()
