@@ -27,6 +27,13 @@
 
 Each caller gets its own future and may stop waiting for it (cancel it) at its own deadline;
 a cancelled entry that has not been sent yet is dropped from its batch.
+
+A round trip is a task awaiting ``send``, or - with ``start``, when it can take the batch - a
+callback-shaped call that settles the batch from the read that brings the reply: the callers'
+futures are set in the loop turn that read it, not in the next one, where an awaiting task
+would wake, and no task is made. (Sending at once from ``submit`` instead of on the next tick
+would save one more turn, but it halved the batches at saturation: the requests of one read
+no longer share a round trip. Measured, not kept.)
 """
 
 from __future__ import annotations
@@ -64,7 +71,19 @@ class _Entry(Generic[T, R]):
     enqueued: float
 
 
+class _Out(Generic[T, R]):
+    """A batch out through ``start`` (hashed by identity)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[_Entry[T, R]]) -> None:
+        self.entries = entries
+
+
 Send = Callable[[Sequence[T], float], Awaitable[Sequence[R]]]
+#: ``start(items, deadline, done)``: begin a round trip whose results (or error) go to ``done``,
+#: exactly once; ``False`` when it cannot (then ``send`` is used)
+Start = Callable[[Sequence[T], float, Callable[[Sequence[R] | BaseException], None]], bool]
 
 
 class Batcher(Generic[T, R]):
@@ -82,12 +101,16 @@ class Batcher(Generic[T, R]):
         in_flight_wait: float = 0.001,
         saturation: Callable[[], float] | None = None,
         min_gather: float = 4.0,
+        start: Start[T, R] | None = None,
         on_batch: Callable[[int], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("batcher bounds must be positive")
         self._send = send
+        self._start = start
+        #: the batches out through ``start`` (failed by ``close`` if still out)
+        self._started: set[_Out[T, R]] = set()
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_in_flight = max_in_flight
@@ -112,6 +135,8 @@ class Batcher(Generic[T, R]):
         self._timer: asyncio.TimerHandle | None = None
         #: the round trip an idle batcher started for this tick's requests, not yet running
         self._soon: asyncio.Task[None] | None = None
+        self._soon_handle: asyncio.Handle | None = None  # the same, with ``start``
+        self._dispatching = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._flushing = False
@@ -159,6 +184,9 @@ class Batcher(Generic[T, R]):
         self.window = window
         if self._gathering:
             self._pump()
+        elif self._start is not None:
+            if self._soon_handle is None:  # idle: as below, from a callback instead of a task
+                self._soon_handle = loop.call_soon(self._start_soon)
         elif self._soon is None:
             # Idle: start the round trip's task now; it takes its batch when it first runs,
             # on the next loop tick, which is when a round trip started now would begin anyway
@@ -166,6 +194,12 @@ class Batcher(Generic[T, R]):
             # wait; under load, free batching; and no loop turn of its own before the send.
             self._soon = self._spawn(self._run_soon())
         return future
+
+    def _start_soon(self) -> None:
+        self._soon_handle = None
+        if not self._gathering:
+            self._dispatch()
+        self._pump()
 
     async def _run_soon(self) -> None:
         self._soon = None
@@ -227,8 +261,44 @@ class Batcher(Generic[T, R]):
         entries = self._take()
         if entries is None:
             return False
+        if self._start is not None:
+            batch = _Out(entries)
+            self._started.add(batch)
+            # a round trip settled within start (breaker open ...) must not pump from inside
+            # this one: with a long queue that would recurse once per batch; the caller's
+            # pump goes on instead
+            self._dispatching = True
+            try:
+                deadline = max(e.deadline for e in entries)
+                items = [e.item for e in entries]
+                if self._start(items, deadline, lambda r: self._settle(batch, r)):
+                    return True
+            except Exception as exc:
+                self._settle(batch, exc)
+                return True
+            finally:
+                self._dispatching = False
+            self._started.discard(batch)
         self._spawn(self._run(entries))
         return True
+
+    def _settle(self, batch: _Out[T, R], results: Sequence[R] | BaseException) -> None:
+        """A ``start`` round trip ended: its results (or error) to its callers, then as
+        ``_run`` does when its round trip returns."""
+        if batch not in self._started:
+            return  # settled already (a second call), or failed by close()
+        self._started.discard(batch)
+        if not isinstance(results, BaseException) and len(results) != len(batch.entries):
+            results = ValueError(f"{len(results)} results for {len(batch.entries)} requests")
+        if isinstance(results, BaseException):
+            for entry in batch.entries:
+                if not entry.future.done():
+                    entry.future.set_exception(results)
+        else:
+            for entry, result in zip(batch.entries, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        self._returned()
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -274,11 +344,15 @@ class Batcher(Generic[T, R]):
                 if not entry.future.done():
                     entry.future.set_exception(exc)
         finally:
-            self._in_flight -= 1
-            if not self._closed or self._flushing:
-                self._pump()
-            if not self._queue and not self._in_flight:
-                self._idle.set()
+            self._returned()
+
+    def _returned(self) -> None:
+        """A round trip is no longer in flight: start what may go now."""
+        self._in_flight -= 1
+        if (not self._closed or self._flushing) and not self._dispatching:
+            self._pump()
+        if not self._queue and not self._in_flight:
+            self._idle.set()
 
     async def flush(self, within: float) -> bool:
         """Send everything queued now (no gathering) and wait for every round trip, at most
@@ -300,10 +374,19 @@ class Batcher(Generic[T, R]):
         self._closed = True
         done = await self.flush(within)
         self._cancel_timer()  # an idle round trip not yet running is one of the tasks below
+        if self._soon_handle is not None:
+            self._soon_handle.cancel()
+            self._soon_handle = None
         while self._queue:
             entry = self._queue.popleft()
             if not entry.future.done():
                 entry.future.set_exception(BatcherClosedError("batcher was closed"))
+        for batch in list(self._started):  # out through start: their replies are dropped
+            self._started.discard(batch)
+            self._in_flight -= 1
+            for entry in batch.entries:
+                if not entry.future.done():
+                    entry.future.set_exception(BatcherClosedError("batcher was closed"))
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Final
@@ -234,26 +234,46 @@ class RateLimitPlugin(Plugin):
             store = self._redis
             logger = context.logger
 
-            async def send(batch: Sequence[Sequence[Hit]], deadline: float) -> list[list[Outcome]]:
-                left = deadline - asyncio.get_running_loop().time()
-                try:
-                    decided = await store.acquire(batch, min(left, self._redis_timeout))
-                except StoreUnavailableError as exc:
-                    if not self._store_down:  # logged once per outage, with its first cause
+            def noted(decided: list[list[Outcome]] | StoreUnavailableError) -> None:
+                """An outage is logged once, when it starts (with its first cause) and ends."""
+                if isinstance(decided, StoreUnavailableError):
+                    if not self._store_down:
                         self._store_down = True
                         logger.warning(
                             "Redis unavailable: the rules apply their fail policy until it "
                             "answers again",
-                            extra={"error": _cause(exc)},
+                            extra={"error": _cause(decided)},
                         )
-                    raise
-                if self._store_down:
+                elif self._store_down:
                     self._store_down = False
                     logger.info("Redis answers again: the rules count in Redis")
+
+            def budget(deadline: float) -> float:
+                return min(deadline - asyncio.get_running_loop().time(), self._redis_timeout)
+
+            async def send(batch: Sequence[Sequence[Hit]], deadline: float) -> list[list[Outcome]]:
+                try:
+                    decided = await store.acquire(batch, budget(deadline))
+                except StoreUnavailableError as exc:
+                    noted(exc)
+                    raise
+                noted(decided)
                 return decided
+
+            def start(
+                batch: Sequence[Sequence[Hit]],
+                deadline: float,
+                done: Callable[[Sequence[list[Outcome]] | BaseException], None],
+            ) -> bool:
+                def decided(result: list[list[Outcome]] | StoreUnavailableError) -> None:
+                    noted(result)
+                    done(result)
+
+                return store.start(batch, budget(deadline), decided)
 
             self._batcher = Batcher(
                 send,
+                start=start if store.pipelined else None,
                 max_batch=cfg.batch.max_batch,
                 max_wait=cfg.batch.max_wait_ms / 1000.0,
                 max_in_flight=cfg.batch.max_in_flight,

@@ -7,14 +7,14 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from extproc.deadlines import loop_deadlines
+from extproc.deadlines import Deadline, loop_deadlines
 from extproc.services.breaker import CircuitBreaker
-from extproc.services.redis_pipe import RedisPipe, ReplyError, pack_command
+from extproc.services.redis_pipe import PendingReply, RedisPipe, ReplyError, pack_command
 from plugins.rate_limit.keys import Hit, Outcome, current, evaluate, next_state
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCRIPT",
     "SCRIPT_SHA",
+    "Decided",
     "LocalStore",
     "RedisStore",
     "Store",
@@ -32,6 +33,20 @@ __all__ = [
 
 class StoreUnavailableError(Exception):
     """The store could not decide (timeout, connection error, breaker open)."""
+
+
+#: what a callback-shaped round trip (:meth:`RedisStore.start`) hands back: the outcomes, or
+#: the :class:`StoreUnavailableError` that :meth:`RedisStore.acquire` would have raised
+Decided = Callable[["list[list[Outcome]] | StoreUnavailableError"], None]
+
+#: what a round trip's failure is, for the breaker and the metrics, and what the caller sees
+_FAILURES: Final = (RedisError, ReplyError, OSError, ValueError, TypeError)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailableError:
+    if isinstance(exc, TimeoutError):
+        return StoreUnavailableError("redis timed out")
+    return StoreUnavailableError(f"redis failed: {type(exc).__name__}")
 
 
 class Store(Protocol):
@@ -252,12 +267,12 @@ class RedisStore:
         except TimeoutError as exc:
             outcome = "timeout"
             self.breaker.record_failure()
-            raise StoreUnavailableError("redis timed out") from exc
-        except (RedisError, ReplyError, OSError, ValueError, TypeError) as exc:
+            raise _unavailable(exc) from exc
+        except _FAILURES as exc:
             self.breaker.record_failure()
             if self._pipe is None and isinstance(exc, RedisConnectionError | OSError):
                 self._drop_idle_connections()
-            raise StoreUnavailableError(f"redis failed: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
         except BaseException:
             outcome = "cancelled"
             self.breaker.record_failure()  # never leave a half-open trial pending
@@ -267,6 +282,35 @@ class RedisStore:
                 self._on_round_trip(outcome, len(batch))
         self.breaker.record_success()
         return result
+
+    def start(self, batch: Sequence[Sequence[Hit]], budget: float, done: Decided) -> bool:
+        """:meth:`acquire` shaped as a callback, over the pipe's open connection: ``done`` gets
+        the outcomes, or the :class:`StoreUnavailableError` that ``acquire`` would raise, from
+        the read that brings the reply (one loop turn sooner than an awaiting task) or from the
+        deadline. The same breaker, ``NOSCRIPT`` fallback and round-trip counting. ``False``:
+        nothing was sent (no pipe, or no open connection yet): use :meth:`acquire`."""
+        if self._pipe is None or not self._pipe.usable():
+            return False
+        if not batch:
+            done([])
+            return True
+        if budget <= 0 or not self.breaker.allow():
+            done(StoreUnavailableError("redis breaker open" if budget > 0 else "no time left"))
+            return True
+        call = _PipedCall(self, batch, done)
+        call.send("EVALSHA", SCRIPT_SHA)
+        if call.pending is not None:  # sent, not failed at once
+            loop = asyncio.get_running_loop()
+            call.deadline = loop_deadlines(loop).at(loop.time() + budget, call.expire)
+        return True
+
+    def _settled(self, outcome: str, size: int) -> None:
+        if outcome == "ok":
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()
+        if self._on_round_trip is not None:
+            self._on_round_trip(outcome, size)
 
     async def warm(self, within: float) -> None:
         """Open the connection and load the script before a request needs them: a TLS
@@ -336,6 +380,67 @@ class RedisStore:
         if self._dropping is not None:
             with contextlib.suppress(Exception):
                 await self._dropping
+
+
+class _PipedCall:
+    """One :meth:`RedisStore.start` round trip: ``EVALSHA`` (``EVAL`` after ``NOSCRIPT``) sent
+    on the pipe, settled exactly once - by the reply, the connection's end, or the deadline."""
+
+    __slots__ = ("args", "batch", "deadline", "done", "pending", "store")
+
+    def __init__(self, store: RedisStore, batch: Sequence[Sequence[Hit]], done: Decided) -> None:
+        self.store = store
+        self.batch = batch
+        self.done: Decided | None = done
+        keys, specs, requests = _script_args(batch)
+        self.args: tuple[Any, ...] = (len(keys), *keys, specs, requests)
+        self.pending: PendingReply | None = None
+        self.deadline: Deadline | None = None
+
+    def send(self, *command: str) -> None:
+        """Send ``command`` + the script's arguments; settled at once (an error) when it
+        cannot go: too many commands waiting, or the connection is gone."""
+        assert self.store._pipe is not None
+        try:
+            self.pending = self.store._pipe.send_nowait(
+                pack_command(*command, *self.args), self.reply
+            )
+        except ConnectionError as exc:
+            self.pending = None
+            self.settle("error", _unavailable(exc))
+            return
+        if self.pending is None:
+            self.settle("error", _unavailable(ConnectionError("Redis connection lost")))
+
+    def reply(self, reply: object, exc: BaseException | None) -> None:
+        if self.done is None:
+            return
+        if isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):
+            self.send("EVAL", SCRIPT)  # Redis lost its scripts (restarted, flushed)
+            return
+        if exc is not None:
+            self.settle("error", _unavailable(exc))
+            return
+        try:
+            decided = _parse(self.batch, reply)
+        except (ValueError, TypeError) as bad:
+            self.settle("error", _unavailable(bad))
+            return
+        self.settle("ok", decided)
+
+    def expire(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()  # its reply is read when it comes, and dropped
+        self.settle("timeout", StoreUnavailableError("redis timed out"))
+
+    def settle(self, outcome: str, result: list[list[Outcome]] | StoreUnavailableError) -> None:
+        done, self.done = self.done, None
+        if done is None:
+            return
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.store._settled(outcome, len(self.batch))
+        done(result)
 
 
 class LocalStore:

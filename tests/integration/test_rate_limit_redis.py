@@ -346,6 +346,16 @@ async def test_batch_settings_reach_the_batcher(server: RedisServer, harness: Ha
     b = tuned._batcher
     assert b is not None
     assert (b.in_flight_wait, b.max_in_flight, b.max_batch) == (0.0, 4, 7)
-    # and requests go through it
+    # and requests go through it: over the pipe as callback-shaped round trips (no task)
+    spawned = 0
+    spawn = b._spawn
+
+    def counted(coro: Any) -> Any:
+        nonlocal spawned
+        spawned += 1
+        return spawn(coro)
+
+    b._spawn = counted  # type: ignore[method-assign]
     assert all(isinstance(r, Continue) for r, _ in [await call(tuned) for _ in range(3)])
     assert b.sent == 3
+    assert spawned == (0 if harness.transport == "pipe" else 3)

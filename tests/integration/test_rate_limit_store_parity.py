@@ -52,7 +52,14 @@ def _pipe_for(redis: Redis) -> RedisPipe:
     return RedisPipe(settings)
 
 
-@pytest.mark.parametrize("transport", ["pool", "pipe"])
+async def started(store: RedisStore, batch: Sequence[Sequence[Hit]], budget: float) -> object:
+    """:meth:`RedisStore.start`, awaited here: the outcomes, or the error it handed back."""
+    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    assert store.start(batch, budget, future.set_result)
+    return await future
+
+
+@pytest.mark.parametrize("transport", ["pool", "pipe", "start"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_redis_script_decides_as_the_local_store(seed: int, transport: str) -> None:
     rng = random.Random(seed)
@@ -62,13 +69,20 @@ async def test_redis_script_decides_as_the_local_store(seed: int, transport: str
         store = RedisStore(
             redis,
             CircuitBreaker("parity", failure_threshold=5, reset_timeout=1),
-            pipe=_pipe_for(redis) if transport == "pipe" else None,
+            pipe=_pipe_for(redis) if transport != "pool" else None,
         )
-        assert store.pipelined is (transport == "pipe")
+        assert store.pipelined is (transport != "pool")
         seen: set[int] = set()
         try:
+            if transport == "start":  # open the connection; the script is not loaded
+                assert store._pipe is not None
+                await store._pipe.execute("PING")
             for batch in batches(rng, 60):
-                remote = await store.acquire(batch, 2.0)
+                if transport == "start":
+                    remote = await started(store, batch, 2.0)
+                    assert isinstance(remote, list), remote
+                else:
+                    remote = await store.acquire(batch, 2.0)
                 assert decisions(remote) == decisions(local.decide(batch)), batch
                 seen.update(o.status for req in remote for o in req)
         finally:
@@ -150,6 +164,52 @@ async def test_the_pipe_survives_a_restart_and_a_pause_without_crossed_replies()
             # the timed-out call ran once Redis did (it was sent): it counted, as any request
             # whose answer came too late may
             assert (await store.acquire(hit, 2.0))[0][0].remaining == 1_000_000 - 3
+        finally:
+            server.resume()
+            await store.aclose()
+            await redis.aclose()
+
+
+async def test_start_settles_by_the_reply_the_deadline_or_the_breaker() -> None:
+    """The callback-shaped round trip keeps acquire's rules: it needs an open connection
+    (else ``False``: the caller awaits acquire, which opens one), a paused Redis ends it at
+    its budget with the late reply dropped, and an open breaker answers at once."""
+    hit = [[Hit("rl:start", False, 1_000_000, DAY_MS)]]
+    trips: list[tuple[str, int]] = []
+    with RedisServer() as server:
+        redis = make_redis(server.url, socket_timeout=2.0, connect_timeout=2.0)
+        breaker = CircuitBreaker("start", failure_threshold=3, reset_timeout=60)
+        store = RedisStore(
+            redis, breaker, pipe=_pipe_for(redis),
+            on_round_trip=lambda outcome, n: trips.append((outcome, n)),
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        try:
+            assert not store.start(hit, 2.0, lambda r: None)  # no connection yet
+            await store.warm(2.0)
+            first = await started(store, hit, 2.0)
+            assert first[0][0].remaining == 1_000_000 - 1  # type: ignore[index]
+            server.pause()
+            began = loop.time()
+            late = await started(store, hit, 0.1)
+            assert isinstance(late, StoreUnavailableError) and "timed out" in str(late)
+            assert loop.time() - began < 1.0
+            server.resume()
+            other = await started(store, [[Hit("rl:start:other", False, 7, DAY_MS)]], 2.0)
+            assert other[0][0].remaining == 6  # type: ignore[index]  # not the late reply
+            assert trips == [("ok", 1), ("timeout", 1), ("ok", 1)]
+            for _ in range(3):
+                breaker.record_failure()
+            shut = await started(store, hit, 2.0)
+            assert isinstance(shut, StoreUnavailableError) and "breaker open" in str(shut)
+            assert len(trips) == 3  # nothing was sent
+            breaker.record_success()
+            await asyncio.to_thread(server.restart)
+            await asyncio.sleep(0.05)  # the pipe has read the close
+            assert not store.start(hit, 2.0, lambda r: None)  # acquire reconnects
+            assert (await store.acquire(hit, 2.0))[0][0].remaining == 1_000_000 - 1
+            after = await started(store, hit, 2.0)  # reconnected: start works again
+            assert after[0][0].remaining == 1_000_000 - 2  # type: ignore[index]
         finally:
             server.resume()
             await store.aclose()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -399,3 +400,165 @@ async def test_arrival_rate_after_a_quiet_spell_is_the_new_one() -> None:
     await asyncio.sleep(RATE_INTERVAL * 5)  # quiet: more than 4 intervals
     await b.submit(0, FAR)
     assert b.arrival_rate < busy / 10  # not averaged with the busy spell's rate
+
+
+class CallbackStore:
+    """A callback-shaped store (``start``): records each batch and its ``done``; the test
+    settles them by hand, as the read that brings a reply would."""
+
+    def __init__(self, *, refuse: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.dones: list[Callable[[Sequence[int] | BaseException], None]] = []
+        self.refuse = refuse
+        self.sent: list[list[int]] = []  # through the awaited path
+
+    def start(
+        self,
+        items: Sequence[int],
+        deadline: float,
+        done: Callable[[Sequence[int] | BaseException], None],
+    ) -> bool:
+        if self.refuse:
+            return False
+        self.batches.append(list(items))
+        self.dones.append(done)
+        return True
+
+    def settle(self, index: int) -> None:
+        self.dones[index]([i * 10 for i in self.batches[index]])
+
+    async def send(self, items: Sequence[int], deadline: float) -> list[int]:
+        self.sent.append(list(items))
+        return [i * 10 for i in items]
+
+
+async def test_start_idle_sends_the_ticks_requests_and_settles_in_the_replys_turn() -> None:
+    store = CallbackStore()
+    b: Batcher[int, int] = Batcher(store.send, start=store.start, saturation=idle)
+    futures = [b.submit(1, FAR), b.submit(2, FAR)]
+    assert store.batches == []
+    await asyncio.sleep(0)
+    assert store.batches == [[1, 2]]  # on the next tick, with this tick's company
+    assert b.in_flight == 1
+    asyncio.get_running_loop().call_soon(store.settle, 0)  # the reply's read
+    await asyncio.sleep(0)  # that read's turn ...
+    assert [f.result() for f in futures] == [10, 20]  # ... settled the callers in it
+    assert b.in_flight == 0 and store.sent == []
+
+
+async def test_start_requests_gather_behind_the_round_trip_out() -> None:
+    store = CallbackStore()
+    b: Batcher[int, int] = Batcher(
+        store.send, start=store.start, saturation=idle, in_flight_wait=10.0, max_wait=10.0
+    )
+    first = b.submit(1, FAR)
+    await asyncio.sleep(0)
+    rest = [b.submit(i, FAR) for i in (2, 3, 4)]
+    await settle()
+    assert store.batches == [[1]]  # the others wait for it to return
+    store.settle(0)
+    assert store.batches == [[1], [2, 3, 4]]  # and go together when it does
+    store.settle(1)
+    assert await asyncio.gather(first, *rest) == [10, 20, 30, 40]
+
+
+async def test_start_refused_falls_back_to_send() -> None:
+    store = CallbackStore(refuse=True)
+    b: Batcher[int, int] = Batcher(store.send, start=store.start, saturation=idle)
+    assert await b.submit(3, FAR) == 30
+    assert store.sent == [[3]]
+    assert b.in_flight == 0
+
+
+async def test_start_errors_and_odd_results_reach_the_callers_and_free_the_slot() -> None:
+    store = CallbackStore()
+    b: Batcher[int, int] = Batcher(store.send, start=store.start, saturation=idle)
+    failed = b.submit(1, FAR)
+    await asyncio.sleep(0)
+    store.dones[0](ConnectionError("gone"))
+    with pytest.raises(ConnectionError):
+        await failed
+    odd = b.submit(2, FAR)
+    await asyncio.sleep(0)
+    store.dones[1]([1, 2])  # two results for one request
+    with pytest.raises(ValueError, match="2 results for 1 requests"):
+        await odd
+    store.dones[1]([20])  # a second settle of the same round trip changes nothing
+    assert b.in_flight == 0
+
+    def broken(items: Sequence[int], deadline: float, done: object) -> bool:
+        raise RuntimeError("store bug")
+
+    b2: Batcher[int, int] = Batcher(store.send, start=broken, saturation=idle)
+    with pytest.raises(RuntimeError, match="store bug"):
+        await b2.submit(1, FAR)
+    assert b2.in_flight == 0
+
+
+async def test_close_fails_a_started_round_trip_and_ignores_its_late_reply() -> None:
+    store = CallbackStore()
+    b: Batcher[int, int] = Batcher(store.send, start=store.start, saturation=idle)
+    future = b.submit(1, FAR)
+    await asyncio.sleep(0)
+    assert store.batches == [[1]]
+    assert not await b.close(0.02)  # its reply never came within the bound
+    with pytest.raises(BatcherClosedError):
+        await future
+    assert b.in_flight == 0
+    store.settle(0)  # the late reply
+    assert b.in_flight == 0
+
+
+async def test_close_before_the_idle_callback_runs_sends_its_items_once() -> None:
+    store = CallbackStore()
+    b: Batcher[int, int] = Batcher(store.send, start=store.start, saturation=idle)
+    future = b.submit(1, FAR)
+    assert not await b.close(0.02)
+    assert store.batches == [[1]]  # close's flush sent it, once (not again from the callback)
+    with pytest.raises(BatcherClosedError):  # its reply did not come within the bound
+        await future
+    await settle()
+    assert store.batches == [[1]] and b.in_flight == 0
+
+
+async def test_start_settling_at_once_does_not_recurse_through_a_long_queue() -> None:
+    """A store that answers within start (its breaker opened) while thousands of requests
+    wait, one per round trip: each settles and the next goes, in a loop, not a recursion."""
+    held: list[Callable[[Sequence[int] | BaseException], None]] = []
+    depths: list[int] = []
+
+    def breaker_opens_after_the_first(
+        items: Sequence[int],
+        deadline: float,
+        done: Callable[[Sequence[int] | BaseException], None],
+    ) -> bool:
+        frame, depth = sys._getframe(), 0
+        while frame is not None:
+            frame, depth = frame.f_back, depth + 1  # type: ignore[assignment]
+        depths.append(depth)
+        if not held:
+            held.append(done)  # out: the others queue behind it
+        else:
+            done(ConnectionError("breaker open"))
+        return True
+
+    store = CallbackStore()
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        start=breaker_opens_after_the_first,
+        saturation=idle,
+        max_batch=1,
+        max_in_flight=1,
+        max_queue=10_000,
+    )
+    first = b.submit(0, FAR)
+    await asyncio.sleep(0)
+    assert len(held) == 1
+    rest = [b.submit(i, FAR) for i in range(1, 5_000)]
+    assert b.queued == 4_999
+    held[0]([0])  # its reply: the queue drains
+    assert await first == 0
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert b.in_flight == 0 and b.batches == 5_000
+    assert max(depths) - min(depths) < 20  # the stack did not grow with the queue
