@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["LoopSaturation", "loop_saturation", "thread_demand"]
+__all__ = ["ArrivalRate", "LoopSaturation", "loop_saturation", "thread_demand"]
 
 
 _SCHEDSTAT: Final = "/proc/thread-self/schedstat"
@@ -79,6 +79,38 @@ class LoopSaturation:
             self._cpu, self._wall = cpu, wall
             self.level = min(1.0, max(0.0, (self.busy - self.low) / (self.high - self.low)))
         return self.level
+
+
+class ArrivalRate:
+    """Events per second, measured on the events themselves (:meth:`tick`, with the event's
+    loop time) at most every ``interval`` and smoothed; an idle source measures nothing.
+
+    The other half of "wait for company only when waiting is cheap": a saturated worker that
+    sees few events would hold each one for company that does not come. On a slow or crowded
+    machine the meter reads saturated at moderate rates (it also counts the wait for a CPU
+    that other processes hold), where a batch window gathers one or two requests.
+    """
+
+    __slots__ = ("_count", "_since", "interval", "rate")
+
+    def __init__(self, interval: float = 0.05) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self.interval = interval
+        self.rate = 0.0
+        self._count = 0
+        self._since = 0.0  # the first event starts the first measurement
+
+    def tick(self, now: float) -> float:
+        """Count one event at ``now``; returns the rate (events/s) as last measured."""
+        self._count += 1
+        elapsed = now - self._since
+        if elapsed >= self.interval:
+            rate = self._count / elapsed
+            # after a quiet spell the old rate says nothing: take the new one as it is
+            self.rate = rate if elapsed > 4 * self.interval else (self.rate + rate) / 2
+            self._count, self._since = 0, now
+        return self.rate
 
 
 _PER_THREAD = threading.local()

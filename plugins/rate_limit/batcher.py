@@ -15,12 +15,11 @@
   of at most ``max_wait``, only when the worker could not have answered sooner. (A gathered
   batch still needs a free slot: with ``max_in_flight`` round trips out, it also waits for
   one of them, which on a starved machine can take longer than the window itself.)
-* ... and only when the window would gather company: at the recent arrival rate (measured
-  here, every ``RATE_INTERVAL``) it must collect ``min_gather`` requests (4 by default). A
-  worker that reads as saturated at a moderate rate - a slow or crowded machine, where the
-  meter also counts the wait for a CPU that other processes hold - would otherwise hold each
-  request for a window that saves almost no round trips (measured on such a machine at
-  1,000 req/s: windows of 2-8 ms, batches of 1.6-1.8, and ~0.7 ms more mean wait).
+* ... and only when the window would gather company: at the recent arrival rate
+  (:class:`~extproc.observability.saturation.ArrivalRate`, every ``RATE_INTERVAL``) it must
+  collect ``min_gather`` requests (4 by default). A worker that reads as saturated at a
+  moderate rate would otherwise hold each request for a window that saves almost no round
+  trips (measured on a slow machine at 1,000 req/s: windows of 2-8 ms, batches of 1.6-1.8).
 * A full queue refuses the request (:class:`QueueFullError`, counted in ``dropped``) instead of
   growing: the caller applies its failure policy.
 * ``flush`` / ``close`` wait (bounded) for queued and in-flight batches.
@@ -44,7 +43,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from extproc.observability.saturation import loop_saturation
+from extproc.observability.saturation import ArrivalRate, loop_saturation
 
 __all__ = ["RATE_INTERVAL", "Batcher", "BatcherClosedError", "QueueFullError"]
 
@@ -120,10 +119,7 @@ class Batcher(Generic[T, R]):
         #: a saturated worker gathers only when its window would collect this many requests
         #: at the recent arrival rate (0: whenever it is saturated)
         self.min_gather = min_gather
-        #: requests submitted per second, measured every RATE_INTERVAL and smoothed
-        self.arrival_rate = 0.0
-        self._arrivals = 0
-        self._rate_since = 0.0  # the first submit starts the first measurement
+        self._arrivals = ArrivalRate(RATE_INTERVAL)
         self._on_batch = on_batch
         #: called with each request's wait (seconds) from ``submit`` to its round trip's start
         self._on_wait = on_wait
@@ -145,6 +141,11 @@ class Batcher(Generic[T, R]):
         self.dropped = 0
         self.batches = 0
         self.sent = 0
+
+    @property
+    def arrival_rate(self) -> float:
+        """Requests submitted per second, as last measured."""
+        return self._arrivals.rate
 
     @property
     def in_flight(self) -> int:
@@ -171,15 +172,8 @@ class Batcher(Generic[T, R]):
         self._idle.clear()
         window = self._saturation() * self.max_wait
         if self.min_gather:
-            self._arrivals += 1
-            elapsed = now - self._rate_since
-            if elapsed >= RATE_INTERVAL:
-                rate = self._arrivals / elapsed
-                # after a quiet spell the old rate says nothing: take the new one as it is
-                fresh = elapsed > 4 * RATE_INTERVAL
-                self.arrival_rate = rate if fresh else (self.arrival_rate + rate) / 2
-                self._arrivals, self._rate_since = 0, now
-            if window and self.arrival_rate * window < self.min_gather:
+            rate = self._arrivals.tick(now)
+            if window and rate * window < self.min_gather:
                 window = 0.0  # waiting would save (almost) no round trip: send as with spare CPU
         self.window = window
         if self._gathering:

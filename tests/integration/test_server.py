@@ -382,7 +382,7 @@ async def test_saturated_worker_writes_replies_of_many_streams_together(tmp_path
     async with running(write_config(tmp_path / "c.yaml", value="c")) as (server, target):
         assert server.servicer is not None
         assert server.servicer.coalescer.max_hold == 0.003  # the default, 3 ms
-        server.servicer.coalescer = ReplyCoalescer(0.02, saturation=lambda: 1.0)
+        server.servicer.coalescer = ReplyCoalescer(0.02, saturation=lambda: 1.0, min_company=0)
         envoys = [FakeEnvoy.connect(target, MODE) for _ in range(20)]  # a stream at a time each
         try:
             exchanges = await asyncio.gather(
