@@ -70,6 +70,29 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / _TICKS
 
 
+def machine_ticks(stat: str | None = None) -> tuple[int, int, int]:
+    """The whole machine's CPU time so far, in ticks, from ``/proc/stat``'s ``cpu`` line
+    (``stat``: that file's text, for tests): (busy, idle, steal). Idle counts iowait; busy is
+    everything else but steal and the guest times (already in user)."""
+    text = stat if stat is not None else Path("/proc/stat").read_text()
+    fields = [int(v) for v in text.split("\n", 1)[0].split()[1:]]
+    fields += [0] * (8 - len(fields))
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq, idle + iowait, steal
+
+
+def machine_shares(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, float]:
+    """Shares of the machine's CPU time between two :func:`machine_ticks` readings: busy,
+    idle and steal (taken by the hypervisor) - how crowded the machine was while a sample
+    ran, which its latency tail follows."""
+    deltas = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(deltas)
+    if total <= 0:
+        return {"busy": 0.0, "idle": 0.0, "steal": 0.0}
+    busy, idle, steal = (d / total for d in deltas)
+    return {"busy": busy, "idle": idle, "steal": steal}
+
+
 def wait_tcp(host: str, port: int, timeout: float, alive: Proc | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:

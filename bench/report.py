@@ -127,6 +127,11 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             row["open_loop"]["batching"] = _batching(lat)
             row["open_loop"]["hooks"] = _hooks(lat)
             row["open_loop"]["error_causes"] = _error_causes(lat)
+            machine = [x["machine"] for x in lat if "machine" in x]  # runs before it: none
+            if machine:
+                row["open_loop"]["machine"] = {
+                    part: _median([m[part] for m in machine]) for part in ("busy", "steal")
+                }
         out[key] = row
     return out
 
@@ -251,31 +256,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
             f"| {_fmt(row['redis_round_trips_per_req'], 3)} | {_fmt(row['redis_cmds_per_req'], 2)} "
             f"| {client} | {_fmt(row['errors'])} |"
         )
-    if any("open_loop" in row for row in summary.values()):
-        lines += [
-            "",
-            f"## Latency at a fixed rate ({settings['latency_rate']:g} requests/s, open loop, "
-            f"{settings['latency_connections']} connections, {settings['latency_rounds']} rounds x "
-            f"{settings['latency_duration_s']} s)",
-            "",
-            "Measured from each request's scheduled send time (a stall is charged to every "
-            "request it delays); the generator is Python (asyncio + uvloop): its own cost is "
-            "in every row alike, so read the *added* column.",
-            "",
-            "| scenario | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
-            "| added p99 vs passthrough ms | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for key, row in summary.items():
-            ol = row.get("open_loop")
-            if not ol:
-                continue
-            lines.append(
-                f"| `{key}` | {_fmt(ol['achieved_rps'])} | {_fmt(ol['p50'], 2)} "
-                f"| {_fmt(ol['p90'], 2)} "
-                f"| {_fmt(ol['p99'], 2)} | {_fmt(ol['p99.9'], 2)} | {_fmt(ol['added_p99_ms'], 2)} "
-                f"| {_fmt(ol['errors'])} |"
-            )
+    lines += _latency_table(settings, summary)
     lines += _errors_section(data)
     lines += _batching_table(data)
     lines += _hooks_table(data)
@@ -300,6 +281,43 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def _latency_table(settings: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+    if not any("open_loop" in row for row in summary.values()):
+        return []
+    lines = [
+        "",
+        f"## Latency at a fixed rate ({settings['latency_rate']:g} requests/s, open loop, "
+        f"{settings['latency_connections']} connections, {settings['latency_rounds']} rounds x "
+        f"{settings['latency_duration_s']} s)",
+        "",
+        "Measured from each request's scheduled send time (a stall is charged to every "
+        "request it delays); the generator is Python (asyncio + uvloop): its own cost is "
+        "in every row alike, so read the *added* column. *Machine busy* and *steal*: the "
+        "whole machine's CPU time (both cores, /proc/stat) while the row ran, busy and "
+        "taken by the hypervisor (medians over rounds): a tail measured on a crowded or "
+        "starved machine says more about the machine than about the sidecar.",
+        "",
+        "| scenario | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+        "| added p99 vs passthrough ms | machine busy % | steal % | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, row in summary.items():
+        ol = row.get("open_loop")
+        if not ol:
+            continue
+        machine = ol.get("machine") or {}
+        busy, steal = machine.get("busy"), machine.get("steal")
+        lines.append(
+            f"| `{key}` | {_fmt(ol['achieved_rps'])} | {_fmt(ol['p50'], 2)} "
+            f"| {_fmt(ol['p90'], 2)} "
+            f"| {_fmt(ol['p99'], 2)} | {_fmt(ol['p99.9'], 2)} | {_fmt(ol['added_p99_ms'], 2)} "
+            f"| {_fmt(None if busy is None else busy * 100, 0)} "
+            f"| {_fmt(None if steal is None else steal * 100, 1)} "
+            f"| {_fmt(ol['errors'])} |"
+        )
+    return lines
 
 
 def _baseline_table(data: dict[str, Any]) -> list[str]:

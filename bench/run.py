@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import report
 from bench.load import WRK_HINT, LoadResult, open_loop, open_loop_pair, run_wrk, wrk_binary
-from bench.procs import ProcError, cpu_seconds, sdk_python
+from bench.procs import ProcError, cpu_seconds, machine_shares, machine_ticks, sdk_python
 from bench.report import BASE_SUFFIX
 from bench.stack import (
     SCENARIOS,
@@ -302,7 +302,9 @@ def _cpu(stack: Stack, key: str) -> dict[str, float]:
 def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
     metrics = _sidecar_metrics(stack, s.key)
     before, calls = _cpu(stack, s.key), _redis_calls(stack)
+    machine_before = machine_ticks()
     result: LoadResult = load()
+    machine = machine_shares(machine_before, machine_ticks())
     after, calls_after = _cpu(stack, s.key), _redis_calls(stack)
     metrics_after = _sidecar_metrics(stack, s.key)
     batching = _batching(metrics, metrics_after)
@@ -331,6 +333,7 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
         "batching": batching,
         "hooks": _hooks(metrics, metrics_after),
         "plugin_errors": _plugin_errors(metrics, metrics_after),
+        "machine": machine,
         "extra": result.extra,
     }
 

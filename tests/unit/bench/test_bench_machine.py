@@ -1,0 +1,73 @@
+"""How crowded the machine was while a sample ran: /proc/stat's cpu line read into busy, idle
+and steal shares, their medians in the summary, and two columns of the latency table."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import report
+from bench.procs import machine_shares, machine_ticks
+
+#           user nice system idle iowait irq softirq steal guest guest_nice
+BEFORE = "cpu  1000 10 200 5000 40 0 50 100 0 0\ncpu0 500 5 100 2500 20 0 25 50 0 0\n"
+AFTER = "cpu  1600 10 300 5300 60 0 90 140 0 0\ncpu0 800 5 150 2650 30 0 45 70 0 0\n"
+
+
+def test_ticks_are_read_from_the_machine_line() -> None:
+    assert machine_ticks(BEFORE) == (1000 + 10 + 200 + 0 + 50, 5000 + 40, 100)
+    assert machine_ticks("cpu  1 2 3 4\n") == (6, 4, 0)  # an old kernel's shorter line
+    busy, idle, steal = machine_ticks()  # this machine's own
+    assert busy > 0 and idle >= 0 and steal >= 0
+
+
+def test_shares_between_two_readings() -> None:
+    shares = machine_shares(machine_ticks(BEFORE), machine_ticks(AFTER))
+    # deltas: busy 600 + 100 + 40 = 740, idle 300 + 20 = 320, steal 40; of 1,100
+    assert shares == pytest.approx({"busy": 740 / 1100, "idle": 320 / 1100, "steal": 40 / 1100})
+    same = machine_ticks(BEFORE)
+    assert machine_shares(same, same) == {"busy": 0.0, "idle": 0.0, "steal": 0.0}
+
+
+def _latency_row(p99: float, machine: dict[str, float] | None) -> dict[str, object]:
+    row: dict[str, object] = {
+        "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": p99, "p99.9": p99 + 1},
+        "errors": 0,
+        "extra": {"achieved_rps": 1000.0},
+    }
+    if machine is not None:
+        row["machine"] = machine
+    return row
+
+
+def test_the_summary_takes_medians_and_the_table_shows_them() -> None:
+    sample = {"rps": 1.0, "latency_ms": {"p50": 1, "p90": 1, "p99": 1}, "errors": 0}
+    sample |= {"cpu_us": {"envoy": 1, "sidecar": 1, "redis": 0}, "redis_cmds_per_req": 0}
+    sample |= {"redis_round_trips_per_req": 0, "client_errors": 0, "requests": 1}
+    sample |= {"statuses": {}, "batching": None, "hooks": {}, "plugin_errors": {}}
+    data = {
+        "scenarios": [{"key": "passthrough"}, {"key": "extproc"}],
+        "rounds": [{"passthrough": sample, "extproc": sample}],
+        "latency_rounds": [
+            {
+                "passthrough": _latency_row(2.0, {"busy": 0.5, "idle": 0.48, "steal": 0.02}),
+                "extproc": _latency_row(3.0, {"busy": 0.6, "idle": 0.36, "steal": 0.04}),
+            },
+            {
+                "passthrough": _latency_row(2.0, {"busy": 0.7, "idle": 0.2, "steal": 0.10}),
+                "extproc": _latency_row(4.0, None),  # a sample from before the field
+            },
+        ],
+    }
+    summary = report.summarize(data)
+    assert summary["passthrough"]["open_loop"]["machine"] == pytest.approx(
+        {"busy": 0.6, "steal": 0.06}
+    )
+    assert summary["extproc"]["open_loop"]["machine"] == pytest.approx({"busy": 0.6, "steal": 0.04})
+    settings = {"latency_rate": 1000.0, "latency_connections": 32}
+    settings |= {"latency_rounds": 2, "latency_duration_s": 6.0}
+    rows = [ln for ln in report._latency_table(settings, summary) if ln.startswith("| `")]
+    assert rows[0].endswith("| 60 | 6.0 | 0 |")
+    assert rows[1].endswith("| 60 | 4.0 | 0 |")
+    del summary["extproc"]["open_loop"]["machine"]
+    rows = [ln for ln in report._latency_table(settings, summary) if ln.startswith("| `")]
+    assert rows[1].endswith("| - | - | 0 |")  # runs without the field: no figure
