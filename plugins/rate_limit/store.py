@@ -251,8 +251,9 @@ class RedisStore:
     async def acquire(self, batch: Sequence[Sequence[Hit]], budget: float) -> list[list[Outcome]]:
         if not batch:
             return []
-        if budget <= 0 or not self.breaker.allow():
-            raise StoreUnavailableError("redis breaker open" if budget > 0 else "no time left")
+        refused = self._refused(budget)
+        if refused is not None:
+            raise refused
         keys, specs, requests = _script_args(batch)
         outcome = "error"
         loop = asyncio.get_running_loop()
@@ -266,21 +267,16 @@ class RedisStore:
             outcome = "ok"
         except TimeoutError as exc:
             outcome = "timeout"
-            self.breaker.record_failure()
             raise _unavailable(exc) from exc
         except _FAILURES as exc:
-            self.breaker.record_failure()
             if self._pipe is None and isinstance(exc, RedisConnectionError | OSError):
                 self._drop_idle_connections()
             raise _unavailable(exc) from exc
         except BaseException:
-            outcome = "cancelled"
-            self.breaker.record_failure()  # never leave a half-open trial pending
+            outcome = "cancelled"  # a failure too: never leave a half-open trial pending
             raise
         finally:
-            if self._on_round_trip is not None:
-                self._on_round_trip(outcome, len(batch))
-        self.breaker.record_success()
+            self._settled(outcome, len(batch))
         return result
 
     def start(self, batch: Sequence[Sequence[Hit]], budget: float, done: Decided) -> bool:
@@ -294,8 +290,9 @@ class RedisStore:
         if not batch:
             done([])
             return True
-        if budget <= 0 or not self.breaker.allow():
-            done(StoreUnavailableError("redis breaker open" if budget > 0 else "no time left"))
+        refused = self._refused(budget)
+        if refused is not None:
+            done(refused)
             return True
         call = _PipedCall(self, batch, done)
         call.send("EVALSHA", SCRIPT_SHA)
@@ -304,7 +301,16 @@ class RedisStore:
             call.deadline = loop_deadlines(loop).at(loop.time() + budget, call.expire)
         return True
 
+    def _refused(self, budget: float) -> StoreUnavailableError | None:
+        """Why a round trip may not start now (no time left, breaker open), or ``None``."""
+        if budget <= 0:
+            return StoreUnavailableError("no time left")
+        if not self.breaker.allow():
+            return StoreUnavailableError("redis breaker open")
+        return None
+
     def _settled(self, outcome: str, size: int) -> None:
+        """A round trip ended (``ok`` or how it failed): tell the breaker and the metrics."""
         if outcome == "ok":
             self.breaker.record_success()
         else:
@@ -325,10 +331,8 @@ class RedisStore:
                     await self._redis.execute_command(  # type: ignore[no-untyped-call]
                         "SCRIPT", "LOAD", SCRIPT
                     )
-        except TimeoutError as exc:
-            raise StoreUnavailableError("redis timed out") from exc
-        except (RedisError, ReplyError, OSError) as exc:
-            raise StoreUnavailableError(f"redis failed: {type(exc).__name__}") from exc
+        except (RedisError, ReplyError, OSError) as exc:  # TimeoutError is an OSError
+            raise _unavailable(exc) from exc
 
     @property
     def pipelined(self) -> bool:
