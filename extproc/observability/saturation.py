@@ -19,6 +19,12 @@ __all__ = ["ArrivalRate", "LoopSaturation", "loop_saturation", "thread_demand"]
 _SCHEDSTAT: Final = "/proc/thread-self/schedstat"
 
 
+def _smoothed(previous: float, sample: float, elapsed: float, interval: float) -> float:
+    """A new sample averaged with the last value - or taken as it is after a quiet spell (more
+    than four intervals since the last one), when the old value says nothing."""
+    return sample if elapsed > 4 * interval else (previous + sample) / 2
+
+
 def thread_demand() -> float:
     """Seconds the calling thread has been on a CPU *or waiting for one* (Linux schedstat:
     run time + run-queue wait). A worker that shares too few cores with Envoy and others is
@@ -74,8 +80,7 @@ class LoopSaturation:
         if elapsed >= self.interval:
             cpu = self._cpu_clock()
             share = min(1.0, (cpu - self._cpu) / elapsed)
-            # after a quiet spell the old value says nothing: take the new sample as it is
-            self.busy = share if elapsed > 4 * self.interval else (self.busy + share) / 2
+            self.busy = _smoothed(self.busy, share, elapsed, self.interval)
             self._cpu, self._wall = cpu, wall
             self.level = min(1.0, max(0.0, (self.busy - self.low) / (self.high - self.low)))
         return self.level
@@ -107,8 +112,7 @@ class ArrivalRate:
         elapsed = now - self._since
         if elapsed >= self.interval:
             rate = self._count / elapsed
-            # after a quiet spell the old rate says nothing: take the new one as it is
-            self.rate = rate if elapsed > 4 * self.interval else (self.rate + rate) / 2
+            self.rate = _smoothed(self.rate, rate, elapsed, self.interval)
             self._count, self._since = 0, now
         return self.rate
 

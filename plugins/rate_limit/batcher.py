@@ -129,9 +129,9 @@ class Batcher(Generic[T, R]):
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        #: the round trip an idle batcher started for this tick's requests, not yet running
-        self._soon: asyncio.Task[None] | None = None
-        self._soon_handle: asyncio.Handle | None = None  # the same, with ``start``
+        #: the round trip an idle batcher started for this tick's requests, not yet running: a
+        #: task (``send``) or a callback (``start``)
+        self._soon: asyncio.Task[None] | asyncio.Handle | None = None
         self._dispatching = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -178,19 +178,20 @@ class Batcher(Generic[T, R]):
         self.window = window
         if self._gathering:
             self._pump()
-        elif self._start is not None:
-            if self._soon_handle is None:  # idle: as below, from a callback instead of a task
-                self._soon_handle = loop.call_soon(self._start_soon)
         elif self._soon is None:
             # Idle: start the round trip's task now; it takes its batch when it first runs,
             # on the next loop tick, which is when a round trip started now would begin anyway
             # - with every request submitted during this tick in the same round trip. No added
             # wait; under load, free batching; and no loop turn of its own before the send.
-            self._soon = self._spawn(self._run_soon())
+            # With ``start``, a callback does the same and needs no task.
+            if self._start is not None:
+                self._soon = loop.call_soon(self._start_soon)
+            else:
+                self._soon = self._spawn(self._run_soon())
         return future
 
     def _start_soon(self) -> None:
-        self._soon_handle = None
+        self._soon = None
         if not self._gathering:
             self._dispatch()
         self._pump()
@@ -367,10 +368,10 @@ class Batcher(Generic[T, R]):
         finished within ``within`` seconds."""
         self._closed = True
         done = await self.flush(within)
-        self._cancel_timer()  # an idle round trip not yet running is one of the tasks below
-        if self._soon_handle is not None:
-            self._soon_handle.cancel()
-            self._soon_handle = None
+        self._cancel_timer()
+        if self._soon is not None:  # an idle round trip not yet running (a task is also below)
+            self._soon.cancel()
+            self._soon = None
         while self._queue:
             entry = self._queue.popleft()
             if not entry.future.done():
