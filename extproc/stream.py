@@ -7,7 +7,9 @@ to send (or ``None`` in observability mode). ``server.py`` only moves bytes.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final
 
 from extproc.chain import Chain, Outcome, Slot
 from extproc.context import RequestContext
@@ -53,6 +55,7 @@ _WHOLE_BODY_MODES: Final = frozenset(
 )
 _CACHED_PHASES: Final = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS})
 _NO_REQUEST: Final = HttpRequest()  # immutable: one for every stream
+_NO_MAPPING: Final[Mapping[str, Any]] = MappingProxyType({})
 # the phases that may still arrive on a side, by where the side is
 _REQUEST_LEFT: Final = {
     Side.START: frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY, Phase.REQUEST_TRAILERS}),
@@ -215,15 +218,17 @@ class StreamProcessor:
         phase = msg.phase
         headers = msg.headers or Headers()
         if phase is Phase.REQUEST_HEADERS:
+            get = headers._first.get  # one dict, five lookups: no method call per header
+            # positional, in HttpRequest's field order (keywords cost a frozen dataclass more)
             self.request = HttpRequest(
-                method=headers.get(":method", ""),
-                path=headers.get(":path", ""),
-                authority=headers.get(":authority", ""),
-                scheme=headers.get(":scheme", ""),
-                request_id=headers.get("x-request-id", ""),
-                headers=headers,
-                attributes=msg.attributes or {},
-                metadata=msg.metadata or {},
+                get(":method", ""),
+                get(":path", ""),
+                get(":authority", ""),
+                get(":scheme", ""),
+                get("x-request-id", ""),
+                headers,
+                msg.attributes or _NO_MAPPING,
+                msg.metadata or _NO_MAPPING,
             )
             return RequestHeaders(self.request, self.context, msg.end_of_stream)
         if phase is Phase.RESPONSE_HEADERS:

@@ -48,6 +48,9 @@ _PHASE_OF: Final = {
     "response_trailers": Phase.RESPONSE_TRAILERS,
 }
 _FIELD_OF: Final = {phase: name for name, phase in _PHASE_OF.items()}
+#: a dict lookup instead of ``BodySendMode(n)`` (Enum's __call__ is Python code): each
+#: stream's first message carries two of them
+_BODY_MODE: Final = {m.value: m for m in BodySendMode}
 
 
 def _headers(header_map: Any) -> Headers:
@@ -104,11 +107,11 @@ def decode(req: pb.ProcessingRequest) -> Message:
         pc = req.protocol_config
         try:
             config = ProtocolConfig(
-                BodySendMode(pc.request_body_mode),
-                BodySendMode(pc.response_body_mode),
+                _BODY_MODE[pc.request_body_mode],
+                _BODY_MODE[pc.response_body_mode],
                 pc.send_body_without_waiting_for_header_response,
             )
-        except ValueError as exc:  # proto3 enums are open: a number we do not know
+        except KeyError as exc:  # proto3 enums are open: a number we do not know
             raise DecodeError("unknown body send mode in protocol_config") from exc
     inner = getattr(req, kind)
     if phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS):
