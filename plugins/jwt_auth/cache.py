@@ -15,10 +15,11 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from extproc.plugin import Continue
 from extproc.services.cache import MemoryCache, TieredCache
 
 from .config import TokenCacheConfig
@@ -39,6 +40,9 @@ class VerifiedToken:
     subject: str | None
     #: request headers derived from the claims (claim_to_headers, payload_header)
     headers: Mapping[str, str]
+    #: the plugin's answer for this token when nothing depends on the request (the token
+    #: header is forwarded): built once, returned for every request that carries the token
+    result: Continue | None = field(default=None, compare=False)
 
 
 #: share of an entry's TTL taken off at random (see :meth:`TokenCache.put`)

@@ -193,17 +193,18 @@ class Extractor:
         return FoundToken(token, frozenset(providers), frozenset(hdrs))
 
     def _from_header(self, headers: Headers, src: _HeaderSource) -> str | None:
-        if src.header not in headers:
-            return None
         values = headers.get_all(src.header)
         if len(values) != 1:
+            if not values:
+                return None
             raise TokenError("multiple_tokens", f"repeated {src.header} header")
         value = values[0]
         if len(value) > self.max_header_bytes:
             raise TokenError("too_large", "token header is too large")
         value = value.strip(" \t")
         if src.prefix:
-            if not value.lower().startswith(src.prefix):
+            # lower-case the prefix's length only, not the whole token
+            if value[: len(src.prefix)].lower() != src.prefix:
                 if value.lower() == src.prefix.strip():
                     raise TokenError("malformed", f"{src.header} header has no token")
                 return None  # another scheme (Basic ...): not ours

@@ -314,13 +314,18 @@ class JwtAuthPlugin(Plugin):
         event.context[AUTH_CLAIMS] = verified.claims
         if verified.subject is not None:
             event.context[AUTH_SUBJECT] = verified.subject
-        remove = self._strip
         provider = self._providers[verified.provider]
         if not provider.config.forward and found.headers:
-            remove = remove + tuple(sorted(found.headers))
-        if not remove and not verified.headers:
+            remove = self._strip + tuple(sorted(found.headers))
+            return Continue(set_headers=verified.headers, remove_headers=remove)
+        result = verified.result
+        # built by this generation: an entry inherited over a reload (L1 is kept when the
+        # cache settings stay) may predate a change of the headers stripped from requests
+        if result is not None and result.remove_headers is self._strip:
+            return result
+        if not self._strip and not verified.headers:
             return CONTINUE
-        return Continue(set_headers=verified.headers, remove_headers=remove)
+        return Continue(set_headers=verified.headers, remove_headers=self._strip)
 
     async def _verify(self, found: FoundToken, rule: CompiledRule) -> VerifiedToken:
         candidates = [self._providers[n] for n in rule.providers if n in found.providers]
@@ -441,6 +446,7 @@ class JwtAuthPlugin(Plugin):
         exp = payload.get("exp")
         nbf = payload.get("nbf")
         sub = payload.get("sub")
+        frozen = freeze(headers)
         return VerifiedToken(
             provider=p.name,
             kid=kid,
@@ -448,7 +454,8 @@ class JwtAuthPlugin(Plugin):
             exp=float(exp) if isinstance(exp, int | float) else None,
             nbf=float(nbf) if isinstance(nbf, int | float) else None,
             subject=sub if isinstance(sub, str) else None,
-            headers=freeze(headers),
+            headers=frozen,
+            result=Continue(set_headers=frozen, remove_headers=self._strip),
         )
 
     def _rebuild(

@@ -463,3 +463,49 @@ def test_plugin_declaration() -> None:
     needs = JwtAuthPlugin.needs
     assert needs.request_headers and not needs.response_headers
     assert len(needs.phases()) == 1
+
+
+async def test_a_cached_token_answers_with_one_result_built_when_it_was_verified(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair
+) -> None:
+    plugin = await make_plugin(_config([rsa_key]))
+    token = tokens.mint({"sub": "alice"})
+    first = await plugin.on_request(bearer(token))
+    again = await plugin.on_request(bearer(token))
+    assert isinstance(first, Continue) and first.set_headers["x-user"] == "alice"
+    assert again is first  # no Continue built per request for a cache hit
+
+
+async def test_a_token_cached_before_a_reload_gets_the_new_headers_to_strip(
+    tokens: TokenFactory, rsa_key: KeyPair, wall: Any, mono: Any
+) -> None:
+    """L1 is kept over a reload when the cache settings stay; the result prebuilt for a
+    token must not keep the old generation's list of headers to remove."""
+    from extproc.testing.context import make_plugin_context
+
+    def config(other_header: str) -> JwtAuthConfig:
+        other = provider([rsa_key], issuer="https://other.example")
+        other["claim_to_headers"] = [{"claim": "sub", "header": other_header}]
+        return JwtAuthConfig.model_validate(
+            {"providers": {"main": provider([rsa_key]), "other": other}}
+        )
+
+    async def start(cfg: JwtAuthConfig, previous: JwtAuthPlugin | None) -> JwtAuthPlugin:
+        plugin = JwtAuthPlugin(cfg)
+        if previous is not None:
+            plugin.take_over(previous)
+        await plugin.initialize(make_plugin_context("jwt_auth", cfg, clock=mono, wall_clock=wall))
+        return plugin
+
+    old = await start(config("x-team"), None)
+    token = tokens.mint({"sub": "alice"})
+    before = await old.on_request(bearer(token))
+    assert isinstance(before, Continue) and "x-team" in before.remove_headers
+    new = await start(config("x-group"), old)
+    assert new.token_cache is not None and old.token_cache is not None
+    assert new.token_cache.l1 is old.token_cache.l1  # the entry is inherited
+    after = await new.on_request(bearer(token))
+    assert isinstance(after, Continue)
+    assert "x-group" in after.remove_headers and "x-team" not in after.remove_headers
+    for plugin in (old, new):
+        await plugin.shutdown()
