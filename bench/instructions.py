@@ -29,7 +29,7 @@ directory, the same driver and inputs) and adds the ratio. Tokens, JWKS and requ
 made once, in this process, and handed to every child; hash randomization is off in them.
 
 Run: ``python -m bench.instructions [--requests N] [--baseline REV] [--configs a,b]``.
-Needs valgrind (``callgrind_control`` comes with it). About 1-2 minutes per tree here.
+Needs valgrind (``callgrind_control`` comes with it). About 2 minutes per tree here.
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ def _spec(config: str, requests: int, redis_url: str | None, workdir: Path) -> P
     doc = sidecar_config(scenario(scen), traffic, redis_url if redis else None)
     doc["server"]["transport"] = "http2"
     doc.pop("tracing", None)
+    # under valgrind everything runs ~50x slower: deadlines far enough out that none fires
+    # (a timeout or a fallback would count another path; the child checks that none happened)
+    doc["server"]["message_timeout_ms"] = 60_000
+    for p in doc["plugins"]:
+        p["timeout_ms"] = 10_000
+        if p["plugin"] == "rate_limit" and redis:
+            p["config"]["redis_timeout_ms"] = 1_000
+    if redis:
+        doc["redis"]["timeout_ms"] = 10_000
     if not redis:
         doc.pop("redis", None)
         for p in doc["plugins"]:
@@ -240,7 +249,7 @@ _GRPC_HEADERS = (
     (":method", "POST"), (":scheme", "http"),
     (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
     (":authority", "ext_proc"), ("content-type", "application/grpc"), ("te", "trailers"),
-    ("grpc-timeout", "200m"),
+    ("grpc-timeout", "60S"),
 )  # fmt: skip
 
 
@@ -269,7 +278,7 @@ class _Sink:
 
     def __init__(self) -> None:
         self.written = 0
-        self.kept: bytearray | None = bytearray()  # the first replies, to check them
+        self.kept: bytearray | None = None  # a reply to check, while set
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
@@ -286,8 +295,19 @@ class _Sink:
         return default
 
 
-def _check_reply(data: bytes) -> None:
-    """The first stream was answered as the benchmark's are: a ProcessingResponse that lets
+def _failures(metrics: str) -> dict[str, float]:
+    """Plugin failures and rate-limit fallbacks so far, from the Prometheus text."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name.endswith(("_plugin_errors_total", "_fallback_total")):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def _check_reply(data: bytes, stream: int = 1) -> None:
+    """The stream was answered as the benchmark's are: a ProcessingResponse that lets
     the request headers through, and grpc-status 0 (a failing config must not be counted)."""
     from hpack import Decoder
 
@@ -302,15 +322,17 @@ def _check_reply(data: bytes) -> None:
         kind, sid = data[pos + 3], int.from_bytes(data[pos + 5 : pos + 9], "big")
         payload = data[pos + 9 : pos + 9 + size]
         pos += 9 + size
-        if sid == 1 and kind == 0x1:
-            headers.update(decoder.decode(payload, raw=True))
-        elif sid == 1 and kind == 0x0:
+        if kind == 0x1:  # every block goes through the decoder: its table must follow
+            block = decoder.decode(payload, raw=True)
+            if sid == stream:
+                headers.update(block)
+        elif sid == stream and kind == 0x0:
             body += payload
     if headers.get(b"grpc-status") != b"0" or len(body) < 5:
-        raise RuntimeError(f"the first stream failed: {headers!r}")
+        raise RuntimeError(f"stream {stream} failed: {headers!r}")
     reply = pb.ProcessingResponse.FromString(body[5:])
     if reply.WhichOneof("response") != "request_headers":
-        raise RuntimeError(f"the first stream was not let through: {reply}")
+        raise RuntimeError(f"stream {stream} was not let through: {reply}")
 
 
 def _switch(on: bool) -> None:
@@ -388,10 +410,15 @@ async def _drive(spec: dict[str, Any], messages: list[bytes], switching_only: bo
         feed(first)
         return done
 
-    await run(0, 1)
-    _check_reply(bytes(sink.kept or b""))
+    if loaded.config.redis is not None:
+        await asyncio.sleep(1.0)  # the store's connection opens (slowly, under valgrind)
     sink.kept = None
-    await run(1, WARM)
+    await run(0, WARM - 1)
+    sink.kept = bytearray()
+    await run(WARM - 1, WARM)
+    _check_reply(bytes(sink.kept), 1 + 2 * (WARM - 1))
+    sink.kept = None
+    failures = _failures(services.registry.render_prometheus())
     written = sink.written
     gc.collect()
     gc.freeze()  # as `extproc serve` does once serving
@@ -400,6 +427,11 @@ async def _drive(spec: dict[str, Any], messages: list[bytes], switching_only: bo
     _switch(False)
     if sink.written - written < n * 20:
         raise RuntimeError("the server wrote less than a reply per stream")
+    after = _failures(services.registry.render_prometheus())
+    if after != failures:
+        # a plugin timed out or a store fell back: another path than the one meant was counted
+        changed = {k: v - failures.get(k, 0.0) for k, v in after.items() if v != failures.get(k)}
+        raise RuntimeError(f"failures or fallbacks during the measured streams: {changed}")
     await runtime.shutdown(1.0)
     await services.aclose()
 

@@ -10,6 +10,7 @@ from bench.instructions import (
     _GRPC_HEADERS,
     Count,
     _check_reply,
+    _failures,
     _frame,
     _streams,
     collected,
@@ -75,3 +76,16 @@ def test_only_a_reply_that_lets_the_request_through_is_counted() -> None:
         _check_reply(_reply(b"0", refused))
     with pytest.raises(RuntimeError, match="failed"):
         _check_reply(_reply(b"13", ok))
+
+
+def test_failures_are_the_plugin_error_and_fallback_series() -> None:
+    text = "\n".join([
+        "# TYPE extproc_plugin_errors_total counter",
+        'extproc_plugin_errors_total{plugin="rate_limit",kind="timeout"} 2.0',
+        'extproc_rate_limit_fallback_total{rule="per_user",policy="local"} 1.0',
+        'extproc_plugin_decisions_total{plugin="jwt_auth",phase="request_headers"} 900.0',
+    ])  # fmt: skip
+    assert _failures(text) == {
+        'extproc_plugin_errors_total{plugin="rate_limit",kind="timeout"}': 2.0,
+        'extproc_rate_limit_fallback_total{rule="per_user",policy="local"}': 1.0,
+    }
