@@ -89,7 +89,7 @@ def per_request(count: Count, switching: int) -> float:
 
 
 def _spec(config: str, requests: int, redis_url: str | None, workdir: Path) -> Path:
-    """Write the child's inputs: sidecar config, request bytes, count."""
+    """Write the child's inputs: the sidecar config, the count, where the requests are."""
     from bench.stack import scenario, sidecar_config
 
     key, _, scen, redis = next(c for c in CONFIGS if c[0] == config)
@@ -106,7 +106,7 @@ def _spec(config: str, requests: int, redis_url: str | None, workdir: Path) -> P
             p["config"]["redis_timeout_ms"] = 1_000
     if redis:
         doc["redis"]["timeout_ms"] = 10_000
-    if not redis:
+    else:
         doc.pop("redis", None)
         for p in doc["plugins"]:
             if p["plugin"] == "rate_limit":  # the in-process store takes no batching options
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} not found: apt-get install valgrind")
-    configs = [c for c in args.configs.split(",") if c]
+    configs = list(dict.fromkeys(c for c in args.configs.split(",") if c))
     unknown = set(configs) - {c[0] for c in CONFIGS}
     if unknown:
         parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")

@@ -1,6 +1,7 @@
 """``python -m bench.instructions`` for real, under valgrind: a commit against itself gives the
-same count to a fraction of a percent, which is the point of counting instructions on a
-machine whose speed drifts. valgrind missing is a failure with the install hint."""
+same count to within a few percent over a few hundred streams (0.1 % over 2,000 on a quiet
+machine), which is the point of counting instructions on a machine whose speed drifts.
+valgrind missing is a failure with the install hint."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_head_against_itself_counts_the_same() -> None:
     done = subprocess.run(
         [
             sys.executable, "-m", "bench.instructions",
-            "--requests", "100", "--configs", "none", "--baseline", "HEAD",
+            "--requests", "400", "--configs", "none", "--baseline", "HEAD",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -36,4 +37,7 @@ def test_head_against_itself_counts_the_same() -> None:
     here, base = (int(row.group(i).replace(",", "")) for i in (1, 2))
     # the whole stream path, HTTP/2 to plugin chain and back: far more than the switching
     assert 50_000 < here < 2_000_000
-    assert abs(here - base) / base < 0.005, (here, base)
+    # what runs on the clock is the rest: the saturation meter reads the CPU clock every
+    # 50 ms, every few streams under valgrind (more often when the machine is busy), ~3,000
+    # instructions a read; timing differences between runs are +-20 % here
+    assert abs(here - base) / base < 0.03, (here, base)
