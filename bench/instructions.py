@@ -51,6 +51,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extproc.http2 import (
+    ACK,
+    DATA,
+    END_HEADERS,
+    HEADERS,
+    PREFACE,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+)
+from extproc.server import SERVICE_NAME
+
 #: (key, title, bench scenario whose sidecar config is used, Redis or not)
 CONFIGS: tuple[tuple[str, str, str, bool], ...] = (
     ("none", "no plugins (`extproc-h2`)", "extproc-h2", False),
@@ -244,18 +256,13 @@ def _requests(workdir: Path, n: int) -> None:
 
 # ---------------------------------------------------------------------------- the child
 
+_PROCESS = f"/{SERVICE_NAME}/Process"
 #: the gRPC request headers of Envoy's ext_proc client, as a constant block
 _GRPC_HEADERS = (
-    (":method", "POST"), (":scheme", "http"),
-    (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+    (":method", "POST"), (":scheme", "http"), (":path", _PROCESS),
     (":authority", "ext_proc"), ("content-type", "application/grpc"), ("te", "trailers"),
     ("grpc-timeout", "60S"),
 )  # fmt: skip
-
-
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    head = len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big")
-    return head + payload
 
 
 def _streams(messages: Sequence[bytes]) -> list[bytes]:
@@ -269,7 +276,7 @@ def _streams(messages: Sequence[bytes]) -> list[bytes]:
         sid = 1 + 2 * i
         block = encoder.encode(_GRPC_HEADERS)
         grpc_message = b"\x00" + len(body).to_bytes(4, "big") + body
-        out.append(_frame(0x1, 0x4, sid, block) + _frame(0x0, 0x0, sid, grpc_message))
+        out.append(frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, 0, sid, grpc_message))
     return out
 
 
@@ -322,11 +329,11 @@ def _check_reply(data: bytes, stream: int = 1) -> None:
         kind, sid = data[pos + 3], int.from_bytes(data[pos + 5 : pos + 9], "big")
         payload = data[pos + 9 : pos + 9 + size]
         pos += 9 + size
-        if kind == 0x1:  # every block goes through the decoder: its table must follow
+        if kind == HEADERS:  # every block goes through the decoder: its table must follow
             block = decoder.decode(payload, raw=True)
             if sid == stream:
                 headers.update(block)
-        elif sid == stream and kind == 0x0:
+        elif sid == stream and kind == DATA:
             body += payload
     if headers.get(b"grpc-status") != b"0" or len(body) < 5:
         raise RuntimeError(f"stream {stream} failed: {headers!r}")
@@ -377,15 +384,13 @@ async def _drive(spec: dict[str, Any], messages: list[bytes], switching_only: bo
     runtime = Runtime(services)
     await runtime.start(loaded)
     servicer = ExtProcServicer(runtime, loaded.config, services.registry, None)
-    path = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-    server = Http2Server({path: functools.partial(servicer.Process, None)})
+    server = Http2Server({_PROCESS: functools.partial(servicer.Process, None)})
     conn = _Connection(server)
     sink = _Sink()
     conn.connection_made(sink)  # type: ignore[arg-type]
-    settings_ack = _frame(0x4, 0x1, 0)
     conn.data_received(
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0x0, 0) + settings_ack
-        + _frame(0x8, 0x0, 0, (2**31 - 1 - 65_535).to_bytes(4, "big"))
+        PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, ACK, 0)
+        + frame(WINDOW_UPDATE, 0, 0, (2**31 - 1 - 65_535).to_bytes(4, "big"))
     )  # fmt: skip
     streams = _streams(messages)
     loop = asyncio.get_running_loop()
@@ -412,7 +417,6 @@ async def _drive(spec: dict[str, Any], messages: list[bytes], switching_only: bo
 
     if loaded.config.redis is not None:
         await asyncio.sleep(1.0)  # the store's connection opens (slowly, under valgrind)
-    sink.kept = None
     await run(0, WARM - 1)
     sink.kept = bytearray()
     await run(WARM - 1, WARM)

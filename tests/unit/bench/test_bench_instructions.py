@@ -11,13 +11,13 @@ from bench.instructions import (
     Count,
     _check_reply,
     _failures,
-    _frame,
     _streams,
     collected,
     per_request,
     table,
 )
 from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc.http2 import frame
 
 
 def test_the_count_is_the_last_one_callgrind_printed() -> None:
@@ -60,9 +60,9 @@ def _reply(status: bytes, response: pb.ProcessingResponse) -> bytes:
     enc = Encoder()
     body = response.SerializeToString()
     return (
-        _frame(0x1, 0x4, 1, enc.encode([(":status", "200")]))
-        + _frame(0x0, 0, 1, b"\x00" + len(body).to_bytes(4, "big") + body)
-        + _frame(0x1, 0x5, 1, enc.encode([("grpc-status", status.decode())]))
+        frame(0x1, 0x4, 1, enc.encode([(":status", "200")]))
+        + frame(0x0, 0, 1, b"\x00" + len(body).to_bytes(4, "big") + body)
+        + frame(0x1, 0x5, 1, enc.encode([("grpc-status", status.decode())]))
     )
 
 
