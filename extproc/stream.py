@@ -7,14 +7,13 @@ to send (or ``None`` in observability mode). ``server.py`` only moves bytes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
 from extproc.chain import Chain, Outcome, Slot
 from extproc.context import RequestContext
 from extproc.observability.metrics import BoundCounter, Registry
 from extproc.plugin import (
+    _EMPTY,
     BodyMode,
     Event,
     Headers,
@@ -55,7 +54,6 @@ _WHOLE_BODY_MODES: Final = frozenset(
 )
 _CACHED_PHASES: Final = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS})
 _NO_REQUEST: Final = HttpRequest()  # immutable: one for every stream
-_NO_MAPPING: Final[Mapping[str, Any]] = MappingProxyType({})
 # the phases that may still arrive on a side, by where the side is
 _REQUEST_LEFT: Final = {
     Side.START: frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY, Phase.REQUEST_TRAILERS}),
@@ -227,8 +225,8 @@ class StreamProcessor:
                 get(":scheme", ""),
                 get("x-request-id", ""),
                 headers,
-                msg.attributes or _NO_MAPPING,
-                msg.metadata or _NO_MAPPING,
+                msg.attributes or _EMPTY,
+                msg.metadata or _EMPTY,
             )
             return RequestHeaders(self.request, self.context, msg.end_of_stream)
         if phase is Phase.RESPONSE_HEADERS:
