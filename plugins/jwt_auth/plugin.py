@@ -323,9 +323,13 @@ class JwtAuthPlugin(Plugin):
         # cache settings stay) may predate a change of the headers stripped from requests
         if result is not None and result.remove_headers is self._strip:
             return result
-        if not self._strip and not verified.headers:
-            return CONTINUE
-        return Continue(set_headers=verified.headers, remove_headers=self._strip)
+        return self._answer(verified.headers)
+
+    def _answer(self, headers: Mapping[str, str]) -> Continue:
+        """Set the token's claim headers, strip every provider's (forged) ones."""
+        if not headers and not self._strip:
+            return CONTINUE  # its remove_headers is () too: the identity check above holds
+        return Continue(set_headers=headers, remove_headers=self._strip)
 
     async def _verify(self, found: FoundToken, rule: CompiledRule) -> VerifiedToken:
         candidates = [self._providers[n] for n in rule.providers if n in found.providers]
@@ -455,7 +459,7 @@ class JwtAuthPlugin(Plugin):
             nbf=float(nbf) if isinstance(nbf, int | float) else None,
             subject=sub if isinstance(sub, str) else None,
             headers=frozen,
-            result=Continue(set_headers=frozen, remove_headers=self._strip),
+            result=self._answer(frozen),
         )
 
     def _rebuild(
