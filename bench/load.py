@@ -26,7 +26,8 @@ class LoadResult:
     duration_s: float
     statuses: dict[str, int]
     socket_errors: int
-    #: latency percentiles in milliseconds: p50, p90, p99 (and p99.9 for the open loop)
+    #: latency percentiles in milliseconds: p50, p90, p99 (and p95, p98, p99.9 for the open
+    #: loop: the shape of its tail)
     latency_ms: dict[str, float]
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -171,7 +172,14 @@ async def _open_loop(
         duration_s=elapsed,
         statuses=dict(statuses),
         socket_errors=socket_errors,
-        latency_ms={"p50": pct(50), "p90": pct(90), "p99": pct(99), "p99.9": pct(99.9)},
+        latency_ms={
+            "p50": pct(50),
+            "p90": pct(90),
+            "p95": pct(95),
+            "p98": pct(98),
+            "p99": pct(99),
+            "p99.9": pct(99.9),
+        },
         extra={"rate": rate, "achieved_rps": len(latencies) / elapsed if elapsed else 0.0},
     )
 

@@ -56,6 +56,14 @@ def _hooks(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def _gc(samples: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """Medians of the collector's pauses (samples without them are skipped)."""
+    seen = [x["gc"] for x in samples if x.get("gc")]
+    if not seen:
+        return None
+    return {k: _median([g[k] for g in seen]) for k in ("pauses_per_s", "share", "long_per_s")}
+
+
 def _error_causes(samples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """The 5xx and socket errors of the samples by status, and the sidecar's plugin
     failures (``"<plugin> <kind>"``) that answered them, summed."""
@@ -108,6 +116,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             ),
             "batching": _batching(samples),
             "hooks": _hooks(samples),
+            "gc": _gc(samples),
             "error_causes": _error_causes(samples),
         }
         lat = [r[key] for r in data.get("latency_rounds", []) if key in r]
@@ -126,6 +135,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             row["open_loop"]["added_p99_ms"] = _median(added)
             row["open_loop"]["batching"] = _batching(lat)
             row["open_loop"]["hooks"] = _hooks(lat)
+            row["open_loop"]["gc"] = _gc(lat)
             row["open_loop"]["error_causes"] = _error_causes(lat)
             machine = [x["machine"] for x in lat if "machine" in x]  # runs before it: none
             if machine:
@@ -260,6 +270,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
     lines += _errors_section(data)
     lines += _batching_table(data)
     lines += _hooks_table(data)
+    lines += _gc_table(data)
     lines += _baseline_table(data)
     lines += _paired_table(data)
     lines += [
@@ -473,6 +484,30 @@ def _hooks_table(data: dict[str, Any]) -> list[str]:
         "",
         "| scenario | load | plugin | mean µs | p50 µs | p99 µs |",
         "|---|---|---|---:|---:|---:|",
+        *rows,
+    ]
+
+
+def _gc_table(data: dict[str, Any]) -> list[str]:
+    """How long the sidecars' event loops stood still in the cyclic collector."""
+    rows = [
+        f"| `{key}` | {load} | {_fmt(g['pauses_per_s'], 1)} | {g['share'] * 100:.2f} % "
+        f"| {g['long_per_s']:.2f} |"
+        for key, load, g in _by_load(data, "gc")
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Collector pauses",
+        "",
+        "From the sidecar's own `extproc_gc_pause_seconds` (all generations), medians over "
+        "rounds. A request that arrives during a pause waits for it, so at a fixed rate the "
+        "share of the time spent in pauses is about the share of requests delayed by one: "
+        "read it against the 1 % above p99.",
+        "",
+        "| scenario | load | pauses/s | share of the time | pauses of 1 ms or more /s |",
+        "|---|---|---:|---:|---:|",
         *rows,
     ]
 

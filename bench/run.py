@@ -166,11 +166,13 @@ def _redis_calls(stack: Stack) -> dict[str, int]:
 
 _HOOK_FAMILY = "extproc_plugin_duration_seconds"
 _ERRORS_FAMILY = "extproc_plugin_errors_total"
+_GC_FAMILY = "extproc_gc_pause_seconds"
 _SCRAPED_FAMILIES = (
     "extproc_rate_limit_batch_wait_seconds",
     "extproc_rate_limit_batch_size",
     _HOOK_FAMILY,
     _ERRORS_FAMILY,
+    _GC_FAMILY,
 )
 
 
@@ -285,6 +287,35 @@ def _hooks(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[
     return out
 
 
+def _gc(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """The cyclic collector's pauses during a sample, all generations (the sidecar's
+    ``extproc_gc_pause_seconds``): per second, the share of the wall time the event loop
+    stood still in them (about the share of requests that arrive during one), and how many
+    a second lasted 1 ms or more. Empty without an admin port or a pause."""
+    count = total = long = 0.0
+    for name, value in after.items():
+        if not name.startswith(_GC_FAMILY):
+            continue
+        delta = value - before.get(name, 0.0)
+        if name.startswith(f"{_GC_FAMILY}_count"):
+            count += delta
+        elif name.startswith(f"{_GC_FAMILY}_sum"):
+            total += delta
+        elif name.startswith(f"{_GC_FAMILY}_bucket"):
+            labels = dict(_LABELS.findall(name))
+            if labels.get("le") == "+Inf":
+                long += delta
+            elif labels.get("le") == "0.001":
+                long -= delta  # + Inf minus "under 1 ms": the pauses of 1 ms or more
+    if not count or seconds <= 0:
+        return {}
+    return {
+        "pauses_per_s": count / seconds,
+        "share": total / seconds,
+        "long_per_s": long / seconds,
+    }
+
+
 def _allowed(s: Scenario) -> frozenset[str]:
     return frozenset({"200", "429"} if s.deny else {"200"})
 
@@ -332,6 +363,7 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
         "redis_commands": commands,
         "batching": batching,
         "hooks": _hooks(metrics, metrics_after),
+        "gc": _gc(metrics, metrics_after, result.duration_s),
         "plugin_errors": _plugin_errors(metrics, metrics_after),
         "machine": machine,
         "extra": result.extra,

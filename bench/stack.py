@@ -68,6 +68,8 @@ class Scenario:
     optional: bool = False
     #: ``server.coalesce_replies_ms`` (None: the default)
     coalesce_ms: float | None = None
+    #: the share of streams traced (None: :data:`TRACE_RATIO`; 0: tracing off)
+    trace_ratio: float | None = None
     #: more of rate_limit's ``batch`` settings (development comparisons)
     batch_extra: tuple[tuple[str, Any], ...] = ()
     #: ``server.transport`` (grpcio: grpc.aio; http2: extproc's own HTTP/2)
@@ -201,6 +203,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-nt",
+        "extproc-jwt-rl with tracing off (no span of any stream)",
+        "extproc",
+        ("jwt", "rl"),
+        trace_ratio=0.0,
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-b1-pool",
         "extproc-jwt-rl-b1 over the redis-py pool (redis_pipeline: false)",
         "extproc",
@@ -221,6 +231,7 @@ HTTP2_TWINS: tuple[tuple[str, bool], ...] = (
     ("extproc-jwt-rl-nc", False),
     ("extproc-jwt-rl-ifw0", False),
     ("extproc-jwt-rl-mw0", False),
+    ("extproc-jwt-rl-nt", False),
 )
 
 
@@ -390,12 +401,13 @@ def sidecar_config(
     if s.transport != "grpcio":
         server["transport"] = s.transport
     config: dict[str, Any] = {"version": 1, "server": server, "plugins": plugins}
-    if otlp_endpoint:
+    ratio = TRACE_RATIO if s.trace_ratio is None else s.trace_ratio
+    if otlp_endpoint and ratio:
         # production-like: 1 % of streams traced, exported over OTLP/gRPC
         config["tracing"] = {
             "exporter": "otlp",
             "otlp_endpoint": otlp_endpoint,
-            "sample_ratio": TRACE_RATIO,
+            "sample_ratio": ratio,
         }
     if s.needs_redis:
         config["redis"] = {"url": redis_url}
