@@ -5,7 +5,12 @@
 * A round trip in flight: requests gather in a bounded queue until it returns, the batch is full
   (``max_batch``) or the oldest has waited ``in_flight_wait`` (``batch.in_flight_wait_ms``, 1 ms
   by default; at most ``max_wait``) - whichever comes first - but never more than
-  ``max_in_flight`` round trips run at once.
+  ``max_in_flight`` round trips run at once. They gather only when the recent arrival rate
+  would bring ``min_gather`` requests within ``in_flight_wait`` (4,000 req/s with the
+  defaults); below it a request takes a free slot on the next tick, as an idle batcher's
+  does. (At 1,000 req/s a round trip of ~0.2 ms has ~0.2 arrivals behind it: waiting made
+  the request that came alone wait - p99 0.85 ms of the batcher's wait - and saved no round
+  trip: 0.83 per request either way.)
 * Saturated worker: the event loop's thread is on a CPU or waiting for one nearly all the time
   (``saturation()`` in [0, 1], see
   :class:`~extproc.observability.saturation.LoopSaturation`). A batch then gathers for
@@ -120,6 +125,9 @@ class Batcher(Generic[T, R]):
         #: at the recent arrival rate (0: whenever it is saturated)
         self.min_gather = min_gather
         self._arrivals = ArrivalRate(RATE_INTERVAL)
+        #: how long a request waits behind a round trip in flight, now: ``in_flight_wait``
+        #: while the arrival rate would gather ``min_gather`` requests in it, else 0
+        self._behind = 0.0 if min_gather else self.in_flight_wait
         self._on_batch = on_batch
         #: called with each request's wait (seconds) from ``submit`` to its round trip's start
         self._on_wait = on_wait
@@ -175,6 +183,10 @@ class Batcher(Generic[T, R]):
             rate = self._arrivals.tick(now)
             if window and rate * window < self.min_gather:
                 window = 0.0  # waiting would save (almost) no round trip: send as with spare CPU
+            # the same rule behind a round trip in flight: a request that would wait alone
+            # takes a free slot on the next tick (with the rest of this tick's requests)
+            gather = rate * self.in_flight_wait >= self.min_gather
+            self._behind = self.in_flight_wait if gather else 0.0
         self.window = window
         if self._gathering:
             self._pump()
@@ -209,9 +221,15 @@ class Batcher(Generic[T, R]):
 
     @property
     def _gathering(self) -> bool:
-        """A round trip is in flight, a flush is on, or the worker is saturated: requests go
-        through :meth:`_pump`'s rules rather than straight out on the next tick."""
-        return bool(self._in_flight or self._flushing or self.window)
+        """Requests go through :meth:`_pump`'s rules rather than straight out on the next
+        tick: a flush is on, the worker is saturated, every slot is taken, or a round trip is
+        in flight and the arrival rate says to wait for company behind it."""
+        in_flight = self._in_flight
+        return bool(
+            self._flushing
+            or self.window
+            or (in_flight and (self._behind or in_flight >= self.max_in_flight))
+        )
 
     def _purge_cancelled(self) -> None:
         self._queue = collections.deque(e for e in self._queue if not e.future.done())
@@ -220,7 +238,7 @@ class Batcher(Generic[T, R]):
         """Start round trips while allowed; otherwise make sure a timer will come back."""
         loop = asyncio.get_running_loop()
         while self._queue and self._in_flight < self.max_in_flight:
-            wait = self.window or (self.in_flight_wait if self._in_flight else 0.0)
+            wait = self.window or (self._behind if self._in_flight else 0.0)
             if wait:  # never gather for more than a quarter of the oldest request's budget
                 first = self._queue[0]
                 wait = min(wait, (first.deadline - first.enqueued) * 0.25)

@@ -51,6 +51,12 @@ class GatedStore:
         self.gates[index].set()
 
 
+def arriving_at(b: Batcher[int, int], rate: float) -> None:
+    """Make the batcher's arrival meter read ``rate`` requests/s for the next RATE_INTERVAL."""
+    b._arrivals.rate = rate
+    b._arrivals._since = asyncio.get_running_loop().time()
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -183,10 +189,67 @@ async def test_full_batch_goes_while_another_is_in_flight() -> None:
     assert store.batches[3] == [7]
 
 
+@pytest.mark.parametrize("with_start", [False, True])
+async def test_a_moderate_rate_takes_the_free_slot_instead_of_waiting_behind(
+    with_start: bool,
+) -> None:
+    """Below min_gather requests per in_flight_wait, a request behind a round trip in flight
+    goes on the next tick, with the requests of its tick, in the second slot; with both
+    slots out the rest wait for one."""
+    store: GatedStore | CallbackStore = CallbackStore() if with_start else GatedStore()
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        start=store.start if isinstance(store, CallbackStore) else None,
+        saturation=idle,
+        in_flight_wait=1.0,
+        max_wait=10.0,
+        max_in_flight=2,
+    )
+    arriving_at(b, 3.99)  # 3.99 within in_flight_wait (1 s): under min_gather (4)
+    first = b.submit(1, FAR)
+    await settle()
+    second = [b.submit(2, FAR), b.submit(3, FAR)]
+    await settle()
+    assert store.batches == [[1], [2, 3]]  # not held for the 1 s in_flight_wait
+    third = b.submit(4, FAR)
+    await settle()
+    assert store.batches == [[1], [2, 3]]  # both slots out: waits for one
+    done = store.settle if isinstance(store, CallbackStore) else store.release
+    done(0)
+    await settle()
+    assert store.batches == [[1], [2, 3], [4]]
+    done(1)
+    done(2)
+    assert await asyncio.gather(first, *second, third) == [10, 20, 30, 40]
+
+
+async def test_a_high_rate_waits_behind_the_round_trip_in_flight() -> None:
+    store = GatedStore()
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, in_flight_wait=1.0, max_wait=10.0, max_in_flight=2
+    )
+    arriving_at(b, 4.0)  # 4 within in_flight_wait: company worth waiting for
+    first = b.submit(1, FAR)
+    await settle()
+    second = b.submit(2, FAR)
+    await settle()
+    assert store.batches == [[1]]
+    store.release(0)
+    await settle()
+    assert store.batches == [[1], [2]]
+    store.release(1)
+    assert await asyncio.gather(first, second) == [10, 20]
+
+
 async def test_max_wait_sends_a_partial_batch_when_a_slot_is_free() -> None:
     store = GatedStore()
     b: Batcher[int, int] = Batcher(
-        store.send, saturation=idle, max_batch=100, max_wait=0.005, max_in_flight=2
+        store.send,
+        saturation=idle,
+        max_batch=100,
+        max_wait=0.005,
+        max_in_flight=2,
+        min_gather=0,  # always waits behind a round trip in flight
     )
     b.submit(0, FAR)
     await settle()
@@ -207,6 +270,7 @@ async def test_spare_cpu_waits_at_most_in_flight_wait_not_max_wait() -> None:
     trip in flight 1 ms to come back, then takes the free slot."""
     store = GatedStore()
     b: Batcher[int, int] = Batcher(store.send, saturation=idle, max_wait=10.0, max_in_flight=2)
+    arriving_at(b, 10_000.0)
     b.submit(0, FAR)
     await settle()
     loop = asyncio.get_running_loop()
@@ -451,6 +515,7 @@ async def test_start_requests_gather_behind_the_round_trip_out() -> None:
     b: Batcher[int, int] = Batcher(
         store.send, start=store.start, saturation=idle, in_flight_wait=10.0, max_wait=10.0
     )
+    arriving_at(b, 1.0)  # 1 a second, but 4 within the 10 s in_flight_wait: gather
     first = b.submit(1, FAR)
     await asyncio.sleep(0)
     rest = [b.submit(i, FAR) for i in (2, 3, 4)]
