@@ -235,12 +235,11 @@ class BatchConfig(PluginConfig):
     With spare CPU a request goes at once (with whatever arrived in the same loop tick), so
     light load adds no latency; behind a round trip in flight it waits (``in_flight_wait_ms``)
     only at a rate that brings it company meanwhile. When the worker's CPU is saturated,
-    batches gather for up to
-    ``max_wait_ms`` (scaled by how saturated it is): that wait is mostly spent queueing for
-    the CPU anyway, and each round trip saved gives client and Redis CPU back to requests.
-    It gathers only when the window would collect at least 4 requests at the recent arrival
-    rate: a worker that reads as saturated at a moderate rate (a slow or crowded machine)
-    would make every request wait for a batch of one or two.
+    batches gather for up to ``max_wait_ms`` (scaled by how saturated it is): that wait is
+    mostly spent queueing for the CPU anyway, and each round trip saved gives client and
+    Redis CPU back to requests. It gathers only when the window would collect at least 4
+    requests at the recent arrival rate: a worker that reads as saturated at a moderate rate
+    (a slow or crowded machine) would make every request wait for a batch of one or two.
     The admin ``/status`` shows the window in force (``batch_window_ms``); the
     ``batch_size`` and ``batch_wait_seconds`` histograms the result. ``max_wait_ms: 0`` never
     waits for company.
