@@ -74,3 +74,18 @@ def test_a_warm_up_together_loads_every_sidecar_at_the_same_time(
     out = capsys.readouterr().out
     assert all(f"warm {s.key}" in out for s in sidecars)
     assert "passthrough" not in out
+
+
+def test_the_tracing_off_variant_has_no_tracing_section_and_the_rest_alike() -> None:
+    from bench.stack import sidecar_config
+    from bench.traffic import make_traffic
+
+    traffic = make_traffic(2)
+    on = sidecar_config(scenario("extproc-jwt-rl-h2"), traffic, "redis://x", "http://otlp")
+    off = sidecar_config(scenario("extproc-jwt-rl-nt-h2"), traffic, "redis://x", "http://otlp")
+    assert on["tracing"]["sample_ratio"] == pytest.approx(0.01)
+    assert "tracing" not in off
+    assert off["server"] == on["server"] and off["server"]["transport"] == "http2"
+    # the same plugins but for the key prefix, which follows the scenario's key
+    strip = [{**p, "config": {**p["config"], "key_prefix": ""}} for p in off["plugins"]]
+    assert strip == [{**p, "config": {**p["config"], "key_prefix": ""}} for p in on["plugins"]]
