@@ -133,6 +133,8 @@ class Batcher(Generic[T, R]):
         self._on_wait = on_wait
         #: how long a batch gathers with no round trip in flight (0: spare CPU, send at once)
         self.window = 0.0
+        #: the worker's saturation as last read (0 .. 1), which sized ``window``
+        self.saturation = 0.0
         self._queue: collections.deque[_Entry[T, R]] = collections.deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,7 +180,8 @@ class Batcher(Generic[T, R]):
         now = loop.time()
         self._queue.append(_Entry(item, future, deadline, now))
         self._idle.clear()
-        window = self._saturation() * self.max_wait
+        self.saturation = saturation = self._saturation()
+        window = saturation * self.max_wait
         if self.min_gather:
             rate = self._arrivals.tick(now)
             if window and rate * window < self.min_gather:

@@ -353,6 +353,10 @@ class RateLimitPlugin(Plugin):
             # how long batches gather with nothing in flight: 0 with spare CPU, up to
             # batch.max_wait_ms when the worker is saturated
             out["batch_window_ms"] = self._batcher.window * 1000.0
+            # ... sized by the worker's saturation as last read, and kept only at an arrival
+            # rate that fills it with company
+            out["batch_saturation"] = self._batcher.saturation
+            out["arrival_rate"] = self._batcher.arrival_rate
         return out
 
     async def shutdown(self) -> None:

@@ -141,6 +141,13 @@ async def test_exact_under_concurrency_in_few_round_trips(
     assert float(samples["extproc_rate_limit_batch_size_sum"]) == 500
     trips = samples['extproc_rate_limit_redis_round_trips_total{outcome="ok"}']
     assert samples["extproc_rate_limit_batch_size_count"] == trips
+    # and what sized the batches, in /status: the window, the saturation read, the rate
+    status = plugin.metrics()
+    assert {"batch_window_ms", "batch_saturation", "arrival_rate", "in_flight"} <= set(status)
+    assert 0.0 <= status["batch_saturation"] <= 1.0
+    # the window is the saturation x max_wait_ms (10), or 0 when the rate brings no company
+    window = status["batch_window_ms"]
+    assert window == 0.0 or window == pytest.approx(status["batch_saturation"] * 10.0)
 
 
 async def test_two_sidecar_processes_share_one_redis_exactly(server: RedisServer) -> None:

@@ -405,6 +405,7 @@ async def test_half_saturated_worker_waits_half_of_max_wait() -> None:
     b: Batcher[int, int] = Batcher(store.send, saturation=lambda: 0.5, max_wait=0.04, min_gather=0)
     future = b.submit(1, FAR)
     assert b.window == pytest.approx(0.02)
+    assert b.saturation == pytest.approx(0.5)  # what sized it, for /status
     assert await future == 10
 
 
@@ -430,7 +431,7 @@ async def test_saturated_worker_at_a_low_rate_sends_at_once() -> None:
             assert await b.submit(i, FAR) == i * 10
         await asyncio.sleep(RATE_INTERVAL)
     assert 0 < b.arrival_rate < 100
-    assert b.window == 0.0
+    assert b.window == 0.0 and b.saturation == 1.0  # saturated, and no window all the same
     assert store.batches == [[0], [1], [2], [3]]
 
 
