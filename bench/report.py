@@ -433,6 +433,13 @@ def _errors_section(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _section(title: str, intro: str, header: str, align: str, rows: list[str]) -> list[str]:
+    """A report section: a title, a paragraph, and a table of ``rows`` (nothing without rows)."""
+    if not rows:
+        return []
+    return ["", f"## {title}", "", intro, "", header, align, *rows]
+
+
 def _batching_table(data: dict[str, Any]) -> list[str]:
     """What the rate limiter's adaptive batching chose, from its own histograms: at
     saturation (closed loop) and at the open-loop rate."""
@@ -442,22 +449,17 @@ def _batching_table(data: dict[str, Any]) -> list[str]:
         f"| {_fmt(b['wait_p50_us'])} | {_fmt(b['wait_p99_us'])} |"
         for key, load, b in _by_load(data, "batching")
     ]
-    if not rows:
-        return []
-    return [
-        "",
-        "## Adaptive batching (rate_limit)",
-        "",
+    return _section(
+        "Adaptive batching (rate_limit)",
         "From the sidecar's own histograms (`extproc_rate_limit_batch_size`, "
         "`extproc_rate_limit_batch_wait_seconds`: each request's wait from reaching the "
         "batcher to its round trip being sent), medians over rounds. The wait is the latency "
         "batching added; quantiles are interpolated within buckets.",
-        "",
         "| scenario | load | rate-limit round trips/req | requests per round trip "
         "| wait mean µs | wait p50 µs | wait p99 µs |",
         "|---|---|---:|---:|---:|---:|---:|",
-        *rows,
-    ]
+        rows,
+    )
 
 
 def _hooks_table(data: dict[str, Any]) -> list[str]:
@@ -469,23 +471,18 @@ def _hooks_table(data: dict[str, Any]) -> list[str]:
         for key, load, hooks in _by_load(data, "hooks")
         for plugin, h in hooks.items()
     ]
-    if not rows:
-        return []
-    return [
-        "",
-        "## Plugin hooks",
-        "",
+    return _section(
+        "Plugin hooks",
         "Each plugin's `on_request` for the request headers, from the sidecar's own "
         "`extproc_plugin_duration_seconds`: the time from the chain calling the hook to its "
         "result, including what it awaits (the rate limiter's Redis round trip) and any wait "
         "for the event loop in between; medians over rounds, quantiles interpolated within "
         "buckets. At the open-loop rate, compare with the *added p99* above: what is not here "
         "is Envoy, the sockets, the wake-ups of the processes and the server's own work.",
-        "",
         "| scenario | load | plugin | mean µs | p50 µs | p99 µs |",
         "|---|---|---|---:|---:|---:|",
-        *rows,
-    ]
+        rows,
+    )
 
 
 def _gc_table(data: dict[str, Any]) -> list[str]:
@@ -495,21 +492,16 @@ def _gc_table(data: dict[str, Any]) -> list[str]:
         f"| {g['long_per_s']:.2f} |"
         for key, load, g in _by_load(data, "gc")
     ]
-    if not rows:
-        return []
-    return [
-        "",
-        "## Collector pauses",
-        "",
+    return _section(
+        "Collector pauses",
         "From the sidecar's own `extproc_gc_pause_seconds` (all generations), medians over "
         "rounds. A request that arrives during a pause waits for it, so at a fixed rate the "
         "share of the time spent in pauses is about the share of requests delayed by one: "
         "read it against the 1 % above p99.",
-        "",
         "| scenario | load | pauses/s | share of the time | pauses of 1 ms or more /s |",
         "|---|---|---:|---:|---:|",
-        *rows,
-    ]
+        rows,
+    )
 
 
 def write_chart(data: dict[str, Any], path: Path) -> None:
