@@ -362,6 +362,45 @@ def _baseline_table(data: dict[str, Any]) -> list[str]:
         "| sidecar µs/req | at baseline |",
         "|---|---:|---:|---:|---|---:|---:|",
         *rows,
+        *_baseline_latency(data),
+    ]
+
+
+def _baseline_latency(data: dict[str, Any]) -> list[str]:
+    """Each scenario's p99 at the open-loop rate against its baseline twin's, round by round:
+    a p99 moves by a millisecond from one round to the next on a shared machine, so a
+    difference means something only as the median of per-round differences, with how many
+    rounds agree."""
+    rows = []
+    for key in data["summary"]:
+        twin = key + BASE_SUFFIX
+        if key.endswith(BASE_SUFFIX) or twin not in data["summary"]:
+            continue
+        both = [
+            (r[key]["latency_ms"]["p99"], r[twin]["latency_ms"]["p99"])
+            for r in data.get("latency_rounds", [])
+            if key in r and twin in r
+        ]
+        if not both:
+            continue
+        diffs = [new - old for new, old in both]
+        lower = sum(d < 0 for d in diffs)
+        rows.append(
+            f"| `{key}` | {_fmt(_median([n for n, _ in both]), 2)} "
+            f"| {_fmt(_median([o for _, o in both]), 2)} | {_median(diffs):+.2f} "
+            f"| {lower} of {len(diffs)} | {' '.join(f'{d:+.2f}' for d in diffs)} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "At the open-loop rate, the p99 against the baseline's in the same rounds (ms; a "
+        "difference below 0: this run's p99 is lower):",
+        "",
+        "| scenario | p99 (median) | at baseline | difference (median) | rounds lower "
+        "| difference per round |",
+        "|---|---:|---:|---:|---:|---|",
+        *rows,
     ]
 
 

@@ -120,3 +120,25 @@ def test_the_paired_table_compares_cpu_per_request_round_by_round() -> None:
     assert "| 1.125 |" in bare and "1.12 1.19 1.10" in bare
     assert any("300 req/s each" in line for line in lines)
     assert report._paired_table({**data, "paired": None}) == []
+
+
+def test_the_report_compares_the_open_loop_p99_round_by_round() -> None:
+    def p99(ms: float) -> dict[str, Any]:
+        return {"latency_ms": {"p99": ms}}
+
+    data = {
+        "baseline": "abc1234",
+        "rounds": [],
+        "summary": {"extproc": {"rps": 1.0, "cpu_us": {"sidecar": 1.0}}}
+        | {"extproc-base": {"rps": 1.0, "cpu_us": {"sidecar": 1.0}}},
+        "latency_rounds": [
+            {"extproc": p99(2.5), "extproc-base": p99(3.0)},
+            {"extproc": p99(9.0), "extproc-base": p99(3.2)},  # a stall in one round
+            {"extproc": p99(2.9), "extproc-base": p99(3.1)},
+        ],
+    }
+    lines = report._baseline_table(data)
+    row = next(line for line in lines if line.startswith("| `extproc` | 2.90 "))
+    # medians 2.90 / 3.10; differences -0.50, +5.80, -0.20: their median, and 2 of 3 lower
+    assert row == "| `extproc` | 2.90 | 3.10 | -0.20 | 2 of 3 | -0.50 +5.80 -0.20 |"
+    assert report._baseline_latency({**data, "latency_rounds": []}) == []
