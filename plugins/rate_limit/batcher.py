@@ -125,9 +125,6 @@ class Batcher(Generic[T, R]):
         #: at the recent arrival rate (0: whenever it is saturated)
         self.min_gather = min_gather
         self._arrivals = ArrivalRate(RATE_INTERVAL)
-        #: how long a request waits behind a round trip in flight, now: ``in_flight_wait``
-        #: while the arrival rate would gather ``min_gather`` requests in it, else 0
-        self._behind = 0.0 if min_gather else self.in_flight_wait
         self._on_batch = on_batch
         #: called with each request's wait (seconds) from ``submit`` to its round trip's start
         self._on_wait = on_wait
@@ -186,10 +183,6 @@ class Batcher(Generic[T, R]):
             rate = self._arrivals.tick(now)
             if window and rate * window < self.min_gather:
                 window = 0.0  # waiting would save (almost) no round trip: send as with spare CPU
-            # the same rule behind a round trip in flight: a request that would wait alone
-            # takes a free slot on the next tick (with the rest of this tick's requests)
-            gather = rate * self.in_flight_wait >= self.min_gather
-            self._behind = self.in_flight_wait if gather else 0.0
         self.window = window
         if self._gathering:
             self._pump()
@@ -221,6 +214,17 @@ class Batcher(Generic[T, R]):
         self._pump()
         if entries is not None:
             await self._run(entries)
+
+    @property
+    def _behind(self) -> float:
+        """How long a request waits behind a round trip in flight: ``in_flight_wait`` while
+        the arrival rate (measured in :meth:`submit`) brings ``min_gather`` requests within
+        it - the saturated window's rule; else 0: a request that would wait alone takes a free
+        slot on the next tick (with the rest of its tick's requests)."""
+        wait = self.in_flight_wait
+        if self.min_gather and self._arrivals.rate * wait < self.min_gather:
+            return 0.0
+        return wait
 
     @property
     def _gathering(self) -> bool:
