@@ -684,8 +684,11 @@ def run(
             f"-s {script.name} http://127.0.0.1:<listener port>/",
         ]
     if stack.otlp is not None:  # counted after the sidecars stopped (and flushed their spans)
+        untraced = [s.key for s in chosen if s.backend == "extproc" and s.trace_ratio == 0]
         data["notes"]["tracing"] = (
-            f"every extproc sidecar traced {TRACE_RATIO:.0%} of its streams, exported over "
+            "every extproc sidecar"
+            + (f" but {', '.join(f'`{k}`' for k in untraced)}" if untraced else "")
+            + f" traced {TRACE_RATIO:.0%} of its streams, exported over "
             f"OTLP/gRPC to a receiver in the harness: {len(stack.otlp.spans()):,} spans "
             "received during the run"
         )
