@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -72,7 +73,10 @@ class _Entry(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
     deadline: float  # loop time
-    enqueued: float
+    enqueued: float  # loop time: what the gathering rules and their timers compare
+    #: ``time.perf_counter()`` at submit, for the reported wait (uvloop's loop time moves in
+    #: whole milliseconds, once per loop turn: a wait of one turn would read 0 or 1 ms)
+    since: float
 
 
 class _Out(Generic[T, R]):
@@ -126,7 +130,8 @@ class Batcher(Generic[T, R]):
         self.min_gather = min_gather
         self._arrivals = ArrivalRate(RATE_INTERVAL)
         self._on_batch = on_batch
-        #: called with each request's wait (seconds) from ``submit`` to its round trip's start
+        #: called with each request's wait (seconds) from ``submit`` to its round trip's start,
+        #: measured with ``time.perf_counter``
         self._on_wait = on_wait
         #: how long a batch gathers with no round trip in flight (0: spare CPU, send at once)
         self.window = 0.0
@@ -175,7 +180,7 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         now = loop.time()
-        self._queue.append(_Entry(item, future, deadline, now))
+        self._queue.append(_Entry(item, future, deadline, now, time.perf_counter()))
         self._idle.clear()
         self.saturation = saturation = self._saturation()
         window = saturation * self.max_wait
@@ -336,9 +341,9 @@ class Batcher(Generic[T, R]):
         if not entries:
             return None
         if self._on_wait is not None:
-            now = asyncio.get_running_loop().time()
+            now = time.perf_counter()
             for entry in entries:
-                self._on_wait(now - entry.enqueued)
+                self._on_wait(now - entry.since)
         self._cancel_timer()
         self._in_flight += 1
         self.batches += 1
