@@ -203,6 +203,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-if8",
+        "extproc-jwt-rl with 8 round trips in flight at once (max_in_flight: 8)",
+        "extproc",
+        ("jwt", "rl"),
+        batch_extra=(("max_in_flight", 8),),
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-nt",
         "extproc-jwt-rl with tracing off (no span of any stream)",
         "extproc",
@@ -231,6 +239,7 @@ HTTP2_TWINS: tuple[tuple[str, bool], ...] = (
     ("extproc-jwt-rl-nc", False),
     ("extproc-jwt-rl-ifw0", False),
     ("extproc-jwt-rl-mw0", False),
+    ("extproc-jwt-rl-if8", False),
     ("extproc-jwt-rl-nt", False),
 )
 
