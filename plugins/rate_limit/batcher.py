@@ -9,8 +9,8 @@
   would bring ``min_gather`` requests within ``in_flight_wait`` (4,000 req/s with the
   defaults); below it a request takes a free slot on the next tick, as an idle batcher's
   does. (At 1,000 req/s a round trip of ~0.2 ms has ~0.2 arrivals behind it: waiting made
-  the request that came alone wait - p99 0.85 ms of the batcher's wait - and saved no round
-  trip: 0.83 per request either way.)
+  the request that came alone wait - up to 1 ms; a p99 of 0.85 ms as read then, on the loop's
+  millisecond clock - and saved no round trip: 0.83 per request either way.)
 * Saturated worker: the event loop's thread is on a CPU or waiting for one nearly all the time
   (``saturation()`` in [0, 1], see
   :class:`~extproc.observability.saturation.LoopSaturation`). A batch then gathers for
