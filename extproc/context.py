@@ -59,7 +59,11 @@ _deadline: contextvars.ContextVar[float] = contextvars.ContextVar(
 
 
 def deadline() -> float:
-    """The running plugin's deadline in ``asyncio`` loop time (``math.inf`` outside a call)."""
+    """The running plugin's deadline in ``asyncio`` loop time (``math.inf`` outside a call).
+
+    Compare it with ``loop.time()``; do not time durations with that clock: on uvloop (the
+    sidecar's loop) it moves in whole milliseconds, once per loop turn. Use
+    ``time.perf_counter()`` for a duration you report."""
     return _deadline.get()
 
 
