@@ -63,6 +63,7 @@ def test_the_summary_takes_medians_and_the_table_shows_them() -> None:
         {"busy": 0.6, "steal": 0.06}
     )
     assert summary["extproc"]["open_loop"]["machine"] == pytest.approx({"busy": 0.6, "steal": 0.04})
+    assert summary["extproc"]["open_loop"]["added_p99_ms_rounds"] == [1.0, 2.0]  # per round
     settings = {"latency_rate": 1000.0, "latency_connections": 32}
     settings |= {"latency_rounds": 2, "latency_duration_s": 6.0}
     rows = [ln for ln in report._latency_table(settings, summary) if ln.startswith("| `")]
@@ -71,3 +72,22 @@ def test_the_summary_takes_medians_and_the_table_shows_them() -> None:
     del summary["extproc"]["open_loop"]["machine"]
     rows = [ln for ln in report._latency_table(settings, summary) if ln.startswith("| `")]
     assert rows[1].endswith("| - | - | 0 |")  # runs without the field: no figure
+
+
+def test_the_latency_table_shows_the_middle_half_of_the_rounds() -> None:
+    summary = {
+        "extproc": {
+            "open_loop": {
+                "achieved_rps": 1000.0, "p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 4.0,
+                "added_p99_ms": 2.0, "errors": 0,
+                "added_p99_ms_rounds": [1.0, 2.0, 3.0, 4.0, 100.0],
+            }
+        }
+    }  # fmt: skip
+    settings = {"latency_rate": 1000.0, "latency_connections": 32}
+    settings |= {"latency_rounds": 5, "latency_duration_s": 6.0}
+    [row] = [ln for ln in report._latency_table(settings, summary) if ln.startswith("| `")]
+    assert "| 2.00 | 2.00-4.00 |" in row  # a stalled round moves neither quartile
+    summary["extproc"]["open_loop"]["added_p99_ms_rounds"] = [1.0, 2.0, 3.0]
+    [row] = [ln for ln in report._latency_table(settings, summary) if ln.startswith("| `")]
+    assert "| 2.00 | - |" in row  # too few rounds for quartiles

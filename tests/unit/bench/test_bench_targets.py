@@ -69,3 +69,14 @@ def test_the_redis_floor_is_reported_beside_the_added_p99() -> None:
     assert floor["value"] == 1.1 and floor["met"] is None
     del summary["bare-http2-redis"]
     assert not any("floor" in t["target"] for t in report.targets(summary, {}))
+
+
+def test_the_added_p99_target_says_in_how_many_rounds_it_was_met() -> None:
+    row = _row(4800)
+    row["open_loop"] = {"added_p99_ms": 1.9, "added_p99_ms_rounds": [1.5, 1.9, 2.4, 68.0, 1.8]}
+    rows = {t["target"]: t for t in report.targets({"extproc-jwt-rl-h2": row}, {})}
+    firm = rows["`extproc-jwt-rl-h2`: open-loop rounds with added p99 <= 2 ms"]
+    assert firm["value"] == "3 of 5" and firm["met"] is None  # reported, not judged
+    del row["open_loop"]["added_p99_ms_rounds"]  # a run from before the field
+    rows = {t["target"]: t for t in report.targets({"extproc-jwt-rl-h2": row}, {})}
+    assert not any("rounds with" in name for name in rows)
