@@ -68,6 +68,18 @@ class MemoryCache(Generic[V]):
         self._data.move_to_end(key)
         return value
 
+    def get_with_ttl(self, key: str) -> tuple[V, float] | None:
+        """:meth:`get_nowait` that also says how many seconds the entry has left."""
+        item = self._data.get(key)
+        if item is None:
+            return None
+        left = item[0] - self._clock()
+        if left <= 0:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return item[1], left
+
     def set_nowait(self, key: str, value: V, ttl: float) -> None:
         if ttl <= 0:
             self._data.pop(key, None)

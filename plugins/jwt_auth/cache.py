@@ -3,8 +3,10 @@
 Keys are ``<provider>:<config fingerprint>:<sha256(token)>``: the raw token is never stored
 (nor logged), and a changed provider configuration can never hit an entry validated under the
 old one. An entry lives ``ttl_fraction`` of the token's remaining lifetime (never past ``exp``,
-never longer than ``max_ttl_s``). A hit is not a pass: the caller still checks ``exp``/``nbf``
-against the clock, that the ``kid`` is still in the key set, and the route's rules.
+never longer than ``max_ttl_s``); a token still in use near the end of its entry is verified
+again in the background (``refresh_ahead``), so it never drops out while requests carry it.
+A hit is not a pass: the caller still checks ``exp``/``nbf`` against the clock, that the
+``kid`` is still in the key set, and the route's rules.
 
 L2 (Redis) holds only ``hash -> claims JSON`` with a TTL; its failures are misses.
 """
@@ -74,6 +76,8 @@ class TokenCache:
         self.config = config
         self.l1: MemoryCache[VerifiedToken] = l1 or MemoryCache(config.max_entries, clock=clock)
         self._rebuild = rebuild
+        #: a hit this close to its entry's expiry (seconds) re-verifies the token (0: never)
+        self._refresh_window = config.refresh_ahead * config.max_ttl_s
         self.tiered: TieredCache[VerifiedToken] = TieredCache(
             self.l1,
             redis if config.redis else None,
@@ -95,8 +99,19 @@ class TokenCache:
             raise ValueError("unusable entry")
         return entry
 
-    def get_local(self, key: str) -> VerifiedToken | None:
-        return self.l1.get_nowait(key)
+    def lookup(self, key: str, now: float) -> tuple[VerifiedToken | None, bool]:
+        """The L1 entry, and whether a hit should verify the token again after answering:
+        its entry is in the last ``refresh_ahead`` of ``max_ttl_s`` and a new one would last
+        longer (not when the token itself ends first: the new entry would be as short, and
+        due again at once). ``now`` is the wall clock, as the token's ``exp``."""
+        found = self.l1.get_with_ttl(key)
+        if found is None:
+            return None, False
+        entry, left = found
+        window = self._refresh_window
+        if left >= window:
+            return entry, False
+        return entry, self._ttl(entry, now) * (1.0 - TTL_JITTER) > 2 * window
 
     async def get_remote(self, key: str) -> VerifiedToken | None:
         if self.tiered.redis is None:
@@ -107,13 +122,18 @@ class TokenCache:
         """Store with TTL = ``ttl_fraction`` of the remaining lifetime, capped, less up to
         :data:`TTL_JITTER` of it at random: tokens first seen together (a restart, a burst of
         new clients) must not all expire, and be verified again, in the same instant."""
-        ttl = self.config.max_ttl_s
-        if entry.exp is not None:
-            ttl = min(ttl, (entry.exp - now) * self.config.ttl_fraction)
+        ttl = self._ttl(entry, now)
         if ttl <= 0:
             return
         ttl *= 1.0 - TTL_JITTER * random.random()
         self.tiered.set_background(key, entry, ttl)
+
+    def _ttl(self, entry: VerifiedToken, now: float) -> float:
+        """An entry's lifetime before jitter: ``ttl_fraction`` of the token's, capped."""
+        ttl = self.config.max_ttl_s
+        if entry.exp is not None:
+            ttl = min(ttl, (entry.exp - now) * self.config.ttl_fraction)
+        return ttl
 
     def drop_kids_not_in(self, provider: str, kids: frozenset[str | None]) -> int:
         return self.l1.discard_where(lambda e: e.provider == provider and e.kid not in kids)

@@ -311,6 +311,15 @@ class TokenCacheConfig(PluginConfig):
     enabled: bool = Field(True, description="cache validated tokens (by SHA-256)")
     max_entries: int = Field(10_000, ge=1, le=10_000_000, description="L1 entries kept")
     max_ttl_s: float = Field(300, ge=1, le=86_400, description="longest an entry is kept")
+    refresh_ahead: float = Field(
+        0.1,
+        ge=0,
+        lt=0.5,
+        description="a hit in the last share of max_ttl_s before its entry expires verifies "
+        "the token again after answering, and the new entry replaces it (0: never): a token "
+        "in use does not drop out of the cache, so no request waits for its re-verification "
+        "or the Redis read before it",
+    )
     ttl_fraction: float = Field(
         0.8, gt=0, le=1, description="share of the token's remaining lifetime an entry lives"
     )

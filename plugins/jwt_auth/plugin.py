@@ -12,6 +12,7 @@ allowed), 400 (malformed path), or continue. Bad input never raises and never gi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -129,6 +130,8 @@ class JwtAuthPlugin(Plugin):
         self._challenge_invalid = f'Bearer {realm}error="invalid_token"'
         self._challenge_forbidden = f'Bearer {realm}error="insufficient_scope"'
         self.token_cache: TokenCache | None = None
+        #: background re-verifications running, by cache key (one per key at a time)
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         #: how saturated the worker is (0 - 1): the Redis tier is skipped when it is
         self._saturation: Callable[[], float] = lambda: 0.0
 
@@ -147,6 +150,8 @@ class JwtAuthPlugin(Plugin):
         hits = m.counter("token_cache_total", "Validated-token cache lookups", ["result"])
         self._m_hit: BoundCounter = hits.labels("hit")
         self._m_miss: BoundCounter = hits.labels("miss")
+        #: background re-verifications of tokens in use near their entry's end (not lookups)
+        self._m_refresh: BoundCounter = hits.labels("refresh")
         self._m_failures = m.counter(
             "failures_total", "Requests refused or passed unauthenticated, by reason", ["reason"]
         )
@@ -208,6 +213,10 @@ class JwtAuthPlugin(Plugin):
             await provider.jwks.start()
 
     async def shutdown(self) -> None:
+        refreshing = list(self._refreshing.values())
+        for task in refreshing:
+            task.cancel()  # the entry stays as it is, and expires (or a successor refreshes it)
+        await asyncio.gather(*refreshing, return_exceptions=True)
         for provider in self._providers.values():
             await provider.jwks.close()
         if self.token_cache is not None:
@@ -342,7 +351,8 @@ class JwtAuthPlugin(Plugin):
         if cache is not None:
             digest = token_digest(found.token)
             for p in candidates:
-                entry = cache.get_local(p.cache_prefix + digest)
+                key = p.cache_prefix + digest
+                entry, due = cache.lookup(key, now)
                 # not on a saturated worker: there the read waits behind every queued request
                 # (past the hook's deadline: a 503 for a valid token) and costs more CPU than
                 # verifying the token here (tens of µs)
@@ -350,9 +360,11 @@ class JwtAuthPlugin(Plugin):
                     if not shaped:  # garbage costs no Redis read
                         check_token_shape(found.token, self.extractor.max_token_bytes)
                         shaped = True
-                    entry = await cache.get_remote(p.cache_prefix + digest)
+                    entry = await cache.get_remote(key)
                 if entry is not None and self._still_valid(entry, p, now):
                     self._m_hit.inc()
+                    if due and key not in self._refreshing:
+                        self._refresh_soon(found.token, p, key)
                     return entry
             self._m_miss.inc()
 
@@ -377,6 +389,31 @@ class JwtAuthPlugin(Plugin):
             return entry
         assert first_error is not None
         raise first_error
+
+    def _refresh_soon(self, token: str, p: _Provider, key: str) -> None:
+        """Verify ``token`` again after this request has its answer, and replace its entry."""
+        task = asyncio.get_running_loop().create_task(self._refresh(token, p, key))
+        self._refreshing[key] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+
+    async def _refresh(self, token: str, p: _Provider, key: str) -> None:
+        cache = self.token_cache
+        assert cache is not None
+        now = self._wall()
+        started = time.perf_counter()
+        try:
+            entry = await self._verify_with(p, parse_token(token), now)
+        except TokenError:
+            # no longer valid (its key's material changed under the same kid ...): the next
+            # request carrying it verifies it itself and gets the reason
+            cache.l1.delete_nowait(key)
+            return
+        except Exception:  # a bug of ours: the entry expires as it would have
+            self._log.exception("jwt_auth: background re-verification failed")
+            return
+        self._m_validation[p.name].observe(time.perf_counter() - started)
+        self._m_refresh.inc()
+        cache.put(key, entry, now)
 
     def _still_valid(self, entry: VerifiedToken, p: _Provider, now: float) -> bool:
         """A cache hit still answers to the clock and to the key set."""

@@ -3,6 +3,7 @@ shapes, claims in the context, header hygiene, the validated-token cache."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -321,6 +322,103 @@ async def test_tokens_first_seen_together_do_not_all_expire_together(
     ttls = [plugin.token_cache.l1.ttl(k) for k in plugin.token_cache.l1]
     assert all(270 <= t <= 300 for t in ttls)  # max_ttl_s 300 less up to 10 %
     assert max(ttls) - min(ttls) > 5  # spread out: no re-verification stampede later
+
+
+async def _let_run() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_token_in_use_is_verified_again_before_its_entry_expires(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, wall: Any, mono: Any
+) -> None:
+    """Refresh-ahead: no request waits for the re-verification (or an L2 read) of a token
+    that is in use, and tokens first seen together do not fall out of the cache together."""
+    plugin = await make_plugin(_config([rsa_key]))
+    token = tokens.mint({"exp": int(NOW) + 3000})
+    first = await plugin.on_request(bearer(token))  # a miss: verified, entry of 270-300 s
+    cache = plugin.token_cache
+    assert isinstance(first, Continue) and cache is not None
+    [key] = list(cache.l1)
+
+    def later(seconds: float) -> None:
+        mono.now += seconds
+        wall.now += seconds
+
+    later(200)  # not yet in the last 30 s (refresh_ahead 0.1 of max_ttl_s 300)
+    assert await plugin.on_request(bearer(token)) is first
+    await _let_run()
+    assert plugin._m_refresh.value == 0
+    left = cache.l1.ttl(key)
+    assert left is not None
+    later(left - 10)
+    assert await plugin.on_request(bearer(token)) is first  # answered from the entry ...
+    assert key in plugin._refreshing  # ... and the token goes to be verified again
+    assert await plugin.on_request(bearer(token)) is first
+    assert len(plugin._refreshing) == 1  # one at a time
+    await _let_run()
+    assert plugin._m_refresh.value == 1 and not plugin._refreshing
+    renewed = cache.l1.ttl(key)
+    assert renewed is not None and 270 <= renewed <= 300
+    later(100)  # past where the first entry ended: still a hit
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    assert plugin._m_miss.value == 1 and plugin._m_hit.value == 4
+
+
+async def test_no_refresh_when_the_token_ends_before_a_new_entry_would(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, wall: Any, mono: Any
+) -> None:
+    plugin = await make_plugin(_config([rsa_key]))
+    token = tokens.mint({"exp": int(NOW) + 100})  # entry: 80 % of 100 s, less jitter
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    assert plugin.token_cache is not None
+    [key] = list(plugin.token_cache.l1)
+    left = plugin.token_cache.l1.ttl(key)
+    assert left is not None
+    mono.now += left - 5
+    wall.now += left - 5  # the token has ~25-33 s left: a new entry would be shorter still
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    await _let_run()
+    assert plugin._m_refresh.value == 0 and not plugin._refreshing
+
+
+async def test_a_refresh_that_fails_drops_the_entry_and_the_next_request_is_refused(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, other_rsa_key: KeyPair, mono: Any
+) -> None:
+    from plugins.jwt_auth.jwks import parse_jwks
+
+    plugin = await make_plugin(_config([rsa_key]))
+    token = tokens.mint({"exp": int(NOW) + 3000})
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    assert plugin.token_cache is not None
+    [key] = list(plugin.token_cache.l1)
+    # the key material behind the token's kid changes (the kid stays: the entry is kept)
+    swapped = {**other_rsa_key.jwk(), "kid": rsa_key.kid}
+    plugin._providers["main"].jwks._install(
+        parse_jwks({"keys": [swapped]}, ["RS256"], fetched_at=0)
+    )
+    left = plugin.token_cache.l1.ttl(key)
+    assert left is not None
+    mono.now += left - 10  # the monotonic clock alone: the token is still far from exp
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)  # the old entry
+    await _let_run()
+    assert key not in plugin.token_cache.l1  # the refresh found the signature bad
+    assert_401(await plugin.on_request(bearer(token)), "bad_signature")
+
+
+async def test_refresh_ahead_0_never_refreshes(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, mono: Any
+) -> None:
+    plugin = await make_plugin(_config([rsa_key], token_cache={"refresh_ahead": 0}))
+    token = tokens.mint({"exp": int(NOW) + 3000})
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    assert plugin.token_cache is not None
+    left = plugin.token_cache.l1.ttl(next(iter(plugin.token_cache.l1)))
+    assert left is not None
+    mono.now += left - 1
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    await _let_run()
+    assert plugin._m_refresh.value == 0
 
 
 async def test_cache_hit_still_enforces_exp_and_rules(

@@ -36,6 +36,20 @@ def test_ttl_and_lru() -> None:
     assert c.get_nowait("d") is None
 
 
+def test_get_with_ttl_is_a_get_that_says_how_long_the_entry_has_left() -> None:
+    clock = Clock()
+    c: MemoryCache[str] = MemoryCache(2, clock=clock)
+    c.set_nowait("a", "1", 10)
+    c.set_nowait("b", "2", 10)
+    clock.now = 4
+    assert c.get_with_ttl("a") == ("1", 6)  # and a is now the most recent ...
+    c.set_nowait("c", "3", 10)
+    assert c.get_nowait("b") is None  # ... so b went first
+    clock.now = 10
+    assert c.get_with_ttl("a") is None and len(c) == 1  # expired: dropped, as get_nowait does
+    assert c.get_with_ttl("missing") is None
+
+
 def test_discard_where_and_clear() -> None:
     c: MemoryCache[int] = MemoryCache(10)
     for i in range(6):
