@@ -245,6 +245,8 @@ class TieredCache(Generic[V]):
                 await self.redis.delete(self._prefix + key)
         except Exception:
             self.l2_errors += 1
+        # a read of the old L2 value that was in flight meanwhile may have copied it to L1
+        self.l1.delete_nowait(key)
 
     async def aclose(self) -> None:
         """Wait (briefly) for background L2 writes."""

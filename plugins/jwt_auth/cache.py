@@ -128,6 +128,10 @@ class TokenCache:
         ttl *= 1.0 - TTL_JITTER * random.random()
         self.tiered.set_background(key, entry, ttl)
 
+    async def drop(self, key: str) -> None:
+        """Forget ``key`` in both tiers (an L2 failure is counted, not raised)."""
+        await self.tiered.delete(key)
+
     def _ttl(self, entry: VerifiedToken, now: float) -> float:
         """An entry's lifetime before jitter: ``ttl_fraction`` of the token's, capped."""
         ttl = self.config.max_ttl_s

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import json
 import time
@@ -391,8 +392,14 @@ class JwtAuthPlugin(Plugin):
         raise first_error
 
     def _refresh_soon(self, token: str, p: _Provider, key: str) -> None:
-        """Verify ``token`` again after this request has its answer, and replace its entry."""
-        task = asyncio.get_running_loop().create_task(self._refresh(token, p, key))
+        """Verify ``token`` again after this request has its answer, and replace its entry.
+
+        The task runs in a context of its own: it is not part of the request that noticed the
+        entry was due, so that request's deadline (and span) must not bound or trace it; the
+        JWKS client and the cache bound their own calls."""
+        task = asyncio.get_running_loop().create_task(
+            self._refresh(token, p, key), context=contextvars.Context()
+        )
         self._refreshing[key] = task
         task.add_done_callback(lambda _: self._refreshing.pop(key, None))
 
@@ -405,8 +412,10 @@ class JwtAuthPlugin(Plugin):
             entry = await self._verify_with(p, parse_token(token), now)
         except TokenError:
             # no longer valid (its key's material changed under the same kid ...): the next
-            # request carrying it verifies it itself and gets the reason
-            cache.l1.delete_nowait(key)
+            # request carrying it verifies it itself and gets the reason. The Redis copy goes
+            # too, or this worker (and every other) would read it back on its next miss: a
+            # hit checks the kid, not the key material behind it
+            await cache.drop(key)
             return
         except Exception:  # a bug of ours: the entry expires as it would have
             self._log.exception("jwt_auth: background re-verification failed")

@@ -331,6 +331,65 @@ async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1:
             await redis.aclose()
 
 
+@pytest.mark.redis
+async def test_a_failed_refresh_forgets_the_token_in_redis_too(k1: KeyPair) -> None:
+    """The key material behind a kid changes (the kid stays, so cached entries pass the kid
+    check). The background re-verification of a token in use fails on worker A: the entry
+    goes from A's memory AND from Redis, so worker B, with nothing in memory, verifies the
+    token itself (401) instead of reading the stale entry back for the rest of its L2 TTL."""
+    from redis.asyncio import Redis
+
+    from extproc.testing.redis_server import RedisServer
+
+    with RedisServer() as rs:
+        redis = Redis.from_url(rs.url)
+        clocks = [Clock(10_000.0), Clock(10_000.0)]
+        made: list[tuple[JwtAuthPlugin, Any]] = []
+        async with JwksServer([k1]) as server:
+            try:
+                cfg = JwtAuthConfig.model_validate(
+                    {"providers": {"idp": {"issuer": ISSUER, "jwks": {"uri": server.url}}}}
+                )
+                for clock in clocks:
+                    plugin = JwtAuthPlugin(cfg)
+                    ctx = make_plugin_context("jwt_auth", cfg, redis=redis, clock=clock)
+                    await plugin.initialize(ctx)
+                    plugin._saturation = lambda: 0.0  # see the test above
+                    made.append((plugin, ctx))
+                a, b = made[0][0], made[1][0]
+                assert a.token_cache is not None and b.token_cache is not None
+                token = TokenFactory(k1, issuer=ISSUER, lifetime=3600).mint({"sub": "s"})
+                assert isinstance(await a.on_request(event(token)), Continue)
+                await a.token_cache.aclose()  # the background L2 write
+                [stored] = await redis.keys("extproc:jwt:*")
+
+                server.rotate([make_rsa_key(k1.kid)])  # same kid, new material
+                for plugin in (a, b):
+                    assert await plugin._providers["idp"].jwks.refresh()
+
+                [key] = list(a.token_cache.l1)
+                left = a.token_cache.l1.ttl(key)
+                assert left is not None
+                clocks[0].now += left - 5  # A's entry is due for re-verification
+                assert isinstance(await a.on_request(event(token)), Continue)  # old entry
+                refresh = a._refreshing[key]
+                await asyncio.wait_for(refresh, 5.0)
+                assert key not in a.token_cache.l1
+                assert await redis.exists(stored) == 0
+                assert a.token_cache.tiered.l2_errors == 0
+
+                reads = await _get_calls(redis)
+                refused = await b.on_request(event(token))
+                assert isinstance(refused, Reject) and refused.status == 401
+                assert await _get_calls(redis) == reads + 1  # B looked in Redis, found nothing
+                assert b.token_cache.tiered.l2_hits == 0
+            finally:
+                for plugin, ctx in made:
+                    await plugin.shutdown()
+                    await ctx.http.aclose()
+                await redis.aclose()
+
+
 async def _get_calls(redis: Any) -> int:
     stats = await redis.info("commandstats")
     return int(stats.get("cmdstat_get", {}).get("calls", 0))

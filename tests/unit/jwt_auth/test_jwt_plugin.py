@@ -406,6 +406,37 @@ async def test_a_refresh_that_fails_drops_the_entry_and_the_next_request_is_refu
     assert_401(await plugin.on_request(bearer(token)), "bad_signature")
 
 
+async def test_a_refresh_is_not_bound_by_the_deadline_of_the_request_that_started_it(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, mono: Any
+) -> None:
+    """The request is answered at once; its deadline (nearly spent by then) must not starve
+    the re-verification that runs after it (a JWKS refetch, a Redis write)."""
+    from extproc.context import _deadline, time_left
+
+    plugin = await make_plugin(_config([rsa_key]))
+    token = tokens.mint({"exp": int(NOW) + 3000})
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    assert plugin.token_cache is not None
+    left = plugin.token_cache.l1.ttl(next(iter(plugin.token_cache.l1)))
+    assert left is not None
+    mono.now += left - 10
+    seen: list[float] = []
+    verify = plugin._verify_with
+
+    async def spy(*args: Any) -> Any:
+        seen.append(time_left())
+        return await verify(*args)
+
+    plugin._verify_with = spy  # type: ignore[method-assign]
+    reset = _deadline.set(asyncio.get_running_loop().time() + 0.001)
+    try:
+        assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    finally:
+        _deadline.reset(reset)
+    await _let_run()
+    assert seen == [float("inf")] and plugin._m_refresh.value == 1
+
+
 async def test_refresh_ahead_0_never_refreshes(
     make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, mono: Any
 ) -> None:
