@@ -1,14 +1,18 @@
 """The cache of validated tokens.
 
-Keys are ``<provider>:<config fingerprint>:<sha256(token)>``: the raw token is never stored
-(nor logged), and a changed provider configuration can never hit an entry validated under the
-old one. An entry lives ``ttl_fraction`` of the token's remaining lifetime (never past ``exp``,
-never longer than ``max_ttl_s``); a token still in use near the end of its entry is verified
-again in the background (``refresh_ahead``), so it never drops out while requests carry it.
-A hit is not a pass: the caller still checks ``exp``/``nbf`` against the clock, that the
-``kid`` is still in the key set, and the route's rules.
+Keys are ``<provider>:<entry format>:<config fingerprint>:<sha256(token)>``: the raw token is
+never stored (nor logged), a changed provider configuration can never hit an entry validated
+under the old one, and sidecars of two versions that store entries differently (a rolling
+upgrade) never read each other's. An entry lives ``ttl_fraction`` of the token's remaining
+lifetime (never past ``exp``, never longer than ``max_ttl_s``); a token still in use near the
+end of its entry is verified again in the background (``refresh_ahead``), so it never drops
+out while requests carry it.
+A hit is not a pass: the caller still checks ``exp``/``nbf`` against the clock, that the key
+that verified the token (by its thumbprint, not its ``kid``) is still in the key set, and the
+route's rules.
 
-L2 (Redis) holds only ``hash -> claims JSON`` with a TTL; its failures are misses.
+L2 (Redis) holds only ``hash -> claims JSON`` (with the provider, ``kid`` and key thumbprint)
+with a TTL; its failures are misses.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ from .config import TokenCacheConfig
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["TokenCache", "VerifiedToken", "token_digest"]
+__all__ = ["ENTRY_FORMAT", "TokenCache", "VerifiedToken", "token_digest"]
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     provider: str
     kid: str | None
+    #: of the key that verified the token (:func:`~plugins.jwt_auth.jwks.jwk_thumbprint`)
+    thumbprint: str
     claims: Mapping[str, Any]
     exp: float | None
     nbf: float | None
@@ -47,6 +53,9 @@ class VerifiedToken:
     result: Continue | None = field(default=None, compare=False)
 
 
+#: in every key: bumped when the stored entry changes shape (2: the key thumbprint was added)
+ENTRY_FORMAT: Final = "v2"
+
 #: share of an entry's TTL taken off at random (see :meth:`TokenCache.put`)
 TTL_JITTER: Final = 0.1
 
@@ -57,7 +66,8 @@ def token_digest(token: str) -> str:
 
 def encode_entry(entry: VerifiedToken) -> bytes:
     return json.dumps(
-        {"p": entry.provider, "k": entry.kid, "c": dict(entry.claims)}, separators=(",", ":")
+        {"p": entry.provider, "k": entry.kid, "t": entry.thumbprint, "c": dict(entry.claims)},
+        separators=(",", ":"),
     ).encode()
 
 
@@ -69,7 +79,7 @@ class TokenCache:
         config: TokenCacheConfig,
         *,
         clock: Callable[[], float],
-        rebuild: Callable[[str, str | None, dict[str, Any]], VerifiedToken | None],
+        rebuild: Callable[[str, str | None, str, dict[str, Any]], VerifiedToken | None],
         redis: Redis | None = None,
         l1: MemoryCache[VerifiedToken] | None = None,
     ) -> None:
@@ -94,7 +104,10 @@ class TokenCache:
 
     def _decode(self, raw: bytes) -> VerifiedToken:
         data = json.loads(raw)
-        entry = self._rebuild(str(data["p"]), data.get("k"), data["c"])
+        thumbprint = data["t"]
+        if not isinstance(thumbprint, str):
+            raise ValueError("unusable entry")
+        entry = self._rebuild(str(data["p"]), data.get("k"), thumbprint, data["c"])
         if entry is None:
             raise ValueError("unusable entry")
         return entry
@@ -139,8 +152,12 @@ class TokenCache:
             ttl = min(ttl, (entry.exp - now) * self.config.ttl_fraction)
         return ttl
 
-    def drop_kids_not_in(self, provider: str, kids: frozenset[str | None]) -> int:
-        return self.l1.discard_where(lambda e: e.provider == provider and e.kid not in kids)
+    def drop_keys_not_in(self, provider: str, thumbprints: frozenset[str]) -> int:
+        """Forget ``provider``'s tokens verified by a key no longer in its set (L1 only: an
+        L2 entry is checked against the key set when it is read)."""
+        return self.l1.discard_where(
+            lambda e: e.provider == provider and e.thumbprint not in thumbprints
+        )
 
     async def aclose(self) -> None:
         await self.tiered.aclose()

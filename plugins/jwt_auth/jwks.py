@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
+import hashlib
 import json
 import logging
 import math
@@ -35,7 +37,7 @@ from extproc.services.http import BreakerOpenError, HttpClient, HttpError
 
 from .config import ProviderConfig
 
-__all__ = ["JwksClient", "JwksError", "KeySet", "parse_jwks"]
+__all__ = ["JwksClient", "JwksError", "KeySet", "jwk_thumbprint", "parse_jwks"]
 
 _RSA_ALGS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _EC_CURVES: Final = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
@@ -49,13 +51,42 @@ class JwksError(Exception):
     """A JWKS document that cannot be used (not JSON, no keys, no usable key)."""
 
 
+#: the members of each key type that a thumbprint covers (RFC 7638 section 3.2, RFC 8037)
+_THUMBPRINT_MEMBERS: Final = {
+    "RSA": ("e", "kty", "n"),
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+}
+
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """The RFC 7638 SHA-256 thumbprint of a public JWK (base64url): its key material alone,
+    whatever its ``kid``, ``alg`` or ``use``. Raises ``ValueError`` for a key type or member
+    it does not cover."""
+    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty", ""))
+    if members is None:
+        raise ValueError("no thumbprint for this key type")
+    required = {name: jwk.get(name) for name in members}
+    if not all(isinstance(v, str) for v in required.values()):
+        raise ValueError("key member missing or not a string")
+    canonical = json.dumps(required, separators=(",", ":"), sort_keys=True).encode()
+    digest = hashlib.sha256(canonical).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
 @dataclass(frozen=True, slots=True)
 class KeySet:
-    """Verification keys by ``kid`` then algorithm; each key is pinned to its algorithm."""
+    """Verification keys by ``kid`` then algorithm; each key is pinned to its algorithm.
+
+    ``prints`` has each ``kid``'s key thumbprint (:func:`jwk_thumbprint`), ``thumbprints``
+    all of them: a validated token remembers the thumbprint of the key that verified it, so
+    new key material under an old ``kid`` is a different key to the token cache."""
 
     by_kid: Mapping[str | None, Mapping[str, PyJWK]]
     fetched_at: float
     size: int
+    prints: Mapping[str | None, str] = field(default_factory=dict)
+    thumbprints: frozenset[str] = frozenset()
 
     def find(self, kid: str, alg: str) -> PyJWK | None:
         keys = self.by_kid.get(kid)
@@ -64,9 +95,9 @@ class KeySet:
     def has_kid(self, kid: str | None) -> bool:
         return kid in self.by_kid
 
-    def for_alg(self, alg: str) -> list[PyJWK]:
-        """Every key usable with ``alg`` (for tokens without a ``kid``)."""
-        return [keys[alg] for keys in self.by_kid.values() if alg in keys]
+    def for_alg(self, alg: str) -> list[tuple[str, PyJWK]]:
+        """Every key usable with ``alg`` (for tokens without a ``kid``), with its thumbprint."""
+        return [(self.prints[k], keys[alg]) for k, keys in self.by_kid.items() if alg in keys]
 
     @property
     def kids(self) -> frozenset[str | None]:
@@ -104,6 +135,7 @@ def parse_jwks(
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise JwksError("not a JWKS document")
     by_kid: dict[str | None, dict[str, PyJWK]] = {}
+    prints: dict[str | None, str] = {}
     size = 0
     for jwk in document["keys"][: max_keys * 4]:
         if size >= max_keys:
@@ -136,11 +168,17 @@ def parse_jwks(
                 break
             keys[alg] = key
         if keys:
+            try:
+                prints[kid] = jwk_thumbprint(jwk)
+            except ValueError:  # PyJWK took it, so this should not happen: skip the key
+                if logger:
+                    logger.warning("jwks: key %r is malformed, skipped", kid)
+                continue
             by_kid[kid] = keys
             size += 1
     if not by_kid:
         raise JwksError("no usable signing key")
-    return KeySet(by_kid, fetched_at, size)
+    return KeySet(by_kid, fetched_at, size, prints, frozenset(prints.values()))
 
 
 def _decode(body: bytes) -> Any:
@@ -317,7 +355,11 @@ class JwksClient:
         previous = self.key_set
         self.key_set = key_set
         self.ready.set()
-        if previous is not None and previous.kids != key_set.kids and self._on_change:
+        if (
+            previous is not None
+            and previous.prints != key_set.prints
+            and self._on_change is not None
+        ):
             self._on_change(key_set)
 
     def _report(self, kind: str, outcome: str) -> None:

@@ -37,7 +37,7 @@ from extproc.plugin import (
     Result,
 )
 
-from .cache import TokenCache, VerifiedToken, freeze, token_digest
+from .cache import ENTRY_FORMAT, TokenCache, VerifiedToken, freeze, token_digest
 from .claims import ClaimsPolicy, check_claims, check_times, missing_values
 from .config import JwtAuthConfig, ProviderConfig
 from .extract import (
@@ -78,7 +78,7 @@ class _Provider:
             require_email_verified=config.require_email_verified,
         )
         fingerprint = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
-        self.cache_prefix = f"{name}:{fingerprint}:"
+        self.cache_prefix = f"{name}:{ENTRY_FORMAT}:{fingerprint}:"
 
 
 def _header_value(value: Any) -> str | None:
@@ -185,7 +185,7 @@ class JwtAuthPlugin(Plugin):
 
             def on_change(ks: KeySet, _n: str = name) -> None:
                 if self.token_cache is not None:
-                    self.token_cache.drop_kids_not_in(_n, ks.kids)
+                    self.token_cache.drop_keys_not_in(_n, ks.thumbprints)
 
             client = JwksClient(
                 name,
@@ -430,7 +430,9 @@ class JwtAuthPlugin(Plugin):
             return False
         check_times(entry.exp, entry.nbf, now, p.policy.leeway)  # raises expired/not yet
         ks = p.jwks.key_set
-        return ks is not None and ks.has_kid(entry.kid)
+        # the key that verified it, by its material: new material under the same kid (an
+        # identity provider that reuses kids) is another key, and the entry is refused
+        return ks is not None and entry.thumbprint in ks.thumbprints
 
     async def _verify_with(self, p: _Provider, parsed: ParsedToken, now: float) -> VerifiedToken:
         header = parsed.header
@@ -458,9 +460,10 @@ class JwtAuthPlugin(Plugin):
                     raise TokenError("bad_alg", "token algorithm does not match its key")
                 refreshed = await p.jwks.refetch_for_kid(kid)
                 key = refreshed.find(kid, alg) if refreshed is not None else None
-                if key is None:
+                if key is None or refreshed is None:
                     raise TokenError("unknown_kid", "token signing key is unknown")
-            keys = [key]
+                ks = refreshed
+            keys = [(ks.prints[kid], key)]
         else:
             keys = ks.for_alg(alg)
             if not keys:
@@ -468,18 +471,20 @@ class JwtAuthPlugin(Plugin):
 
         sig = parsed.signature
         expected = _SIG_LEN.get(alg)
-        for key in keys:
+        for thumbprint, key in keys:
             size = expected if expected is not None else (key.key.key_size + 7) // 8
             if len(sig) != size:
                 continue
             try:
                 if key.Algorithm.verify(parsed.signing_input, key.key, sig):
-                    return self._build(p, kid, parsed.payload)
+                    return self._build(p, kid, thumbprint, parsed.payload)
             except Exception:  # malformed signature bytes: a bad signature, not a crash
                 continue
         raise TokenError("bad_signature", "token signature is invalid")
 
-    def _build(self, p: _Provider, kid: str | None, payload: dict[str, Any]) -> VerifiedToken:
+    def _build(
+        self, p: _Provider, kid: str | None, thumbprint: str, payload: dict[str, Any]
+    ) -> VerifiedToken:
         claims = freeze(payload)
         headers: dict[str, str] = {}
         for mapping in p.config.claim_to_headers:
@@ -500,6 +505,7 @@ class JwtAuthPlugin(Plugin):
         return VerifiedToken(
             provider=p.name,
             kid=kid,
+            thumbprint=thumbprint,
             claims=claims,
             exp=float(exp) if isinstance(exp, int | float) else None,
             nbf=float(nbf) if isinstance(nbf, int | float) else None,
@@ -509,7 +515,7 @@ class JwtAuthPlugin(Plugin):
         )
 
     def _rebuild(
-        self, provider: str, kid: str | None, claims: dict[str, Any]
+        self, provider: str, kid: str | None, thumbprint: str, claims: dict[str, Any]
     ) -> VerifiedToken | None:
         """An L2 (Redis) entry back into a :class:`VerifiedToken`; the provider's claim checks
         run again, so an entry written under looser rules is refused."""
@@ -520,4 +526,4 @@ class JwtAuthPlugin(Plugin):
             check_claims(claims, p.policy, self._wall())
         except TokenError:
             return None
-        return self._build(p, kid, claims)
+        return self._build(p, kid, thumbprint, claims)

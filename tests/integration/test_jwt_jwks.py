@@ -331,49 +331,107 @@ async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1:
             await redis.aclose()
 
 
+class _TwoWorkers:
+    """Two plugin instances (two workers) on one real Redis and one real JWKS server, each
+    with its own monotonic clock."""
+
+    def __init__(self, redis: Any, server: JwksServer, algorithms: list[str]) -> None:
+        self.redis = redis
+        self.server = server
+        self.algorithms = algorithms
+        self.clocks = [Clock(10_000.0), Clock(10_000.0)]
+        self.made: list[tuple[JwtAuthPlugin, Any]] = []
+
+    async def start(self) -> tuple[JwtAuthPlugin, JwtAuthPlugin]:
+        provider = {"issuer": ISSUER, "jwks": {"uri": self.server.url}}
+        provider["algorithms"] = self.algorithms  # type: ignore[assignment]
+        cfg = JwtAuthConfig.model_validate({"providers": {"idp": provider}})
+        for clock in self.clocks:
+            plugin = JwtAuthPlugin(cfg)
+            ctx = make_plugin_context("jwt_auth", cfg, redis=self.redis, clock=clock)
+            await plugin.initialize(ctx)
+            plugin._saturation = lambda: 0.0  # see test_redis_second_tier_shares_...
+            self.made.append((plugin, ctx))
+        return self.made[0][0], self.made[1][0]
+
+    async def new_keys(self, keys: list[Any]) -> None:
+        self.server.rotate(keys)
+        for plugin, _ in self.made:
+            assert await plugin._providers["idp"].jwks.refresh()
+
+    async def close(self) -> None:
+        for plugin, ctx in self.made:
+            await plugin.shutdown()
+            await ctx.http.aclose()
+
+
 @pytest.mark.redis
-async def test_a_failed_refresh_forgets_the_token_in_redis_too(k1: KeyPair) -> None:
-    """The key material behind a kid changes (the kid stays, so cached entries pass the kid
-    check). The background re-verification of a token in use fails on worker A: the entry
-    goes from A's memory AND from Redis, so worker B, with nothing in memory, verifies the
-    token itself (401) instead of reading the stale entry back for the rest of its L2 TTL."""
+async def test_new_key_material_under_an_old_kid_is_not_read_back_from_redis(
+    k1: KeyPair,
+) -> None:
+    """The identity provider replaces a key but keeps its kid. A token signed by the old key
+    and shared through Redis must not pass on any worker: the entry carries the thumbprint
+    of the key that verified it, and that key is gone from the set."""
     from redis.asyncio import Redis
 
     from extproc.testing.redis_server import RedisServer
 
     with RedisServer() as rs:
         redis = Redis.from_url(rs.url)
-        clocks = [Clock(10_000.0), Clock(10_000.0)]
-        made: list[tuple[JwtAuthPlugin, Any]] = []
         async with JwksServer([k1]) as server:
+            workers = _TwoWorkers(redis, server, ["RS256"])
             try:
-                cfg = JwtAuthConfig.model_validate(
-                    {"providers": {"idp": {"issuer": ISSUER, "jwks": {"uri": server.url}}}}
-                )
-                for clock in clocks:
-                    plugin = JwtAuthPlugin(cfg)
-                    ctx = make_plugin_context("jwt_auth", cfg, redis=redis, clock=clock)
-                    await plugin.initialize(ctx)
-                    plugin._saturation = lambda: 0.0  # see the test above
-                    made.append((plugin, ctx))
-                a, b = made[0][0], made[1][0]
+                a, b = await workers.start()
+                assert a.token_cache is not None and b.token_cache is not None
+                token = TokenFactory(k1, issuer=ISSUER, lifetime=3600).mint({"sub": "s"})
+                assert isinstance(await a.on_request(event(token)), Continue)
+                await a.token_cache.aclose()  # the background L2 write
+                [stored] = await redis.keys("extproc:jwt:*")
+                assert b":v2:" in stored and b'"t":' in (await redis.get(stored) or b"")
+
+                await workers.new_keys([make_rsa_key(k1.kid)])  # same kid, new material
+                assert len(a.token_cache.l1) == 0  # dropped when the key set changed
+                for plugin in (a, b):
+                    reads = await _get_calls(redis)
+                    refused = await plugin.on_request(event(token))
+                    assert isinstance(refused, Reject) and refused.status == 401
+                    assert await _get_calls(redis) == reads + 1  # read, and not believed
+                assert b.token_cache.tiered.l2_hits == 1 and b.token_cache.tiered.l2_errors == 0
+            finally:
+                await workers.close()
+                await redis.aclose()
+
+
+@pytest.mark.redis
+async def test_a_failed_refresh_forgets_the_token_in_redis_too(k1: KeyPair) -> None:
+    """The key that verified a token is re-pinned to another algorithm (same material, so
+    the cached entries still name a key in the set). Worker A's background re-verification
+    of the token fails: the entry goes from A's memory AND from Redis, so worker B, with
+    nothing in memory, verifies the token itself (401) instead of reading the entry back for
+    the rest of its L2 TTL."""
+    from redis.asyncio import Redis
+
+    from extproc.testing.redis_server import RedisServer
+
+    with RedisServer() as rs:
+        redis = Redis.from_url(rs.url)
+        async with JwksServer([k1]) as server:
+            workers = _TwoWorkers(redis, server, ["RS256", "PS256"])
+            try:
+                a, b = await workers.start()
                 assert a.token_cache is not None and b.token_cache is not None
                 token = TokenFactory(k1, issuer=ISSUER, lifetime=3600).mint({"sub": "s"})
                 assert isinstance(await a.on_request(event(token)), Continue)
                 await a.token_cache.aclose()  # the background L2 write
                 [stored] = await redis.keys("extproc:jwt:*")
 
-                server.rotate([make_rsa_key(k1.kid)])  # same kid, new material
-                for plugin in (a, b):
-                    assert await plugin._providers["idp"].jwks.refresh()
-
-                [key] = list(a.token_cache.l1)
+                await workers.new_keys([{**k1.jwk(), "alg": "PS256"}])
+                [key] = list(a.token_cache.l1)  # kept: its key is still in the set
                 left = a.token_cache.l1.ttl(key)
                 assert left is not None
-                clocks[0].now += left - 5  # A's entry is due for re-verification
+                workers.clocks[0].now += left - 5  # A's entry is due for re-verification
                 assert isinstance(await a.on_request(event(token)), Continue)  # old entry
-                refresh = a._refreshing[key]
-                await asyncio.wait_for(refresh, 5.0)
+                await asyncio.wait_for(a._refreshing[key], 5.0)
                 assert key not in a.token_cache.l1
                 assert await redis.exists(stored) == 0
                 assert a.token_cache.tiered.l2_errors == 0
@@ -384,9 +442,7 @@ async def test_a_failed_refresh_forgets_the_token_in_redis_too(k1: KeyPair) -> N
                 assert await _get_calls(redis) == reads + 1  # B looked in Redis, found nothing
                 assert b.token_cache.tiered.l2_hits == 0
             finally:
-                for plugin, ctx in made:
-                    await plugin.shutdown()
-                    await ctx.http.aclose()
+                await workers.close()
                 await redis.aclose()
 
 

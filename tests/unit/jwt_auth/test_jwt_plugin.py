@@ -383,7 +383,7 @@ async def test_no_refresh_when_the_token_ends_before_a_new_entry_would(
 
 
 async def test_a_refresh_that_fails_drops_the_entry_and_the_next_request_is_refused(
-    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, other_rsa_key: KeyPair, mono: Any
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, mono: Any
 ) -> None:
     from plugins.jwt_auth.jwks import parse_jwks
 
@@ -392,18 +392,41 @@ async def test_a_refresh_that_fails_drops_the_entry_and_the_next_request_is_refu
     assert isinstance(await plugin.on_request(bearer(token)), Continue)
     assert plugin.token_cache is not None
     [key] = list(plugin.token_cache.l1)
-    # the key material behind the token's kid changes (the kid stays: the entry is kept)
-    swapped = {**other_rsa_key.jwk(), "kid": rsa_key.kid}
+    # the same key, now pinned to another algorithm: the entry's key is still in the set
+    # (same material, same thumbprint), but the token no longer verifies against it
+    repinned = {**rsa_key.jwk(), "alg": "PS256"}
     plugin._providers["main"].jwks._install(
-        parse_jwks({"keys": [swapped]}, ["RS256"], fetched_at=0)
+        parse_jwks({"keys": [repinned]}, ["RS256", "PS256"], fetched_at=0)
     )
     left = plugin.token_cache.l1.ttl(key)
     assert left is not None
     mono.now += left - 10  # the monotonic clock alone: the token is still far from exp
     assert isinstance(await plugin.on_request(bearer(token)), Continue)  # the old entry
     await _let_run()
-    assert key not in plugin.token_cache.l1  # the refresh found the signature bad
-    assert_401(await plugin.on_request(bearer(token)), "bad_signature")
+    assert key not in plugin.token_cache.l1  # the refresh found the algorithm refused
+    assert_401(await plugin.on_request(bearer(token)), "bad_alg")
+
+
+async def test_new_key_material_under_an_old_kid_ends_the_tokens_cached_under_the_old(
+    make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, other_rsa_key: KeyPair
+) -> None:
+    """An identity provider that reuses a kid for a new key (a compromised key replaced in
+    a hurry): tokens signed by the old key are refused at once, not when their cache entry
+    ends; the cache remembers the key by its thumbprint, not by its kid."""
+    from plugins.jwt_auth.jwks import parse_jwks
+
+    plugin = await make_plugin(_config([rsa_key]))
+    old = tokens.mint({"exp": int(NOW) + 3000})
+    assert isinstance(await plugin.on_request(bearer(old)), Continue)
+    assert plugin.token_cache is not None and len(plugin.token_cache.l1) == 1
+    swapped = {**other_rsa_key.jwk(), "kid": rsa_key.kid}
+    plugin._providers["main"].jwks._install(
+        parse_jwks({"keys": [swapped]}, ["RS256"], fetched_at=0)
+    )
+    assert len(plugin.token_cache.l1) == 0  # dropped when the key set changed
+    assert_401(await plugin.on_request(bearer(old)), "bad_signature")
+    new = tokens.mint({"exp": int(NOW) + 3000}, key=other_rsa_key, kid=rsa_key.kid)
+    assert isinstance(await plugin.on_request(bearer(new)), Continue)
 
 
 async def test_a_refresh_is_not_bound_by_the_deadline_of_the_request_that_started_it(
