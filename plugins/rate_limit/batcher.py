@@ -192,16 +192,29 @@ class Batcher(Generic[T, R]):
         if self._gathering:
             self._pump()
         elif self._soon is None:
+            if self._start is not None and self._alone(saturation):
+                self._start_soon()  # sent from here: no loop turn before the round trip
             # Idle: start the round trip's task now; it takes its batch when it first runs,
             # on the next loop tick, which is when a round trip started now would begin anyway
             # - with every request submitted during this tick in the same round trip. No added
             # wait; under load, free batching; and no loop turn of its own before the send.
             # With ``start``, a callback does the same and needs no task.
-            if self._start is not None:
+            elif self._start is not None:
                 self._soon = loop.call_soon(self._start_soon)
             else:
                 self._soon = self._spawn(self._run_soon())
         return future
+
+    def _alone(self, saturation: float) -> bool:
+        """Whether a request submitted to an idle batcher goes out at once, not on the next
+        tick with its tick's company: nothing in flight, spare CPU, and an arrival rate at
+        which a round trip in flight would not be waited for (``min_gather`` within
+        ``in_flight_wait``: 4,000 requests/s by default), so company within one tick is
+        unlikely. Saves the loop turn the callback takes: at a light load, a few percent of
+        the worker's CPU per request."""
+        if self._in_flight or saturation or not self.min_gather:
+            return False
+        return self._arrivals.rate * self.in_flight_wait < self.min_gather
 
     def _start_soon(self) -> None:
         self._soon = None
