@@ -37,7 +37,13 @@ callback-shaped call that settles the batch from the read that brings the reply:
 futures are set in the loop turn that read it, not in the next one, where an awaiting task
 would wake, and no task is made. (Sending at once from ``submit`` instead of on the next tick
 would save one more turn, but it halved the batches at saturation: the requests of one read
-no longer share a round trip. Measured, not kept.)
+no longer share a round trip. Measured, not kept. Tried again on 2026-12-05 only at a light
+load - nothing in flight, spare CPU, under 4,000 arrivals/s: batching at saturation kept,
+the worker's CPU per request at 300 req/s 0.92x on http2 and 0.97x on grpc.aio, but the p99
+at 1,000 req/s on grpc.aio higher in three runs out of three, median of the per-round
+differences +0.35 to +0.87 ms, lower in 9 of 28 rounds; http2's unchanged. A request that
+comes with company in one read waits for a free slot behind the one sent alone. Not kept:
+bench/results/2026-12-05-0745-send-at-once-vs-d226654.md and -0754-.)
 """
 
 from __future__ import annotations
@@ -192,29 +198,16 @@ class Batcher(Generic[T, R]):
         if self._gathering:
             self._pump()
         elif self._soon is None:
-            if self._start is not None and self._alone(saturation):
-                self._start_soon()  # sent from here: no loop turn before the round trip
             # Idle: start the round trip's task now; it takes its batch when it first runs,
             # on the next loop tick, which is when a round trip started now would begin anyway
             # - with every request submitted during this tick in the same round trip. No added
             # wait; under load, free batching; and no loop turn of its own before the send.
             # With ``start``, a callback does the same and needs no task.
-            elif self._start is not None:
+            if self._start is not None:
                 self._soon = loop.call_soon(self._start_soon)
             else:
                 self._soon = self._spawn(self._run_soon())
         return future
-
-    def _alone(self, saturation: float) -> bool:
-        """Whether a request submitted to an idle batcher goes out at once, not on the next
-        tick with its tick's company: nothing in flight, spare CPU, and an arrival rate at
-        which a round trip in flight would not be waited for (``min_gather`` within
-        ``in_flight_wait``: 4,000 requests/s by default), so company within one tick is
-        unlikely. Saves the loop turn the callback takes: at a light load, a few percent of
-        the worker's CPU per request."""
-        if self._in_flight or saturation or not self.min_gather:
-            return False
-        return self._arrivals.rate * self.in_flight_wait < self.min_gather
 
     def _start_soon(self) -> None:
         self._soon = None

@@ -523,7 +523,6 @@ class CallbackStore:
 async def test_start_idle_sends_the_ticks_requests_and_settles_in_the_replys_turn() -> None:
     store = CallbackStore()
     b: Batcher[int, int] = Batcher(store.send, start=store.start, saturation=idle)
-    arriving_at(b, 5000.0)  # 5 within in_flight_wait (1 ms): company is likely in a tick
     futures = [b.submit(1, FAR), b.submit(2, FAR)]
     assert store.batches == []
     await asyncio.sleep(0)
@@ -533,68 +532,6 @@ async def test_start_idle_sends_the_ticks_requests_and_settles_in_the_replys_tur
     await asyncio.sleep(0)  # that read's turn ...
     assert [f.result() for f in futures] == [10, 20]  # ... settled the callers in it
     assert b.in_flight == 0 and store.sent == []
-
-
-async def test_start_sends_at_once_at_a_light_load() -> None:
-    """Idle, spare CPU and few arrivals: the request's round trip goes out from ``submit``
-    itself (no loop turn before it); a request arriving while it is out takes the next
-    tick's round trip, with that tick's company."""
-    store = CallbackStore()
-    b: Batcher[int, int] = Batcher(store.send, start=store.start, saturation=idle)
-    arriving_at(b, 1000.0)  # 1 within in_flight_wait (1 ms): alone
-    first = b.submit(1, FAR)
-    assert store.batches == [[1]] and b.in_flight == 1
-    later = [b.submit(2, FAR), b.submit(3, FAR)]
-    assert store.batches == [[1]]
-    await asyncio.sleep(0)
-    assert store.batches == [[1], [2, 3]]
-    store.settle(0)
-    store.settle(1)
-    assert await asyncio.gather(first, *later) == [10, 20, 30]
-    assert b.in_flight == 0 and store.sent == []
-
-
-@pytest.mark.parametrize(
-    ("saturation", "rate", "min_gather"),
-    [(1.0, 1000.0, 4.0), (0.0, 5000.0, 4.0), (0.0, 0.0, 0.0)],
-    ids=["saturated", "many-arrivals", "always-gather"],
-)
-async def test_start_waits_for_the_next_tick_when_company_is_likely(
-    saturation: float, rate: float, min_gather: float
-) -> None:
-    store = CallbackStore()
-    b: Batcher[int, int] = Batcher(
-        store.send,
-        start=store.start,
-        saturation=lambda: saturation,
-        min_gather=min_gather,
-    )
-    arriving_at(b, rate)
-    futures = [b.submit(1, FAR), b.submit(2, FAR)]
-    assert store.batches == []
-    await settle()
-    assert store.batches == [[1, 2]]
-    store.settle(0)
-    assert await asyncio.gather(*futures) == [10, 20]
-
-
-async def test_a_round_trip_refused_at_once_answers_before_submit_returns() -> None:
-    """Sent from ``submit``, a round trip can fail there (the breaker opened): the caller's
-    future is already settled, and the batcher is idle again."""
-    b: Batcher[int, int]
-
-    def refuse(
-        items: Sequence[int], deadline: float, done: Callable[[Sequence[int] | BaseException], None]
-    ) -> bool:
-        done(RuntimeError("breaker open"))
-        return True
-
-    store = CallbackStore()
-    b = Batcher(store.send, start=refuse, saturation=idle)
-    future = b.submit(1, FAR)
-    assert future.done() and isinstance(future.exception(), RuntimeError)
-    assert b.in_flight == 0 and b.queued == 0
-    assert await b.flush(1.0)
 
 
 async def test_start_requests_gather_behind_the_round_trip_out() -> None:
