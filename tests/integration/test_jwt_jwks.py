@@ -5,6 +5,7 @@ inheriting keys across a reload. Events are awaited; timings are generous ceilin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -342,7 +343,7 @@ class _TwoWorkers:
         self.clocks = [Clock(10_000.0), Clock(10_000.0)]
         self.made: list[tuple[JwtAuthPlugin, Any]] = []
 
-    async def start(self) -> tuple[JwtAuthPlugin, JwtAuthPlugin]:
+    async def start(self) -> None:
         provider = {"issuer": ISSUER, "jwks": {"uri": self.server.url}}
         provider["algorithms"] = self.algorithms  # type: ignore[assignment]
         cfg = JwtAuthConfig.model_validate({"providers": {"idp": provider}})
@@ -351,18 +352,51 @@ class _TwoWorkers:
             ctx = make_plugin_context("jwt_auth", cfg, redis=self.redis, clock=clock)
             await plugin.initialize(ctx)
             plugin._saturation = lambda: 0.0  # see test_redis_second_tier_shares_...
+            assert plugin.token_cache is not None
             self.made.append((plugin, ctx))
-        return self.made[0][0], self.made[1][0]
+
+    @property
+    def a(self) -> JwtAuthPlugin:
+        return self.made[0][0]
+
+    @property
+    def b(self) -> JwtAuthPlugin:
+        return self.made[1][0]
+
+    async def verified_by_a(self, key: KeyPair) -> tuple[str, bytes]:
+        """A token signed by ``key``, verified by worker A and stored in Redis: the token and
+        its Redis key."""
+        token = TokenFactory(key, issuer=ISSUER, lifetime=3600).mint({"sub": "s"})
+        assert isinstance(await self.a.on_request(event(token)), Continue)
+        assert self.a.token_cache is not None
+        await self.a.token_cache.aclose()  # the background L2 write
+        [stored] = await self.redis.keys("extproc:jwt:*")
+        return token, stored
 
     async def new_keys(self, keys: list[Any]) -> None:
         self.server.rotate(keys)
         for plugin, _ in self.made:
             assert await plugin._providers["idp"].jwks.refresh()
 
-    async def close(self) -> None:
-        for plugin, ctx in self.made:
-            await plugin.shutdown()
-            await ctx.http.aclose()
+
+@contextlib.asynccontextmanager
+async def two_workers(key: KeyPair, algorithms: list[str]) -> AsyncIterator[_TwoWorkers]:
+    from redis.asyncio import Redis
+
+    from extproc.testing.redis_server import RedisServer
+
+    with RedisServer() as rs:
+        redis = Redis.from_url(rs.url)
+        async with JwksServer([key]) as server:
+            workers = _TwoWorkers(redis, server, algorithms)
+            try:
+                await workers.start()
+                yield workers
+            finally:
+                for plugin, ctx in workers.made:
+                    await plugin.shutdown()
+                    await ctx.http.aclose()
+                await redis.aclose()
 
 
 @pytest.mark.redis
@@ -372,34 +406,20 @@ async def test_new_key_material_under_an_old_kid_is_not_read_back_from_redis(
     """The identity provider replaces a key but keeps its kid. A token signed by the old key
     and shared through Redis must not pass on any worker: the entry carries the thumbprint
     of the key that verified it, and that key is gone from the set."""
-    from redis.asyncio import Redis
+    async with two_workers(k1, ["RS256"]) as workers:
+        a, b = workers.a, workers.b
+        assert a.token_cache is not None and b.token_cache is not None
+        token, stored = await workers.verified_by_a(k1)
+        assert b":v2:" in stored and b'"t":' in (await workers.redis.get(stored) or b"")
 
-    from extproc.testing.redis_server import RedisServer
-
-    with RedisServer() as rs:
-        redis = Redis.from_url(rs.url)
-        async with JwksServer([k1]) as server:
-            workers = _TwoWorkers(redis, server, ["RS256"])
-            try:
-                a, b = await workers.start()
-                assert a.token_cache is not None and b.token_cache is not None
-                token = TokenFactory(k1, issuer=ISSUER, lifetime=3600).mint({"sub": "s"})
-                assert isinstance(await a.on_request(event(token)), Continue)
-                await a.token_cache.aclose()  # the background L2 write
-                [stored] = await redis.keys("extproc:jwt:*")
-                assert b":v2:" in stored and b'"t":' in (await redis.get(stored) or b"")
-
-                await workers.new_keys([make_rsa_key(k1.kid)])  # same kid, new material
-                assert len(a.token_cache.l1) == 0  # dropped when the key set changed
-                for plugin in (a, b):
-                    reads = await _get_calls(redis)
-                    refused = await plugin.on_request(event(token))
-                    assert isinstance(refused, Reject) and refused.status == 401
-                    assert await _get_calls(redis) == reads + 1  # read, and not believed
-                assert b.token_cache.tiered.l2_hits == 1 and b.token_cache.tiered.l2_errors == 0
-            finally:
-                await workers.close()
-                await redis.aclose()
+        await workers.new_keys([make_rsa_key(k1.kid)])  # same kid, new material
+        assert len(a.token_cache.l1) == 0  # dropped when the key set changed
+        for plugin in (a, b):
+            reads = await _get_calls(workers.redis)
+            refused = await plugin.on_request(event(token))
+            assert isinstance(refused, Reject) and refused.status == 401
+            assert await _get_calls(workers.redis) == reads + 1  # read, and not believed
+        assert b.token_cache.tiered.l2_hits == 1 and b.token_cache.tiered.l2_errors == 0
 
 
 @pytest.mark.redis
@@ -409,41 +429,27 @@ async def test_a_failed_refresh_forgets_the_token_in_redis_too(k1: KeyPair) -> N
     of the token fails: the entry goes from A's memory AND from Redis, so worker B, with
     nothing in memory, verifies the token itself (401) instead of reading the entry back for
     the rest of its L2 TTL."""
-    from redis.asyncio import Redis
+    async with two_workers(k1, ["RS256", "PS256"]) as workers:
+        a, b = workers.a, workers.b
+        assert a.token_cache is not None and b.token_cache is not None
+        token, stored = await workers.verified_by_a(k1)
 
-    from extproc.testing.redis_server import RedisServer
+        await workers.new_keys([{**k1.jwk(), "alg": "PS256"}])
+        [key] = list(a.token_cache.l1)  # kept: its key is still in the set
+        left = a.token_cache.l1.ttl(key)
+        assert left is not None
+        workers.clocks[0].now += left - 5  # A's entry is due for re-verification
+        assert isinstance(await a.on_request(event(token)), Continue)  # old entry
+        await asyncio.wait_for(a._refreshing[key], 5.0)
+        assert key not in a.token_cache.l1
+        assert await workers.redis.exists(stored) == 0
+        assert a.token_cache.tiered.l2_errors == 0
 
-    with RedisServer() as rs:
-        redis = Redis.from_url(rs.url)
-        async with JwksServer([k1]) as server:
-            workers = _TwoWorkers(redis, server, ["RS256", "PS256"])
-            try:
-                a, b = await workers.start()
-                assert a.token_cache is not None and b.token_cache is not None
-                token = TokenFactory(k1, issuer=ISSUER, lifetime=3600).mint({"sub": "s"})
-                assert isinstance(await a.on_request(event(token)), Continue)
-                await a.token_cache.aclose()  # the background L2 write
-                [stored] = await redis.keys("extproc:jwt:*")
-
-                await workers.new_keys([{**k1.jwk(), "alg": "PS256"}])
-                [key] = list(a.token_cache.l1)  # kept: its key is still in the set
-                left = a.token_cache.l1.ttl(key)
-                assert left is not None
-                workers.clocks[0].now += left - 5  # A's entry is due for re-verification
-                assert isinstance(await a.on_request(event(token)), Continue)  # old entry
-                await asyncio.wait_for(a._refreshing[key], 5.0)
-                assert key not in a.token_cache.l1
-                assert await redis.exists(stored) == 0
-                assert a.token_cache.tiered.l2_errors == 0
-
-                reads = await _get_calls(redis)
-                refused = await b.on_request(event(token))
-                assert isinstance(refused, Reject) and refused.status == 401
-                assert await _get_calls(redis) == reads + 1  # B looked in Redis, found nothing
-                assert b.token_cache.tiered.l2_hits == 0
-            finally:
-                await workers.close()
-                await redis.aclose()
+        reads = await _get_calls(workers.redis)
+        refused = await b.on_request(event(token))
+        assert isinstance(refused, Reject) and refused.status == 401
+        assert await _get_calls(workers.redis) == reads + 1  # B looked in Redis, found nothing
+        assert b.token_cache.tiered.l2_hits == 0
 
 
 async def _get_calls(redis: Any) -> int:

@@ -329,6 +329,20 @@ async def _let_run() -> None:
         await asyncio.sleep(0)
 
 
+async def _cached_until(
+    plugin: JwtAuthPlugin, tokens: TokenFactory, mono: Any, seconds: float
+) -> str:
+    """A token (far from its exp) verified and cached; then the monotonic clock moved to
+    ``seconds`` before its entry ends. Returns the token."""
+    token = tokens.mint({"exp": int(NOW) + 3000})
+    assert isinstance(await plugin.on_request(bearer(token)), Continue)
+    assert plugin.token_cache is not None
+    left = plugin.token_cache.l1.ttl(next(iter(plugin.token_cache.l1)))
+    assert left is not None
+    mono.now += left - seconds
+    return token
+
+
 async def test_a_token_in_use_is_verified_again_before_its_entry_expires(
     make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, wall: Any, mono: Any
 ) -> None:
@@ -437,12 +451,7 @@ async def test_a_refresh_is_not_bound_by_the_deadline_of_the_request_that_starte
     from extproc.context import _deadline, time_left
 
     plugin = await make_plugin(_config([rsa_key]))
-    token = tokens.mint({"exp": int(NOW) + 3000})
-    assert isinstance(await plugin.on_request(bearer(token)), Continue)
-    assert plugin.token_cache is not None
-    left = plugin.token_cache.l1.ttl(next(iter(plugin.token_cache.l1)))
-    assert left is not None
-    mono.now += left - 10
+    token = await _cached_until(plugin, tokens, mono, 10)
     seen: list[float] = []
     verify = plugin._verify_with
 
@@ -464,12 +473,7 @@ async def test_refresh_ahead_0_never_refreshes(
     make_plugin: Any, tokens: TokenFactory, rsa_key: KeyPair, mono: Any
 ) -> None:
     plugin = await make_plugin(_config([rsa_key], token_cache={"refresh_ahead": 0}))
-    token = tokens.mint({"exp": int(NOW) + 3000})
-    assert isinstance(await plugin.on_request(bearer(token)), Continue)
-    assert plugin.token_cache is not None
-    left = plugin.token_cache.l1.ttl(next(iter(plugin.token_cache.l1)))
-    assert left is not None
-    mono.now += left - 1
+    token = await _cached_until(plugin, tokens, mono, 1)
     assert isinstance(await plugin.on_request(bearer(token)), Continue)
     await _let_run()
     assert plugin._m_refresh.value == 0
