@@ -411,10 +411,10 @@ class JwtAuthPlugin(Plugin):
         try:
             entry = await self._verify_with(p, parse_token(token), now)
         except TokenError:
-            # no longer valid (its key's material changed under the same kid ...): the next
-            # request carrying it verifies it itself and gets the reason. The Redis copy goes
-            # too, or this worker (and every other) would read it back on its next miss: a
-            # hit checks the kid, not the key material behind it
+            # no longer valid though its key is still in the set (the key is now pinned to
+            # another algorithm ...): the next request carrying it verifies it itself and
+            # gets the reason. The Redis copy goes too, or this worker (and every other) would
+            # read it back on its next miss, and the key check of a hit would pass it
             await cache.drop(key)
             return
         except Exception:  # a bug of ours: the entry expires as it would have
