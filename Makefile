@@ -25,13 +25,14 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) system-deps
 
 # System tools the tests drive for real: redis-server (rate limiting, faults), wrk (the
-# benchmark's smoke test) and valgrind (bench.instructions). Installed with apt when missing
-# and we may; else a clear hint.
+# benchmark's smoke test), valgrind (bench.instructions) and strace (bench.syscalls).
+# Installed with apt when missing and we may; else a clear hint.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v valgrind >/dev/null || missing="$$missing valgrind"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \

@@ -1,0 +1,35 @@
+"""``python -m bench.syscalls`` for real: strace attached to a real sidecar under a real Envoy
+at a fixed rate. strace missing is a failure with the install hint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_counts_the_calls_of_a_bare_servicer_per_request() -> None:
+    assert shutil.which("strace"), "strace is needed: apt-get update && apt-get install -y strace"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench.syscalls",
+            "--scenarios", "bare-http2", "--rate", "100", "--duration", "2",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| `bare-http2`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    requests, total, epoll, read, write = (float(c.replace(",", "")) for c in cells[1:6])
+    assert requests >= 150  # 100 req/s for 2 s, less what a slow start loses
+    # a request at a light load: at least one loop turn, one read and one write (the reply);
+    # and not hundreds (a runaway loop, or another process's calls counted)
+    assert 1 <= epoll <= 20 and 1 <= read <= 20 and 1 <= write <= 20
+    assert 3 <= total <= 100
