@@ -41,6 +41,9 @@ _ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _LAST_OK_2: Final = frozenset(c for i, c in enumerate(_ALPHABET) if i % 16 == 0)
 _LAST_OK_3: Final = frozenset(c for i, c in enumerate(_ALPHABET) if i % 4 == 0)
 MAX_HEADER_SEGMENT: Final = 4096
+#: deepest nesting of arrays and objects in a token's header or payload (claims are shallow;
+#: past this the token is malformed, whatever the interpreter's own recursion limits allow)
+MAX_JSON_DEPTH: Final = 32
 _SEPARATOR: Final = re.compile(r"[ \t,;]")
 
 
@@ -104,7 +107,23 @@ def _load_object(data: bytes) -> dict[str, Any]:
     obj = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     if not isinstance(obj, dict):
         raise ValueError("not an object")
+    _check_depth(obj)
     return obj
+
+
+def _check_depth(root: dict[str, Any]) -> None:
+    """Refuse nesting deeper than :data:`MAX_JSON_DEPTH` (iteratively: no recursion of our
+    own). CPython 3.11's parser raises ``RecursionError`` at ~1,000 levels, 3.13's parses
+    them: the limit is ours, so the answer is the same on every interpreter."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError("nested too deeply")
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
 
 
 def parse_token(token: str) -> ParsedToken:

@@ -134,6 +134,16 @@ BAD_TOKENS: list[tuple[str, Any, str]] = [
         lambda t: with_payload(t, b'{"a":' * 1000 + b"1" + b"}" * 1000),
         "malformed",
     ),
+    (  # within every interpreter's recursion limit: refused by our own depth limit
+        "nested 33 deep",
+        lambda t: with_payload(t, b'{"iss":"x","a":' + b"[" * 32 + b"]" * 32 + b"}"),
+        "malformed",
+    ),
+    (  # 32 deep is allowed: the token is refused for what it claims, not for its shape
+        "nested 32 deep",
+        lambda t: with_payload(t, b'{"iss":"x","a":' + b"[" * 31 + b"]" * 31 + b"}"),
+        "wrong_issuer",
+    ),
 ]
 
 
