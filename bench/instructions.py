@@ -352,8 +352,8 @@ def _switch(on: bool) -> None:
 def _spare_cpu() -> None:
     """Make the worker's saturation meter read 0, as it does at the light load counted here.
     Under callgrind the loop's thread never waits (it is on a CPU all the time, slowed ~50x),
-    so the real meter would read saturated, and every rule that reads it (the batcher's window
-    and its send, the reply coalescer, jwt_auth's L2 reads) would take its saturated path."""
+    so the real meter would read saturated, and every rule that reads it (the batcher's window,
+    the reply coalescer, jwt_auth's L2 reads) would take its saturated path."""
     from extproc.observability import saturation
 
     saturation._PER_THREAD.meter = saturation.LoopSaturation(cpu_clock=lambda: 0.0)
