@@ -86,7 +86,11 @@ class KeySet:
     fetched_at: float
     size: int
     prints: Mapping[str | None, str] = field(default_factory=dict)
-    thumbprints: frozenset[str] = frozenset()
+    #: ``prints``' values, for the cache's per-hit membership check (derived, never passed)
+    thumbprints: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "thumbprints", frozenset(self.prints.values()))
 
     def find(self, kid: str, alg: str) -> PyJWK | None:
         keys = self.by_kid.get(kid)
@@ -98,10 +102,6 @@ class KeySet:
     def for_alg(self, alg: str) -> list[tuple[str, PyJWK]]:
         """Every key usable with ``alg`` (for tokens without a ``kid``), with its thumbprint."""
         return [(self.prints[k], keys[alg]) for k, keys in self.by_kid.items() if alg in keys]
-
-    @property
-    def kids(self) -> frozenset[str | None]:
-        return frozenset(self.by_kid)
 
 
 def _key_algorithms(jwk: Mapping[str, Any], allowed: Sequence[str]) -> list[str]:
@@ -178,7 +178,7 @@ def parse_jwks(
             size += 1
     if not by_kid:
         raise JwksError("no usable signing key")
-    return KeySet(by_kid, fetched_at, size, prints, frozenset(prints.values()))
+    return KeySet(by_kid, fetched_at, size, prints)
 
 
 def _decode(body: bytes) -> Any:
