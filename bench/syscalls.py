@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.load import open_loop, run_wrk
-from bench.run import others_paused
+from bench.run import _requests, others_paused
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
 
@@ -92,7 +92,7 @@ def count_syscalls(
                 tracer = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
                 time.sleep(0.5)  # attached
                 try:
-                    requests = [traffic.raw_request(i, f"127.0.0.1:{port}") for i in range(1000)]
+                    requests = _requests(stack, s, traffic)
                     result = open_loop(port, requests, rate=rate, duration_s=duration_s)
                 finally:
                     tracer.send_signal(signal.SIGINT)  # detach: strace writes its summary
