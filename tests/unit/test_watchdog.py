@@ -61,6 +61,22 @@ async def test_an_idle_worker_beats_at_the_idle_interval_and_a_busy_one_at_full_
     assert not dog.idle
 
 
+async def test_a_busy_healthy_loop_wakes_the_thread_about_once_per_threshold() -> None:
+    """No beat can be late before its due time + threshold, so the thread sleeps until then
+    rather than looking every half threshold: each look takes the GIL from the loop's thread.
+    Over 0.6 s with a 0.05 s threshold: ~11 looks (it was 24 at half a threshold)."""
+    dog = _watchdog([True])
+    dog.start()
+    try:
+        start = dog.looks
+        await asyncio.sleep(0.6)
+        looks = dog.looks - start
+    finally:
+        dog.stop()
+    assert 1 <= looks <= 15
+    assert dog.last_stall is None
+
+
 async def test_a_quiet_loop_is_not_a_stall() -> None:
     """Lateness counts from when the next beat was due, not from the last one: 0.2 s between
     idle beats, four times the threshold, is no stall."""
