@@ -10,7 +10,8 @@ then ``strace -c -f`` attached to the sidecar's processes while the open-loop ge
 ``--rate`` requests/s for ``--duration`` seconds. strace slows every call it sees, so only the
 counts mean something here, not the times.
 
-Run: ``python -m bench.syscalls [--scenarios a,b] [--rate 300] [--duration 8]``. Needs strace
+Run: ``python -m bench.syscalls [--scenarios a,b] [--rate 300] [--duration 8] [--baseline REV]``
+(``--baseline``: each extproc scenario is followed by its twin from commit REV). Needs strace
 (``apt-get install strace``) and the right to trace our own children (root, or
 ``kernel.yama.ptrace_scope`` 0 or 1).
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from bench.load import open_loop, run_wrk
 from bench.run import _requests, others_paused
-from bench.stack import Stack, scenario
+from bench.stack import Stack, baseline_tree, scenario, with_baseline
 from bench.traffic import make_traffic
 
 __all__ = ["count_syscalls", "main", "parse_strace_summary", "table"]
@@ -69,10 +70,18 @@ def table(rows: Sequence[tuple[str, float, Mapping[str, int]]]) -> str:
 
 
 def count_syscalls(
-    keys: Sequence[str], *, rate: float, duration_s: float, workdir: Path
+    keys: Sequence[str],
+    *,
+    rate: float,
+    duration_s: float,
+    workdir: Path,
+    baseline: str | None = None,
 ) -> list[tuple[str, float, dict[str, int]]]:
-    """For each scenario: the requests answered while traced, and the calls counted."""
+    """For each scenario: the requests answered while traced, and the calls counted; with
+    ``baseline``, each extproc scenario's twin from that commit follows it."""
     chosen = [scenario(k) for k in keys]
+    if baseline is not None:
+        chosen = with_baseline(chosen, *baseline_tree(baseline, workdir))
     for s in chosen:
         if not s.sidecar:
             raise SystemExit(f"{s.key} has no sidecar to trace")
@@ -111,12 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS))
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--baseline", help="also trace each extproc scenario at this commit")
     args = parser.parse_args(argv)
     if shutil.which("strace") is None:
         raise SystemExit("strace is missing: apt-get install strace")
     keys = [k for k in args.scenarios.split(",") if k]
     with tempfile.TemporaryDirectory(prefix="extproc-syscalls-") as tmp:
-        rows = count_syscalls(keys, rate=args.rate, duration_s=args.duration, workdir=Path(tmp))
+        rows = count_syscalls(
+            keys, rate=args.rate, duration_s=args.duration, workdir=Path(tmp),
+            baseline=args.baseline,
+        )  # fmt: skip
     print(
         f"\nSystem calls per request (strace -c -f on the sidecar's processes), "
         f"{args.rate:g} req/s open loop for {args.duration:g} s, one scenario at a time:\n"

@@ -33,3 +33,23 @@ def test_counts_the_calls_of_a_bare_servicer_per_request() -> None:
     # and not hundreds (a runaway loop, or another process's calls counted)
     assert 1 <= epoll <= 20 and 1 <= read <= 20 and 1 <= write <= 20
     assert 3 <= total <= 100
+
+
+def test_baseline_traces_each_extproc_scenario_and_its_twin_from_the_commit() -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench.syscalls", "--scenarios", "extproc-h2",
+            "--baseline", "HEAD", "--rate", "100", "--duration", "2",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {
+        line.split("`")[1]: [c.strip() for c in line.strip("|").split("|")]
+        for line in done.stdout.splitlines()
+        if line.startswith("| `")
+    }
+    assert set(rows) == {"extproc-h2", "extproc-h2-base"}
+    for cells in rows.values():
+        requests, total = float(cells[1].replace(",", "")), float(cells[2])
+        assert requests >= 150 and 3 <= total <= 100
