@@ -262,81 +262,61 @@ async def test_key_set_age_gauge(server: JwksServer, harness: Harness) -> None:
 
 
 @pytest.mark.redis
-async def test_redis_second_tier_shares_validated_tokens(server: JwksServer, k1: KeyPair) -> None:
+async def test_redis_second_tier_shares_validated_tokens(k1: KeyPair) -> None:
     """Two plugin instances (two workers) share validated tokens through Redis: only the
     SHA-256 key and the claims JSON are stored, with a TTL; a stalled Redis is a miss."""
-    from redis.asyncio import Redis
-
-    from extproc.testing.redis_server import RedisServer
-
-    with RedisServer() as rs:
-        redis = Redis.from_url(rs.url)
-        made: list[tuple[JwtAuthPlugin, Any]] = []
+    async with two_workers(k1, None) as workers:
+        a, b, redis = workers.a, workers.b, workers.redis
+        token = TokenFactory(k1, issuer=ISSUER).mint({"sub": "shared"})
+        assert isinstance(await a.on_request(event(token)), Continue)
+        assert a.token_cache is not None and b.token_cache is not None
+        await a.token_cache.aclose()  # wait for the background L2 write
+        keys = await redis.keys("extproc:jwt:*")
+        assert len(keys) == 1 and token.encode() not in keys[0]
+        stored = await redis.get(keys[0])
+        assert stored is not None and token.encode() not in stored and b"shared" in stored
+        assert 0 < await redis.ttl(keys[0]) <= 240  # 80% of 300 s
+        hit = event(token)
+        assert isinstance(await b.on_request(hit), Continue)
+        assert b.token_cache.tiered.l2_hits == 1 and hit.context["auth.subject"] == "shared"
+        # a malformed token is refused before any Redis read (garbage costs no round trip)
+        reads = await _get_calls(redis)
+        bad = await b.on_request(event(token[:-1] + "."))
+        assert isinstance(bad, Reject) and bad.status == 401
+        assert await _get_calls(redis) == reads
+        # a saturated worker verifies here instead of reading Redis (the read would wait
+        # behind every queued request), and reads it again once it has spare CPU
+        fresh = TokenFactory(k1, issuer=ISSUER).mint({"sub": "fresh"})
+        assert isinstance(await a.on_request(event(fresh)), Continue)
+        await a.token_cache.aclose()  # stored in Redis
+        reads = await _get_calls(redis)
+        b._saturation = lambda: 1.0
+        assert isinstance(await b.on_request(event(fresh)), Continue)
+        assert await _get_calls(redis) == reads and b.token_cache.tiered.l2_hits == 1
+        b.token_cache.l1.clear()
+        b._saturation = lambda: 0.0
+        assert isinstance(await b.on_request(event(fresh)), Continue)
+        assert await _get_calls(redis) == reads + 1 and b.token_cache.tiered.l2_hits == 2
+        # a stalled Redis costs at most its timeout, and the token is verified locally
+        workers.redis_server.pause()
         try:
-            cfg = JwtAuthConfig.model_validate(
-                {"providers": {"idp": {"issuer": ISSUER, "jwks": {"uri": server.url}}}}
-            )
-            for _ in range(2):
-                plugin = JwtAuthPlugin(cfg)
-                ctx = make_plugin_context("jwt_auth", cfg, redis=redis)
-                await plugin.initialize(ctx)
-                # the meter would read this test process's own CPU (pytest's thread is the
-                # loop's): these steps assume spare CPU, the saturated case is set below
-                plugin._saturation = lambda: 0.0
-                made.append((plugin, ctx))
-            a, b = made[0][0], made[1][0]
-            token = TokenFactory(k1, issuer=ISSUER).mint({"sub": "shared"})
-            assert isinstance(await a.on_request(event(token)), Continue)
-            assert a.token_cache is not None and b.token_cache is not None
-            await a.token_cache.aclose()  # wait for the background L2 write
-            keys = await redis.keys("extproc:jwt:*")
-            assert len(keys) == 1 and token.encode() not in keys[0]
-            stored = await redis.get(keys[0])
-            assert stored is not None and token.encode() not in stored and b"shared" in stored
-            assert 0 < await redis.ttl(keys[0]) <= 240  # 80% of 300 s
-            hit = event(token)
-            assert isinstance(await b.on_request(hit), Continue)
-            assert b.token_cache.tiered.l2_hits == 1 and hit.context["auth.subject"] == "shared"
-            # a malformed token is refused before any Redis read (garbage costs no round trip)
-            reads = await _get_calls(redis)
-            bad = await b.on_request(event(token[:-1] + "."))
-            assert isinstance(bad, Reject) and bad.status == 401
-            assert await _get_calls(redis) == reads
-            # a saturated worker verifies here instead of reading Redis (the read would wait
-            # behind every queued request), and reads it again once it has spare CPU
-            fresh = TokenFactory(k1, issuer=ISSUER).mint({"sub": "fresh"})
-            assert isinstance(await a.on_request(event(fresh)), Continue)
-            await a.token_cache.aclose()  # stored in Redis
-            reads = await _get_calls(redis)
-            b._saturation = lambda: 1.0
-            assert isinstance(await b.on_request(event(fresh)), Continue)
-            assert await _get_calls(redis) == reads and b.token_cache.tiered.l2_hits == 1
-            b.token_cache.l1.clear()
-            b._saturation = lambda: 0.0
-            assert isinstance(await b.on_request(event(fresh)), Continue)
-            assert await _get_calls(redis) == reads + 1 and b.token_cache.tiered.l2_hits == 2
-            # a stalled Redis costs at most its timeout, and the token is verified locally
-            rs.pause()
-            try:
-                other = TokenFactory(k1, issuer=ISSUER).mint({"sub": "other"})
-                loop = asyncio.get_running_loop()
-                start = loop.time()
-                assert isinstance(await b.on_request(event(other)), Continue)
-                assert loop.time() - start < 2.0
-            finally:
-                rs.resume()
+            other = TokenFactory(k1, issuer=ISSUER).mint({"sub": "other"})
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            assert isinstance(await b.on_request(event(other)), Continue)
+            assert loop.time() - start < 2.0
         finally:
-            for plugin, ctx in made:
-                await plugin.shutdown()
-                await ctx.http.aclose()
-            await redis.aclose()
+            workers.redis_server.resume()
 
 
 class _TwoWorkers:
     """Two plugin instances (two workers) on one real Redis and one real JWKS server, each
-    with its own monotonic clock."""
+    with its own monotonic clock; ``algorithms`` None: the provider's default."""
 
-    def __init__(self, redis: Any, server: JwksServer, algorithms: list[str]) -> None:
+    def __init__(
+        self, redis_server: Any, redis: Any, server: JwksServer, algorithms: list[str] | None
+    ) -> None:
+        self.redis_server = redis_server
         self.redis = redis
         self.server = server
         self.algorithms = algorithms
@@ -344,14 +324,17 @@ class _TwoWorkers:
         self.made: list[tuple[JwtAuthPlugin, Any]] = []
 
     async def start(self) -> None:
-        provider = {"issuer": ISSUER, "jwks": {"uri": self.server.url}}
-        provider["algorithms"] = self.algorithms  # type: ignore[assignment]
+        provider: dict[str, Any] = {"issuer": ISSUER, "jwks": {"uri": self.server.url}}
+        if self.algorithms is not None:
+            provider["algorithms"] = self.algorithms
         cfg = JwtAuthConfig.model_validate({"providers": {"idp": provider}})
         for clock in self.clocks:
             plugin = JwtAuthPlugin(cfg)
             ctx = make_plugin_context("jwt_auth", cfg, redis=self.redis, clock=clock)
             await plugin.initialize(ctx)
-            plugin._saturation = lambda: 0.0  # see test_redis_second_tier_shares_...
+            # the meter would read this test process's own CPU (pytest's thread is the
+            # loop's): the tests assume spare CPU unless they say otherwise
+            plugin._saturation = lambda: 0.0
             assert plugin.token_cache is not None
             self.made.append((plugin, ctx))
 
@@ -380,7 +363,7 @@ class _TwoWorkers:
 
 
 @contextlib.asynccontextmanager
-async def two_workers(key: KeyPair, algorithms: list[str]) -> AsyncIterator[_TwoWorkers]:
+async def two_workers(key: KeyPair, algorithms: list[str] | None) -> AsyncIterator[_TwoWorkers]:
     from redis.asyncio import Redis
 
     from extproc.testing.redis_server import RedisServer
@@ -388,7 +371,7 @@ async def two_workers(key: KeyPair, algorithms: list[str]) -> AsyncIterator[_Two
     with RedisServer() as rs:
         redis = Redis.from_url(rs.url)
         async with JwksServer([key]) as server:
-            workers = _TwoWorkers(redis, server, algorithms)
+            workers = _TwoWorkers(rs, redis, server, algorithms)
             try:
                 await workers.start()
                 yield workers
