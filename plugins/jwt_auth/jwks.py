@@ -84,7 +84,6 @@ class KeySet:
 
     by_kid: Mapping[str | None, Mapping[str, PyJWK]]
     fetched_at: float
-    size: int
     prints: Mapping[str | None, str] = field(default_factory=dict)
     #: ``prints``' values, for the cache's per-hit membership check (derived, never passed)
     thumbprints: frozenset[str] = field(init=False)
@@ -136,9 +135,8 @@ def parse_jwks(
         raise JwksError("not a JWKS document")
     by_kid: dict[str | None, dict[str, PyJWK]] = {}
     prints: dict[str | None, str] = {}
-    size = 0
     for jwk in document["keys"][: max_keys * 4]:
-        if size >= max_keys:
+        if len(by_kid) >= max_keys:
             break
         if not isinstance(jwk, dict):
             continue
@@ -175,10 +173,9 @@ def parse_jwks(
                     logger.warning("jwks: key %r is malformed, skipped", kid)
                 continue
             by_kid[kid] = keys
-            size += 1
     if not by_kid:
         raise JwksError("no usable signing key")
-    return KeySet(by_kid, fetched_at, size, prints)
+    return KeySet(by_kid, fetched_at, prints)
 
 
 def _decode(body: bytes) -> Any:
