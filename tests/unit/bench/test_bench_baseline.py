@@ -142,3 +142,11 @@ def test_the_report_compares_the_open_loop_p99_round_by_round() -> None:
     # medians 2.90 / 3.10; differences -0.50, +5.80, -0.20: their median, and 2 of 3 lower
     assert row == "| `extproc` | 2.90 | 3.10 | -0.20 | 2 of 3 | -0.50 +5.80 -0.20 |"
     assert report._baseline_latency({**data, "latency_rounds": []}) == []
+
+
+def test_the_pair_sends_in_swapped_order_every_other_round() -> None:
+    from bench.run import paired_order
+
+    orders = [paired_order("base", "new", n) for n in range(6)]
+    assert orders[0] == ("base", "new") and orders[1] == ("new", "base")
+    assert sum(o[0] == "new" for o in orders) == 3  # even rounds: each side first as often
