@@ -39,7 +39,8 @@ would wake, and no task is made. (Sending at once from ``submit`` instead of on 
 would save one more turn, but it halved the batches at saturation: the requests of one read
 no longer share a round trip. Measured, not kept. Tried again on 2026-12-05 only at a light
 load - nothing in flight, spare CPU, under 4,000 arrivals/s: batching at saturation kept,
-the worker's CPU per request at 300 req/s 0.92x on http2 and 0.97x on grpc.aio, but the p99
+the worker's CPU per request at 300 req/s 0.92x on http2 and 0.97x on grpc.aio (paired with
+the new version always second, which an A/A run later showed costs it ~5 %), but the p99
 at 1,000 req/s on grpc.aio higher in three runs out of three, median of the per-round
 differences +0.35 to +0.87 ms, lower in 9 of 28 rounds; http2's unchanged. Cause not found:
 not a wait for a free slot (the batcher's wait p99 was lower, 78 against 210 µs), nor the
