@@ -119,6 +119,24 @@ def round_trips(server: RedisServer) -> int:
     return server.calls("evalsha") + server.calls("eval")
 
 
+def stored_count(server: RedisServer, key: str) -> int:
+    """The fixed-window count stored under ``key`` (0 when there is none)."""
+    reply = server.command("HGET", key, "b").decode()
+    return 0 if reply.startswith("$-1") else int(reply.split("\r\n")[1])
+
+
+async def settled_count(server: RedisServer, key: str, quiet: float = 0.15) -> int:
+    """The stored count once it has not moved for ``quiet`` seconds (at most 5 s of waiting)."""
+    async with asyncio.timeout(5):
+        last, since = stored_count(server, key), asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - since < quiet:
+            await asyncio.sleep(0.03)
+            now = stored_count(server, key)
+            if now != last:
+                last, since = now, asyncio.get_running_loop().time()
+        return last
+
+
 @pytest.mark.parametrize("algorithm", ["fixed_window", "gcra"])
 async def test_exact_under_concurrency_in_few_round_trips(
     server: RedisServer, harness: Harness, algorithm: str
@@ -265,12 +283,15 @@ async def test_paused_redis_never_holds_a_request_past_its_budget(
     # Batches already written to the paused server still run when it resumes (their requests
     # were answered by the fail policy meanwhile). The pool dropped the connections that
     # carried them; the pipe reads their late replies and drops those. Either way every later
-    # reply belongs to its own request: the counts line up exactly.
+    # reply belongs to its own request: the counts line up exactly. Those late batches land
+    # in their own time, so wait for the stored count to settle before taking the next ones
+    # (on a slow machine the first new request could otherwise be counted before them).
+    key = "rl:{k|client}:f1000/86400000"
+    settled = await settled_count(server, key)
     after = [await call(plugin, 5.0) for _ in range(5)]
     remaining = [r.metadata["remaining"] for r, _ in after]
-    assert remaining == list(range(remaining[0], remaining[0] - 5, -1))
-    stored = server.command("HGET", "rl:{k|client}:f1000/86400000", "b").decode()
-    assert int(stored.split("\r\n")[1]) == 1000 - remaining[-1]
+    assert remaining == list(range(1000 - settled - 1, 1000 - settled - 6, -1))
+    assert stored_count(server, key) == 1000 - remaining[-1]
 
 
 async def test_timed_out_connection_is_not_reused(server: RedisServer) -> None:
