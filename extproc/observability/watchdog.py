@@ -10,11 +10,18 @@ asyncio's debug mode finds the same stalls but costs far too much for production
 one loop callback per interval and a thread that sleeps.
 
 An idle worker should not pay for it: while no work arrives (the ``busy`` predicate), the
-heartbeat slows to ``idle_interval`` and the thread sleeps until the next beat could be late.
-``wake()``, called where work starts (a stream, a health check, a reload), brings both back to
-full speed at once, so the first request after a quiet spell is watched like any other. Idle,
-the watchdog wakes a sidecar ~8 times a second; busy, ~120 (100 beats on the loop, ~20 looks
-by the thread, one per threshold).
+heartbeat slows to ``idle_interval``. ``wake()``, called where work starts (a stream, a health
+check, a reload), brings it back to full speed at once, so the first request after a quiet
+spell is watched like any other. Work that starts on its own while idle (a plugin's background
+task) does not call ``wake()``; so, on Linux, the idle thread looks every two thresholds at
+what the loop's thread is doing, from ``/proc/self/task/<tid>/syscall`` (one ``pread``,
+~1.5 us): waiting in ``epoll`` is idle; anything else (running, sleeping, blocked on a socket)
+gets a probe callback sent to the loop with ``call_soon_threadsafe``, and a probe that has not
+run within the threshold is a stall like a late beat. So a block of an idle worker is always
+reported when it lasts three thresholds (150 ms by default; without the probe it took the
+threshold plus ``idle_interval``, 300 ms). An idle loop is not woken by this. Idle, the
+watchdog wakes a sidecar ~4 times a second on the loop and ~10 in its own thread; busy, ~120
+(100 beats on the loop, ~20 looks by the thread, one per threshold).
 
 Lateness is measured against the time the next beat was *due*: a reported stall lasted at least
 that long (the thread cannot tell how much earlier it began).
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import platform
 import sys
 import threading
 import time
@@ -69,6 +78,50 @@ def _blame(frame: FrameType | None, codes: Mapping[CodeType, str]) -> str:
             return name
         frame = frame.f_back
     return ""
+
+
+def _where(frame: FrameType | None) -> str:
+    """The innermost Python frame of the loop's thread: what it was running when seen."""
+    if frame is None:
+        return "(unknown)"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
+
+
+#: the system calls an idle event loop waits in (epoll_wait, epoll_pwait, epoll_pwait2), as
+#: numbered in ``/proc/<pid>/task/<tid>/syscall`` on each machine
+_EPOLL_WAITS: dict[str, frozenset[bytes]] = {
+    "x86_64": frozenset({b"232", b"281", b"441"}),
+    "aarch64": frozenset({b"22", b"441"}),
+}
+
+
+class ThreadState:
+    """Whether a thread of this process is waiting in ``epoll`` (Linux, x86-64 or arm64)."""
+
+    def __init__(self, native_id: int, machine: str | None = None) -> None:
+        self._waits = _EPOLL_WAITS.get(machine or platform.machine(), frozenset())
+        self._fd = -1
+        if self._waits:
+            self._fd = os.open(f"/proc/self/task/{native_id}/syscall", os.O_RDONLY | os.O_CLOEXEC)
+
+    @classmethod
+    def open(cls, native_id: int) -> ThreadState | None:
+        """The thread's state reader, or None where it cannot be read."""
+        try:
+            state = cls(native_id)
+            state.in_epoll()
+        except OSError:
+            return None
+        return state if state._fd >= 0 else None
+
+    def in_epoll(self) -> bool:
+        # "running", or the number of the system call it is blocked in and its arguments
+        return os.pread(self._fd, 16, 0).partition(b" ")[0] in self._waits
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class LoopLagWatchdog:
@@ -111,10 +164,18 @@ class LoopLagWatchdog:
         self._stop = threading.Event()
         self._woken = threading.Event()
         self._thread: threading.Thread | None = None
+        #: reads what the loop's thread is doing (None: not on this system, no idle probes)
+        self.thread_state: ThreadState | None = None
+        #: how many probes the idle thread sent to the loop (read by tests)
+        self.probes = 0
+        self._probe = 0.0  # when the last probe was sent
+        self._answered = 0.0  # the send time of the last probe the loop ran
 
-    def start(self) -> None:
+    def start(self, *, probe_when_idle: bool = True) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        if probe_when_idle and self._busy is not None:
+            self.thread_state = ThreadState.open(threading.get_native_id())
         self._schedule(self.interval)
         self._thread = threading.Thread(target=self._watch, name="extproc-watchdog", daemon=True)
         self._thread.start()
@@ -149,6 +210,27 @@ class LoopLagWatchdog:
             self._timer.cancel()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+        if self.thread_state is not None and not (self._thread and self._thread.is_alive()):
+            self.thread_state.close()
+
+    def _answer(self, sent: float) -> None:
+        self._answered = sent
+
+    def _send_probe(self, now: float) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._answer, now)
+        except RuntimeError:  # the loop is closed: nothing left to watch
+            return
+        self._probe = now
+        self.probes += 1
+
+    def _pending_due(self) -> float:
+        """When the loop should have come back: its next beat, or an unanswered probe."""
+        due = self._due
+        if self._probe > self._answered:
+            due = min(due, self._probe)
+        return due
 
     def _watch(self) -> None:
         reported = 0.0
@@ -157,15 +239,18 @@ class LoopLagWatchdog:
             # A healthy loop has moved its due on by the time this wakes, so the thread
             # wakes about once per threshold, busy or idle, and a stall is seen as early as
             # it can be. (After a reported stall, the due stays in the past: half a
-            # threshold between looks.)
-            wait = max(self.threshold / 2, self._due + self.threshold - self._clock())
+            # threshold between looks.) Idle, with no probe out, it looks every two
+            # thresholds (each look costs a thread wake-up: ~100 us of CPU on our VMs).
+            wait = max(self.threshold / 2, self._pending_due() + self.threshold - self._clock())
+            if self.idle and self.thread_state is not None and self._probe <= self._answered:
+                wait = min(wait, 2 * self.threshold)
             slept_at, cpu_at = self._clock(), self._cpu_clock()
             self._woken.wait(wait)
             self._woken.clear()
             self.looks += 1
             if self._stop.is_set():
                 return
-            due = self._due
+            due = self._pending_due()
             now = self._clock()
             overslept = now - slept_at - wait
             if overslept > self.threshold and self._cpu_clock() - cpu_at < overslept / 4:
@@ -181,21 +266,37 @@ class LoopLagWatchdog:
                 continue
             late = now - due
             if late <= self.threshold or due == reported:
+                if (
+                    self.idle
+                    and self.thread_state is not None
+                    and self._probe <= self._answered
+                    and not self._in_epoll()
+                ):
+                    self._send_probe(now)  # the loop is up to something: see if it answers
                 continue
             reported = due  # one report per stall
             frame = sys._current_frames().get(self._loop_thread)
             try:
                 plugin = _blame(frame, self.hook_codes()) or "(none)"
+                where = _where(frame)
             except Exception:  # never let the watchdog die
-                plugin = "(unknown)"
+                plugin, where = "(unknown)", "(unknown)"
             finally:
                 del frame
             self.stalls.labels(plugin).inc()
             self.last_stall = (plugin, late)
             log.warning(
-                "event loop blocked for more than %.0f ms in plugin %s: a plugin must not block "
-                "(use async I/O, or run CPU-bound work with asyncio.to_thread)",
+                "event loop blocked for more than %.0f ms in plugin %s, at %s: a plugin must "
+                "not block (use async I/O, or run CPU-bound work with asyncio.to_thread)",
                 late * 1000,
                 plugin,
-                extra={"plugin": plugin, "lag_ms": round(late * 1000, 1)},
+                where,
+                extra={"plugin": plugin, "lag_ms": round(late * 1000, 1), "where": where},
             )
+
+    def _in_epoll(self) -> bool:
+        assert self.thread_state is not None
+        try:
+            return self.thread_state.in_epoll()
+        except OSError:  # the thread is gone, or /proc went away: probe (a probe is harmless)
+            return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -307,6 +308,33 @@ async def test_watchdog_names_the_plugin_that_blocks_the_loop(tmp_path: Path) ->
     assert server.watchdog.last_stall is not None
     assert server.watchdog.last_stall[0] == "block"
     assert 'extproc_loop_stalls_total{plugin="block"} 1' in metrics
+
+
+async def test_watchdog_sees_a_block_while_the_worker_is_idle(tmp_path: Path) -> None:
+    """No stream, so the heartbeat is at its idle pace (every 0.25 s). A background job (here
+    run from the test, on the server's loop) blocks for 0.22 s just after a beat: no beat is
+    late by more than the 50 ms threshold, but the idle watchdog, looking every 0.1 s, probes
+    the loop it sees out of epoll."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"server: {{loop_lag_threshold_ms: 50, transport: {CURRENT['transport']}}}\nplugins: []\n"
+    )
+    async with running(cfg) as (server, _):
+        dog = server.watchdog
+        async with asyncio.timeout(5):
+            while not dog.idle:
+                await asyncio.sleep(0.02)
+            beats = dog.lag.labels().count
+            while dog.lag.labels().count == beats:
+                await asyncio.sleep(0.002)
+        time.sleep(0.22)  # noqa: ASYNC251 - the blocking job
+        for _ in range(50):
+            if dog.last_stall is not None:
+                break
+            await asyncio.sleep(0.02)
+        metrics = server.services.registry.render_prometheus()
+    assert dog.last_stall is not None and dog.last_stall[0] == "(none)"
+    assert 'extproc_loop_stalls_total{plugin="(none)"} 1' in metrics
 
 
 async def test_slow_plugin_gets_override_message_timeout_only_when_envoy_allows(

@@ -4,10 +4,15 @@ watches the first piece of work after a quiet spell at full speed again."""
 from __future__ import annotations
 
 import asyncio
+import os
+import select
+import threading
 import time
 
+import pytest
+
 from extproc.observability.metrics import Registry
-from extproc.observability.watchdog import LoopLagWatchdog, plugin_hook_codes
+from extproc.observability.watchdog import LoopLagWatchdog, ThreadState, plugin_hook_codes
 
 
 class Blocking:
@@ -27,14 +32,16 @@ async def _reported(dog: LoopLagWatchdog) -> None:
         await asyncio.sleep(0.01)
 
 
-def _watchdog(busy: list[bool], plugin: Blocking | None = None) -> LoopLagWatchdog:
+def _watchdog(
+    busy: list[bool], plugin: Blocking | None = None, idle_interval: float = 0.2
+) -> LoopLagWatchdog:
     codes = plugin_hook_codes({"blocking": plugin}) if plugin is not None else {}
     return LoopLagWatchdog(
         Registry(),
         threshold=0.05,
         hook_codes=lambda: codes,
         interval=0.01,
-        idle_interval=0.2,
+        idle_interval=idle_interval,
         busy=lambda: busy[0],
     )
 
@@ -162,3 +169,118 @@ async def test_a_plugin_holding_the_gil_in_c_code_is_still_a_stall() -> None:
     assert blocked > 0.1, "the C call was too quick to be a stall on this machine"
     assert dog.frozen == 0
     assert dog.last_stall is not None and dog.last_stall[0] == "gil"
+
+
+async def _right_after_a_beat(dog: LoopLagWatchdog) -> None:
+    """Return just after the heartbeat ran: the next one is a whole interval away."""
+    seen = _beats(dog)
+    async with asyncio.timeout(2):
+        while _beats(dog) == seen:
+            await asyncio.sleep(0.002)
+
+
+def _background_job(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def test_a_background_task_blocking_an_idle_worker_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing calls wake() for a plugin's own background task. It blocks the idle loop for
+    0.2 s starting just after a beat: it is over before the next idle beat is due (0.3 s), so
+    no beat is ever late. The idle thread, looking every 0.1 s, sees the loop's thread out of
+    epoll and sends a probe, which is still unanswered 0.05 s later (0.15 s at most)."""
+    dog = _watchdog([False], idle_interval=0.3)
+    dog.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert dog.idle and dog.thread_state is not None
+        await _right_after_a_beat(dog)
+        _background_job(0.2)
+        await _reported(dog)
+    finally:
+        dog.stop()
+    assert dog.probes >= 1
+    assert dog.last_stall is not None
+    name, late = dog.last_stall
+    assert name == "(none)"  # no plugin hook on the stack
+    assert 0.05 < late < 0.2
+    warning = next(r for r in caplog.records if r.name == "extproc.watchdog")
+    assert "test_watchdog.py" in warning.where and "(_background_job)" in warning.where  # type: ignore[attr-defined]
+
+
+async def test_without_the_probe_that_block_goes_unseen() -> None:
+    """The same block with the probe off (what other systems get): the blind spot."""
+    dog = _watchdog([False], idle_interval=0.3)
+    dog.start(probe_when_idle=False)
+    try:
+        await asyncio.sleep(0.1)
+        await _right_after_a_beat(dog)
+        _background_job(0.2)
+        await asyncio.sleep(0.3)
+    finally:
+        dog.stop()
+    assert dog.last_stall is None
+
+
+async def test_an_idle_loop_is_looked_at_but_not_woken() -> None:
+    """Idle, the thread looks every two thresholds (~10 times over a second here); the
+    loop's thread waits in epoll each time, so no probe is sent to it."""
+    dog = _watchdog([False])
+    dog.start()
+    try:
+        await asyncio.sleep(0.1)
+        looks, probes = dog.looks, dog.probes
+        await asyncio.sleep(1.0)
+    finally:
+        dog.stop()
+    assert 6 <= dog.looks - looks <= 14
+    assert dog.probes - probes <= 2  # only if a look lands on a beat being run
+    assert dog.last_stall is None
+
+
+def test_thread_state_tells_epoll_from_other_waits() -> None:
+    ready, release = threading.Event(), threading.Event()
+    epoll = select.epoll()
+
+    def in_epoll() -> None:
+        ready.set()
+        epoll.poll(5)
+
+    def in_sleep() -> None:
+        ready.set()
+        release.wait(5)
+
+    try:
+        for target, expected in ((in_epoll, True), (in_sleep, False)):
+            ready.clear()
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            ready.wait()
+            assert thread.native_id is not None
+            state = ThreadState.open(thread.native_id)
+            assert state is not None
+            try:
+                deadline = time.monotonic() + 2
+                while state.in_epoll() != expected and time.monotonic() < deadline:
+                    time.sleep(0.01)  # until the thread has entered its wait
+                assert state.in_epoll() is expected
+            finally:
+                state.close()
+            if target is in_epoll:
+                r, w = os.pipe()
+                epoll.register(r, select.EPOLLIN)
+                os.write(w, b"x")
+                thread.join(2)
+                os.close(r)
+                os.close(w)
+            else:
+                release.set()
+                thread.join(2)
+    finally:
+        epoll.close()
+
+
+def test_thread_state_is_none_where_it_cannot_be_read() -> None:
+    assert ThreadState.open(2**31 - 1) is None  # no such thread
+    assert ThreadState(threading.get_native_id(), machine="sparc64")._fd == -1
