@@ -6,10 +6,13 @@ open-loop generator (latency at a fixed request rate, measured from each request
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +115,25 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[str, bool]:
     return status, close
 
 
+@contextlib.contextmanager
+def _gc_pauses() -> Iterator[list[tuple[int, float]]]:
+    """The generator's own collector pauses while the block runs: (generation, seconds)."""
+    pauses: list[tuple[int, float]] = []
+    began = [0.0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], time.perf_counter() - began[0]))
+
+    gc.callbacks.append(watch)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(watch)
+
+
 async def _open_loop(
     port: int, requests: list[bytes], rate: float, duration_s: float, connections: int
 ) -> LoadResult:
@@ -196,8 +218,13 @@ def open_loop(
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     started = time.monotonic()
-    result = runner(_open_loop(port, requests, rate, duration_s, connections))
+    with _gc_pauses() as pauses:
+        result = runner(_open_loop(port, requests, rate, duration_s, connections))
     result.extra["wall_s"] = time.monotonic() - started
+    # the generator's own collector, which would delay its sends and reads like a slow server
+    result.extra["generator_gc_pauses"] = len(pauses)
+    result.extra["generator_gc_ms"] = sum(d for _, d in pauses) * 1000
+    result.extra["generator_gc_max_ms"] = max((d for _, d in pauses), default=0.0) * 1000
     return result
 
 
