@@ -119,13 +119,14 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[str, bool]:
 def _gc_pauses() -> Iterator[list[tuple[int, float]]]:
     """The generator's own collector pauses while the block runs: (generation, seconds)."""
     pauses: list[tuple[int, float]] = []
-    began = [0.0]
+    began = 0.0
 
     def watch(phase: str, info: dict[str, int]) -> None:
+        nonlocal began
         if phase == "start":
-            began[0] = time.perf_counter()
+            began = time.perf_counter()
         else:
-            pauses.append((info["generation"], time.perf_counter() - began[0]))
+            pauses.append((info["generation"], time.perf_counter() - began))
 
     gc.callbacks.append(watch)
     try:
