@@ -120,6 +120,7 @@ class Batcher(Generic[T, R]):
         start: Start[T, R] | None = None,
         on_batch: Callable[[int], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
+        on_drop: Callable[[T], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("batcher bounds must be positive")
@@ -141,6 +142,9 @@ class Batcher(Generic[T, R]):
         #: called with each request's wait (seconds) from ``submit`` to its round trip's start,
         #: measured with ``time.perf_counter``
         self._on_wait = on_wait
+        #: called with each item that leaves the queue without being sent: its caller gave up
+        #: before its round trip (cancelled its future), or ``close`` failed it
+        self._on_drop = on_drop
         #: how long a batch gathers with no round trip in flight (0: spare CPU, send at once)
         self.window = 0.0
         #: the worker's saturation as last read (0 .. 1), which sized ``window``
@@ -252,7 +256,17 @@ class Batcher(Generic[T, R]):
         )
 
     def _purge_cancelled(self) -> None:
-        self._queue = collections.deque(e for e in self._queue if not e.future.done())
+        kept: collections.deque[_Entry[T, R]] = collections.deque()
+        for entry in self._queue:
+            if entry.future.done():
+                self._dropped(entry)
+            else:
+                kept.append(entry)
+        self._queue = kept
+
+    def _dropped(self, entry: _Entry[T, R]) -> None:
+        if self._on_drop is not None:
+            self._on_drop(entry.item)
 
     def _pump(self) -> None:
         """Start round trips while allowed; otherwise make sure a timer will come back."""
@@ -344,8 +358,10 @@ class Batcher(Generic[T, R]):
         entries: list[_Entry[T, R]] = []
         while self._queue and len(entries) < self.max_batch:
             entry = self._queue.popleft()
-            if not entry.future.done():  # its caller gave up: do not count it
+            if not entry.future.done():
                 entries.append(entry)
+            else:  # its caller gave up: do not count it
+                self._dropped(entry)
         if not entries:
             return None
         if self._on_wait is not None:
@@ -414,6 +430,7 @@ class Batcher(Generic[T, R]):
             entry = self._queue.popleft()
             if not entry.future.done():
                 entry.future.set_exception(BatcherClosedError("batcher was closed"))
+            self._dropped(entry)
         for batch in list(self._started):  # out through start: their replies are dropped
             self._started.discard(batch)
             self._in_flight -= 1

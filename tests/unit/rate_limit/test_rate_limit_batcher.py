@@ -343,6 +343,40 @@ async def test_cancelled_waiters_are_not_sent() -> None:
     assert await kept == 20
 
 
+async def test_items_that_leave_unsent_are_reported_once() -> None:
+    """``on_drop`` gets each item that is never sent: cancelled before its round trip (taken
+    from the queue, or purged when it is full), or failed by ``close``."""
+    store = GatedStore()
+    dropped: list[int] = []
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        saturation=idle,
+        max_batch=10,
+        max_wait=10.0,
+        max_in_flight=1,
+        max_queue=3,
+        on_drop=dropped.append,
+    )
+    b.submit(0, FAR)
+    await settle()  # 0 is out; the rest queue behind it
+    gone = b.submit(1, FAR)
+    b.submit(2, FAR)
+    purged = b.submit(3, FAR)
+    purged.cancel()
+    b.submit(4, FAR)  # the queue is full: its cancelled item is purged to make room
+    assert dropped == [3]
+    gone.cancel()
+    store.release(0)
+    await settle()  # the next batch is taken without the cancelled item
+    assert store.batches[1] == [2, 4]
+    assert dropped == [3, 1]
+    left = b.submit(5, FAR)
+    assert not await b.close(within=0.02)  # the round trip of [2, 4] never returns
+    assert dropped == [3, 1, 5]  # what was sent (0, 2, 4) is never reported
+    with pytest.raises(BatcherClosedError):
+        await left
+
+
 async def test_store_error_reaches_every_waiter_of_the_batch() -> None:
     store = GatedStore(auto=True)
     store.fail = RuntimeError("down")
