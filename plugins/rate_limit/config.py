@@ -37,6 +37,7 @@ __all__ = [
     "BatchConfig",
     "BreakerConfig",
     "FailPolicy",
+    "GrantAheadConfig",
     "HeadersConfig",
     "Limit",
     "MissingPart",
@@ -274,6 +275,45 @@ class BatchConfig(PluginConfig):
     )
 
 
+class GrantAheadConfig(PluginConfig):
+    """Answer a request from what this worker last heard from Redis, without waiting for it.
+
+    Off by default: the rules are then exact across any number of workers and sidecars. With
+    ``enabled``, a request whose every key was far enough below its limit in Redis' last
+    answer (this worker's own hits since then taken off) is allowed at once; its hits still
+    go to Redis in the next batch, and that answer updates what the worker knows. A key near
+    its limit, one not heard of within ``max_age_ms``, or any key while Redis is failing
+    goes through Redis as before. It takes the Redis round trip off the path of requests
+    that are nowhere near a limit (most of them, in most deployments).
+
+    What it costs in exactness: alone (one worker, one sidecar), nothing: this worker's
+    grants in flight never exceed ``share`` of the remaining it last heard, and only its own
+    hits lower that count. When several workers or sidecars count the same key, each can
+    grant up to ``share`` of the remaining it last heard of before Redis' answer reaches it.
+    A burst that reaches them all at once can so be granted up to ``workers x share`` times
+    that remaining: past the limit when that is more than Redis still has (never, with
+    ``workers x share <= 1`` and current knowledge). Redis refuses the hits past the limit
+    (they are not counted) and the next requests see it.
+    ``granted_ahead_over_limit_total`` counts every request allowed that way. Needs the
+    pipelined Redis connection (``redis_pipeline``), whose answers come in send order.
+    """
+
+    enabled: bool = Field(default=False, description="allow requests before Redis answers")
+    share: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.5,
+        description=(
+            "fraction of a key's last known remaining this worker may grant before Redis"
+            " answers; workers x share <= 1 keeps shared keys within their limits"
+        ),
+    )
+    max_age_ms: Annotated[float, Field(gt=0.0, le=3_600_000.0)] = Field(
+        default=10_000.0, description="what Redis said about a key is used for this long"
+    )
+    max_keys: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        default=100_000, description="keys remembered at most (beyond, the oldest are dropped)"
+    )
+
+
 class BreakerConfig(PluginConfig):
     failure_threshold: Annotated[int, Field(ge=1, le=1_000)] = Field(
         default=5, description="consecutive failed round trips that open the breaker"
@@ -322,6 +362,10 @@ class RateLimitConfig(PluginConfig):
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Redis batching")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Redis breaker")
     headers: HeadersConfig = Field(default_factory=HeadersConfig, description="response headers")
+    grant_ahead: GrantAheadConfig = Field(
+        default_factory=GrantAheadConfig,
+        description="allow requests far below their limits before Redis answers",
+    )
     over_limit_cache: bool = Field(
         default=True, description="deny keys known to be over their limit without Redis"
     )
@@ -343,4 +387,6 @@ class RateLimitConfig(PluginConfig):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate rule names: {dupes}")
+        if self.grant_ahead.enabled and not self.redis_pipeline:
+            raise ValueError("grant_ahead needs redis_pipeline: true (answers in send order)")
         return self

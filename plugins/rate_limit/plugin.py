@@ -16,6 +16,7 @@ Turn them into response headers with the route's or listener's ``response_header
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +46,7 @@ from extproc.plugin import (
 )
 from extproc.services.breaker import BreakerState, CircuitBreaker
 from extproc.services.redis_pipe import PipeSettings, RedisPipe
+from plugins.rate_limit.ahead import Ledger
 from plugins.rate_limit.batcher import Batcher, BatcherClosedError, QueueFullError
 from plugins.rate_limit.config import FailPolicy, MissingPart, RateLimitConfig, Rule, parse_part
 from plugins.rate_limit.keys import (
@@ -191,6 +193,8 @@ class RateLimitPlugin(Plugin):
         self._over: dict[str, tuple[float, int]] = {}  # key -> (until monotonic, limit)
         self._redis: RedisStore | None = None
         self._batcher: Batcher[Sequence[Hit], list[Outcome]] | None = None
+        #: what this worker knows of its keys' counts in Redis (``grant_ahead`` only)
+        self._ledger: Ledger | None = None
         self._breaker: CircuitBreaker | None = None
         self._clock: Clock = time.monotonic  # replaced by the context's in initialize
         self._margin = config.fallback_margin_ms / 1000.0
@@ -233,6 +237,20 @@ class RateLimitPlugin(Plugin):
             )
             store = self._redis
             logger = context.logger
+            if cfg.grant_ahead.enabled:
+                if not store.pipelined:
+                    raise ValueError(
+                        "rate_limit: grant_ahead needs the pipelined Redis connection, which "
+                        "this Redis client's setup does not allow (a credential provider, a "
+                        "Sentinel or blocking pool, or an option it does not know)"
+                    )
+                self._ledger = Ledger(
+                    share=cfg.grant_ahead.share,
+                    max_age=cfg.grant_ahead.max_age_ms / 1000.0,
+                    max_keys=cfg.grant_ahead.max_keys,
+                    clock=context.clock,
+                )
+            ledger = self._ledger
 
             def noted(decided: list[list[Outcome]] | StoreUnavailableError) -> None:
                 """An outage is logged once, when it starts (with its first cause) and ends."""
@@ -257,6 +275,11 @@ class RateLimitPlugin(Plugin):
                 except StoreUnavailableError as exc:
                     noted(exc)
                     raise
+                finally:
+                    # an awaiting task learns nothing: it may run after a later answer's
+                    # callback (see ahead.py)
+                    if ledger is not None:
+                        ledger.forget(batch)
                 noted(decided)
                 return decided
 
@@ -265,11 +288,25 @@ class RateLimitPlugin(Plugin):
                 deadline: float,
                 done: Callable[[Sequence[list[Outcome]] | BaseException], None],
             ) -> bool:
+                settled = False
+
                 def decided(result: list[list[Outcome]] | StoreUnavailableError) -> None:
+                    nonlocal settled
+                    settled = True
+                    if ledger is not None:
+                        if isinstance(result, StoreUnavailableError):
+                            ledger.forget(batch)
+                        else:
+                            ledger.learn(batch, result)
                     noted(result)
                     done(result)
 
-                return store.start(batch, budget(deadline), decided)
+                try:
+                    return store.start(batch, budget(deadline), decided)
+                except BaseException:
+                    if ledger is not None and not settled:
+                        ledger.forget(batch)
+                    raise
 
             self._batcher = Batcher(
                 send,
@@ -281,6 +318,7 @@ class RateLimitPlugin(Plugin):
                 max_queue=cfg.batch.max_queue,
                 on_batch=self._batch_size.observe,
                 on_wait=self._batch_wait.observe,
+                on_drop=ledger.dropped if ledger is not None else None,
             )
             try:
                 await store.warm(_WARM_TIMEOUT_S)
@@ -292,11 +330,12 @@ class RateLimitPlugin(Plugin):
                     extra={"error": _cause(exc)},
                 )
         context.logger.info(
-            "rate_limit ready: %d rules, store=%s",
+            "rate_limit ready: %d rules, store=%s%s",
             len(self._rules),
             ("redis (pipelined)" if self._redis.pipelined else "redis (pool)")
             if self._redis
             else "local",
+            ", grant_ahead" if self._ledger is not None else "",
         )
 
     def _bind_metrics(self, context: PluginContext) -> None:
@@ -327,6 +366,16 @@ class RateLimitPlugin(Plugin):
             buckets=_WAIT_BUCKETS,
         ).labels()
         self._m_dropped = m.counter("queue_full_total", "requests refused by a full queue").labels()
+        ahead = m.counter(
+            "granted_ahead_total", "allowed before Redis answered (grant_ahead)", ("rule",)
+        )
+        self._m_ahead = [ahead.labels(r.rule.name) for r in self._rules]
+        ahead_over = m.counter(
+            "granted_ahead_over_limit_total",
+            "allowed before Redis answered, which then found the key over its limit",
+            ("rule",),
+        )
+        self._m_ahead_over = [ahead_over.labels(r.rule.name) for r in self._rules]
         m.gauge("breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open", self._gauge)
 
     def _gauge(self) -> list[tuple[tuple[str, ...], float]]:
@@ -344,6 +393,8 @@ class RateLimitPlugin(Plugin):
 
     def metrics(self) -> Mapping[str, float]:
         out = {"over_limit_cache_keys": float(len(self._over))}
+        if self._ledger is not None:
+            out["grant_ahead_keys"] = float(len(self._ledger))
         if self._local is not None:
             out["local_keys"] = float(len(self._local))
         if self._batcher is not None:
@@ -381,6 +432,10 @@ class RateLimitPlugin(Plugin):
             cached = self._cached_denial(hits, owners, started)
             if cached is not None:
                 return cached
+        if self._ledger is not None:
+            ahead = self._grant_ahead(hits, owners, started)
+            if ahead is not None:
+                return ahead
         outcomes = await self._decide(hits, owners)
         if isinstance(outcomes, Reject):
             return outcomes
@@ -468,9 +523,14 @@ class RateLimitPlugin(Plugin):
             return self._fallback(hits, owners)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
+        ledger = self._ledger
+        if ledger is not None:
+            ledger.owe(hits)  # before submit: its round trip may settle within it
         try:
             future = batcher.submit(hits, deadline)
         except (QueueFullError, BatcherClosedError):
+            if ledger is not None:
+                ledger.dropped(hits)
             self._m_dropped.inc()
             return self._fallback(hits, owners)
         # our own deadline, before the chain's: the rules' fail policies answer, not the
@@ -481,6 +541,67 @@ class RateLimitPlugin(Plugin):
                 return await future
         except (TimeoutError, StoreUnavailableError, BatcherClosedError):
             return self._fallback(hits, owners)
+
+    def _grant_ahead(self, hits: list[Hit], owners: list[_Rule], now: float) -> Result | None:
+        """Allow the request from what Redis last said (``grant_ahead``), its hits sent to be
+        counted all the same; ``None``: it goes through Redis (a key unknown, too old or too
+        near its limit, the breaker not closed, a full queue)."""
+        ledger, batcher = self._ledger, self._batcher
+        assert ledger is not None and batcher is not None and self._breaker is not None
+        if self._breaker.state is not BreakerState.CLOSED:
+            return None
+        entries = ledger.grant(hits, now)
+        if entries is None:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            future = batcher.submit(hits, loop.time() + self._redis_timeout)
+        except (QueueFullError, BatcherClosedError):
+            ledger.dropped(hits)
+            return None
+        future.add_done_callback(functools.partial(self._answered_ahead, hits, owners))
+        counted: set[int] = set()
+        tightest: tuple[Hit, int, float] | None = None  # hit, remaining, reset_at
+        for h, owner, k in zip(hits, owners, entries, strict=True):
+            if owner.index not in counted:
+                counted.add(owner.index)
+                self._m_decisions[owner.index]["ok"].inc()
+                self._m_ahead[owner.index].inc()
+            if h.shadow:
+                continue
+            assert k.remaining is not None
+            left = max(0, k.remaining - k.owed)
+            if tightest is None or left < tightest[1]:
+                tightest = (h, left, k.reset_at)
+        if self.config.headers.on_allow and tightest is not None:
+            h, left, reset_at = tightest
+            return Continue(
+                metadata={
+                    "limit": h.limit,
+                    "remaining": left,
+                    "reset": math.ceil(max(0.0, reset_at - now)),
+                }
+            )
+        return CONTINUE
+
+    def _answered_ahead(
+        self, hits: list[Hit], owners: list[_Rule], future: asyncio.Future[list[Outcome]]
+    ) -> None:
+        """Redis' answer for a request already allowed: count what it found over a limit,
+        and let the over-limit cache deny the next ones. (A failed round trip was logged
+        where it failed; the ledger forgot its keys.)"""
+        if future.cancelled() or future.exception() is not None:
+            return
+        now = self._clock()
+        for h, owner, o in zip(hits, owners, future.result(), strict=True):
+            if o.status != OVER_LIMIT:
+                continue
+            if h.shadow:
+                self._m_shadow[owner.index].inc()
+                continue
+            self._m_ahead_over[owner.index].inc()
+            if o.block_ms and self.config.over_limit_cache:
+                self._remember(h, now + o.block_ms / 1000.0)
 
     def _fallback(self, hits: list[Hit], owners: list[_Rule]) -> list[Outcome] | Reject:
         """The store could not decide in time: each rule's fail policy answers."""

@@ -387,3 +387,131 @@ async def test_batch_settings_reach_the_batcher(server: RedisServer, harness: Ha
     assert all(isinstance(r, Continue) for r, _ in [await call(tuned) for _ in range(3)])
     assert b.sent == 3
     assert spawned == (0 if harness.transport == "pipe" else 3)
+
+
+def sample(registry: Registry, name: str) -> float:
+    """One sample of the Prometheus text, by its full name with labels."""
+    for line in registry.render_prometheus().splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+AHEAD = 'extproc_rate_limit_granted_ahead_total{rule="k"}'
+AHEAD_OVER = 'extproc_rate_limit_granted_ahead_over_limit_total{rule="k"}'
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "gcra"])
+async def test_grant_ahead_alone_stays_exact(server: RedisServer, algorithm: str) -> None:
+    """One worker with share 1.0: everything Redis said was left is granted without waiting
+    for Redis, and not one request more."""
+    harness = Harness("pipe")
+    try:
+        registry = Registry()
+        cfg = config(
+            algorithm,
+            limit=100,
+            fail="closed",
+            redis_timeout_ms=1000,
+            headers={"on_allow": True},
+            grant_ahead={"enabled": True, "share": 1.0},
+        )
+        plugin = await harness.plugin(server, cfg, registry=registry)
+        first, _ = await call(plugin, budget=5.0)  # through Redis: now 99 are known to be left
+        assert isinstance(first, Continue) and first.metadata["remaining"] == 99
+        server.reset_stats()
+        tasks = [asyncio.create_task(call(plugin, budget=5.0)) for _ in range(499)]
+        await asyncio.sleep(0)  # each has run to its first wait; nothing is answered yet
+        assert plugin._ledger is not None
+        known = plugin._ledger.get(next(iter(plugin._ledger._keys)))
+        # the 99 allowed ahead and the 400 waiting for Redis are all owed until it answers
+        assert known is not None and (known.remaining, known.owed) == (99, 499)
+        results = await asyncio.gather(*tasks)
+        assert granted(results) == 99
+        assert sample(registry, AHEAD) == 99 and sample(registry, AHEAD_OVER) == 0
+        # each grant ahead says what is left once the grants before it are counted
+        assert [r.metadata["remaining"] for r, _ in results[:99]] == list(range(98, -1, -1))
+        assert all(isinstance(r, Reject) and r.status == 429 for r, _ in results[99:])
+        await plugin.shutdown()  # every hit sent ahead has been counted in Redis
+        if algorithm == "fixed_window":
+            assert stored_count(server, "rl:{k|client}:f100/86400000") == 100
+        assert round_trips(server) <= 0.1 * 500, server.command_stats()
+    finally:
+        await harness.close()
+
+
+async def test_grant_ahead_does_not_wait_for_redis(server: RedisServer) -> None:
+    """With Redis stalled, a fail-closed rule still allows keys far below their limit at once
+    (their hits wait to be counted); once those round trips time out the keys are unknown
+    again and the fail policy answers."""
+    harness = Harness("pipe")
+    try:
+        registry = Registry()
+        cfg = config(
+            limit=1000,
+            fail="closed",
+            redis_timeout_ms=400,
+            breaker={"failure_threshold": 1000},
+            grant_ahead={"enabled": True},
+        )
+        plugin = await harness.plugin(server, cfg, registry=registry)
+        assert isinstance((await call(plugin, budget=5.0))[0], Continue)
+        server.pause()
+        try:
+            ahead = [await call(plugin, budget=5.0) for _ in range(20)]
+            assert granted(ahead) == 20
+            # through Redis each would have waited its 400 ms and then been refused (503)
+            assert max(t for _, t in ahead) < 0.2
+            await asyncio.sleep(0.6)  # their round trips time out: the key is unknown again
+            refused, took = await call(plugin, budget=5.0)
+            assert isinstance(refused, Reject) and refused.status == 503
+            assert took >= 0.3
+        finally:
+            server.resume()
+        assert sample(registry, AHEAD) == 20
+    finally:
+        await harness.close()
+
+
+async def test_grant_ahead_on_two_workers_counts_every_grant_past_the_limit(
+    server: RedisServer,
+) -> None:
+    """The documented cost: two workers that each grant up to all they last heard of (share
+    1.0, above the 1 / workers that keeps shared keys exact) let a simultaneous burst past the
+    limit. Redis still counts exactly the limit; every extra grant is in the metric; and once
+    the answers are in, the next requests see the limit."""
+    harness = Harness("pipe")
+    try:
+        cfg = config(
+            limit=150,
+            fail="closed",
+            redis_timeout_ms=1000,
+            grant_ahead={"enabled": True, "share": 1.0},
+        )
+        registries = [Registry(), Registry()]
+        workers = [await harness.plugin(server, cfg, registry=r) for r in registries]
+        learnt = [await call(w, budget=5.0) for w in workers]  # 149 and 148 known to be left
+        assert granted(learnt) == 2
+        burst = await asyncio.gather(*(call(w, budget=5.0) for _ in range(200) for w in workers))
+        await asyncio.sleep(0.05)  # the last answers reach their callbacks
+        after = [await call(w, budget=5.0) for w in workers for _ in range(5)]
+        assert granted(after) == 0  # the answers are in: the limit holds again
+        for w in workers:
+            await w.shutdown()
+        grants = granted(learnt) + granted(burst)
+        extra = sum(sample(r, AHEAD_OVER) for r in registries)
+        assert stored_count(server, "rl:{k|client}:f150/86400000") == 150
+        assert grants - 150 == extra > 0
+        # at most what the two had heard was left (149 and 148), less what really was (148)
+        assert extra <= 149 + 148 - 148
+    finally:
+        await harness.close()
+
+
+async def test_grant_ahead_is_refused_without_the_pipe(server: RedisServer) -> None:
+    harness = Harness("pool")  # the config check is bypassed: initialize refuses on its own
+    try:
+        with pytest.raises(ValueError, match="grant_ahead needs the pipelined"):
+            await harness.plugin(server, config(grant_ahead={"enabled": True}))
+    finally:
+        await harness.close()

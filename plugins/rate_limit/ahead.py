@@ -1,0 +1,132 @@
+"""What one worker knows of its keys' counts in Redis, for ``grant_ahead``
+(:class:`~plugins.rate_limit.config.GrantAheadConfig`).
+
+Per key: the ``remaining`` of Redis' latest answer, when it came, and ``owed``: the cost of
+this worker's hits sent or queued since, not yet answered. Every hit the worker submits to
+Redis is owed from ``submit`` until its answer (:meth:`Ledger.learn`), its failure
+(:meth:`Ledger.forget`) or its removal from the queue unsent (:meth:`Ledger.dropped`). A
+request may be granted ahead when each of its hits fits in ``share x remaining - owed``.
+
+Why that is exact for one worker alone: Redis runs this worker's hits in the order they were
+sent and answers on one connection in that order, so the latest answer counts every hit sent
+before it and ``owed`` every hit after it; only time (a window's end, a bucket's leak) moves
+the true count the other way. Answers must be learnt in that order: a round trip settled by
+a task a loop turn after its reply was read may come after a later one's, so it is only
+``forget``-ed (the key goes through Redis until the next answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from plugins.rate_limit.keys import Hit, Outcome
+
+__all__ = ["Known", "Ledger"]
+
+
+class Known:
+    """One key: Redis' latest ``remaining`` (``None``: unknown), when it was learnt and when
+    the key's window resets, both on the ledger's clock, and the cost ``owed`` since."""
+
+    __slots__ = ("at", "owed", "remaining", "reset_at")
+
+    def __init__(self) -> None:
+        self.remaining: int | None = None
+        self.at = 0.0
+        self.reset_at = 0.0
+        self.owed = 0
+
+
+class Ledger:
+    def __init__(
+        self, *, share: float, max_age: float, max_keys: int, clock: Callable[[], float]
+    ) -> None:
+        self.share = share
+        self.max_age = max_age
+        self.max_keys = max_keys
+        self._clock = clock
+        self._keys: dict[str, Known] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, key: str) -> Known | None:
+        return self._keys.get(key)
+
+    def grant(self, hits: Sequence[Hit], now: float) -> list[Known] | None:
+        """Owe ``hits`` and return their keys' entries when every hit fits in what is known;
+        else ``None`` (nothing owed: the request goes through Redis)."""
+        keys = self._keys
+        entries = []
+        share, oldest = self.share, now - self.max_age
+        for h in hits:
+            k = keys.get(h.key)
+            if k is None or k.remaining is None or k.at < oldest:
+                return None
+            if k.owed + h.cost > share * k.remaining:
+                return None
+            entries.append(k)
+        for k, h in zip(entries, hits, strict=True):
+            k.owed += h.cost
+        return entries
+
+    def owe(self, hits: Sequence[Hit]) -> None:
+        """``hits`` were submitted to Redis."""
+        keys = self._keys
+        for h in hits:
+            k = keys.get(h.key)
+            if k is None:
+                if len(keys) >= self.max_keys:
+                    self._shrink()
+                k = keys[h.key] = Known()
+            k.owed += h.cost
+
+    def learn(self, batch: Sequence[Sequence[Hit]], outcomes: Sequence[Sequence[Outcome]]) -> None:
+        """Redis answered ``batch`` (answers learnt in the order Redis ran them)."""
+        now = self._clock()
+        keys = self._keys
+        for hits, decided in zip(batch, outcomes, strict=True):
+            for h, o in zip(hits, decided, strict=True):
+                k = keys.get(h.key)
+                if k is None:  # not owed here (cannot happen: owed keys are kept)
+                    continue
+                k.owed -= h.cost
+                k.remaining = o.remaining
+                k.at = now
+                k.reset_at = now + o.reset_ms / 1000.0
+
+    def forget(self, batch: Sequence[Sequence[Hit]]) -> None:
+        """``batch`` failed, or its answer may be out of order: it is no longer owed, and its
+        keys' counts are unknown until Redis answers again."""
+        keys = self._keys
+        for hits in batch:
+            for h in hits:
+                k = keys.get(h.key)
+                if k is not None:
+                    k.owed -= h.cost
+                    k.remaining = None
+
+    def dropped(self, hits: Sequence[Hit]) -> None:
+        """``hits`` left the queue unsent: no longer owed, nothing learnt."""
+        keys = self._keys
+        for h in hits:
+            k = keys.get(h.key)
+            if k is not None:
+                k.owed -= h.cost
+
+    def _shrink(self) -> None:
+        """Make room: drop keys owing nothing, those unknown or too old first, then the
+        oldest learnt, down to nine tenths of ``max_keys``. Keys with hits owed stay (they
+        are bounded by the batcher's queue)."""
+        keys = self._keys
+        oldest = self._clock() - self.max_age
+        for key in [
+            key for key, k in keys.items() if not k.owed and (k.remaining is None or k.at < oldest)
+        ]:
+            del keys[key]
+        target = self.max_keys * 9 // 10
+        if len(keys) <= target:
+            return
+        idle = sorted((k.at, key) for key, k in keys.items() if not k.owed)
+        for _, key in idle[: len(keys) - target]:
+            del keys[key]

@@ -1,0 +1,165 @@
+"""The grant_ahead ledger: what one worker may allow before Redis answers."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from plugins.rate_limit import RateLimitConfig
+from plugins.rate_limit.ahead import Ledger
+from plugins.rate_limit.keys import GRANTED, OVER_LIMIT, Hit, Outcome
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hit(key: str = "a", cost: int = 1, limit: int = 100) -> Hit:
+    return Hit(key, False, limit, 60_000, cost)
+
+
+def answer(remaining: int, status: int = GRANTED, reset_ms: int = 30_000) -> Outcome:
+    return Outcome(status, remaining, reset_ms, 0, 0)
+
+
+def ledger(clock: Clock, share: float = 0.5, max_age: float = 10.0, max_keys: int = 100) -> Ledger:
+    return Ledger(share=share, max_age=max_age, max_keys=max_keys, clock=clock)
+
+
+def learnt(book: Ledger, key: str, remaining: int) -> None:
+    """Redis answered one hit of ``key`` with ``remaining``."""
+    book.owe([hit(key)])
+    book.learn([[hit(key)]], [[answer(remaining)]])
+
+
+def test_unknown_keys_go_through_redis() -> None:
+    book = ledger(Clock())
+    assert book.grant([hit()], 100.0) is None
+    book.owe([hit()])  # sent, not answered yet: still unknown
+    assert book.grant([hit()], 100.0) is None
+
+
+def test_grants_up_to_share_of_the_known_remaining_minus_what_is_owed() -> None:
+    clock = Clock()
+    book = ledger(clock, share=0.5)
+    learnt(book, "a", 10)
+    for _ in range(5):  # 0.5 x 10
+        assert book.grant([hit()], clock.now) is not None
+    assert book.grant([hit()], clock.now) is None
+    k = book.get("a")
+    assert k is not None and k.owed == 5 and k.remaining == 10
+    # a request sent through Redis meanwhile is owed too, and leaves less to grant
+    book.owe([hit()])
+    assert k.owed == 6
+    # Redis answers the six in one batch, in order: remaining 9 .. 4; all owed are settled
+    book.learn([[hit()]] * 6, [[answer(r)] for r in range(9, 3, -1)])
+    assert k.owed == 0 and k.remaining == 4
+    assert book.grant([hit()], clock.now) is not None  # 1 <= 0.5 x 4
+    assert book.grant([hit()], clock.now) is not None  # 2 <= 2
+    assert book.grant([hit()], clock.now) is None
+
+
+def test_share_one_never_grants_past_the_remaining() -> None:
+    clock = Clock()
+    book = ledger(clock, share=1.0)
+    learnt(book, "a", 3)
+    granted = sum(book.grant([hit()], clock.now) is not None for _ in range(10))
+    assert granted == 3
+
+
+def test_cost_counts_and_a_request_is_all_or_nothing() -> None:
+    clock = Clock()
+    book = ledger(clock, share=1.0)
+    learnt(book, "a", 10)
+    learnt(book, "b", 2)
+    assert book.grant([hit("a", cost=4), hit("b", cost=3)], clock.now) is None
+    a, b = book.get("a"), book.get("b")
+    assert a is not None and b is not None and a.owed == 0 and b.owed == 0  # nothing owed
+    assert book.grant([hit("a", cost=4), hit("b", cost=2)], clock.now) is not None
+    assert (a.owed, b.owed) == (4, 2)
+
+
+def test_old_knowledge_is_not_used() -> None:
+    clock = Clock()
+    book = ledger(clock, max_age=2.0)
+    learnt(book, "a", 50)
+    clock.now += 1.9
+    assert book.grant([hit()], clock.now) is not None
+    clock.now += 0.2
+    assert book.grant([hit()], clock.now) is None
+
+
+def test_a_failed_round_trip_forgets_its_keys_and_an_unsent_one_does_not() -> None:
+    clock = Clock()
+    book = ledger(clock)
+    learnt(book, "a", 50)
+    assert book.grant([hit()], clock.now) is not None
+    book.dropped([hit()])  # never sent: no longer owed, the count is still known
+    k = book.get("a")
+    assert k is not None and k.owed == 0 and k.remaining == 50
+    assert book.grant([hit()], clock.now) is not None
+    book.forget([[hit()]])  # failed (or answered out of order): unknown until Redis answers
+    assert k.owed == 0 and k.remaining is None
+    assert book.grant([hit()], clock.now) is None
+
+
+def test_an_over_limit_answer_stops_grants() -> None:
+    clock = Clock()
+    book = ledger(clock, share=1.0)
+    learnt(book, "a", 5)
+    book.owe([hit(cost=1)])
+    book.learn([[hit()]], [[answer(0, status=OVER_LIMIT)]])  # another worker took the rest
+    assert book.grant([hit()], clock.now) is None
+
+
+def test_the_latest_answer_in_a_batch_wins_and_reset_is_kept() -> None:
+    clock = Clock()
+    book = ledger(clock)
+    book.owe([hit()])
+    book.owe([hit()])
+    book.learn([[hit()], [hit()]], [[answer(8, reset_ms=5_000)], [answer(7, reset_ms=4_000)]])
+    k = book.get("a")
+    assert k is not None and (k.remaining, k.owed, k.reset_at) == (7, 0, 104.0)
+
+
+def test_room_is_made_from_keys_owing_nothing() -> None:
+    clock = Clock()
+    book = ledger(clock, max_keys=10, max_age=5.0)
+    for i in range(5):
+        learnt(book, f"old{i}", 10)
+    clock.now += 6.0  # the five above are now too old to use
+    book.owe([hit("owed")])  # in flight: must stay whatever happens
+    for i in range(4):
+        learnt(book, f"new{i}", 10)
+        clock.now += 0.01
+    assert len(book) == 10
+    learnt(book, "one-more", 10)  # full: the old ones go first
+    assert len(book) == 6
+    assert book.get("old0") is None and book.get("owed") is not None
+    for i in range(10):
+        learnt(book, f"more{i}", 10)
+        clock.now += 0.01
+    # full of current keys: the oldest learnt go, down to nine tenths; the owed key stays
+    assert len(book) <= 10
+    assert book.get("owed") is not None and book.get("owed").owed == 1  # type: ignore[union-attr]
+    assert book.get("new0") is None and book.get("more9") is not None
+
+
+def _cfg(**extra: object) -> RateLimitConfig:
+    rule = {"name": "a", "key": ["header:k"], "limits": [{"requests": 10, "per": "second"}]}
+    return RateLimitConfig.model_validate({"rules": [rule], **extra})
+
+
+def test_config() -> None:
+    assert _cfg().grant_ahead.enabled is False
+    cfg = _cfg(grant_ahead={"enabled": True})
+    assert (cfg.grant_ahead.share, cfg.grant_ahead.max_age_ms) == (0.5, 10_000.0)
+    with pytest.raises(ValidationError, match="redis_pipeline"):
+        _cfg(grant_ahead={"enabled": True}, redis_pipeline=False)
+    for bad in ({"share": 0}, {"share": 1.5}, {"max_age_ms": 0}, {"max_keys": 0}):
+        with pytest.raises(ValidationError):
+            _cfg(grant_ahead={"enabled": True, **bad})
