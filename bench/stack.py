@@ -72,6 +72,8 @@ class Scenario:
     trace_ratio: float | None = None
     #: more of rate_limit's ``batch`` settings (development comparisons)
     batch_extra: tuple[tuple[str, Any], ...] = ()
+    #: rate_limit's ``grant_ahead`` (allow keys far below their limits before Redis answers)
+    grant_ahead: bool = False
     #: ``server.transport`` (grpcio: grpc.aio; http2: extproc's own HTTP/2)
     transport: str = "grpcio"
     #: run the sidecar from this source tree (``--baseline``: an earlier commit) instead
@@ -219,6 +221,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-ahead",
+        "extproc-jwt-rl with grant_ahead (opt-in; answers before Redis, counts all the same)",
+        "extproc",
+        ("jwt", "rl"),
+        grant_ahead=True,
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-b1-pool",
         "extproc-jwt-rl-b1 over the redis-py pool (redis_pipeline: false)",
         "extproc",
@@ -241,6 +251,7 @@ HTTP2_TWINS: tuple[tuple[str, bool], ...] = (
     ("extproc-jwt-rl-mw0", False),
     ("extproc-jwt-rl-if8", False),
     ("extproc-jwt-rl-nt", False),
+    ("extproc-jwt-rl-ahead", True),
 )
 
 
@@ -401,6 +412,7 @@ def sidecar_config(
                     "rules": [{"name": "per_user", "key": ["claim:sub"], "limits": [limit]}],
                     "batch": {"max_batch": s.batch, **dict(s.batch_extra)},
                     "redis_pipeline": s.pipeline,
+                    **({"grant_ahead": {"enabled": True}} if s.grant_ahead else {}),
                 },
             }
         )

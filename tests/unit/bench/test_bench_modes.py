@@ -89,3 +89,27 @@ def test_the_tracing_off_variant_has_no_tracing_section_and_the_rest_alike() -> 
     # the same plugins but for the key prefix, which follows the scenario's key
     strip = [{**p, "config": {**p["config"], "key_prefix": ""}} for p in off["plugins"]]
     assert strip == [{**p, "config": {**p["config"], "key_prefix": ""}} for p in on["plugins"]]
+
+
+def test_the_grant_ahead_variant_differs_only_there_and_loads() -> None:
+    import json
+
+    from bench.run import ALL
+    from bench.stack import sidecar_config
+    from bench.traffic import make_traffic
+    from extproc.config import parse_config
+
+    traffic = make_traffic(2)
+    base = sidecar_config(scenario("extproc-jwt-rl-h2"), traffic, "redis://x", "http://otlp")
+    ahead = sidecar_config(scenario("extproc-jwt-rl-ahead-h2"), traffic, "redis://x", "http://o")
+    rl = {p["plugin"]: p["config"] for p in ahead["plugins"]}["rate_limit"]
+    assert rl["grant_ahead"] == {"enabled": True}
+    rest = {k: v for k, v in rl.items() if k not in ("grant_ahead", "key_prefix")}
+    plain = {p["plugin"]: p["config"] for p in base["plugins"]}["rate_limit"]
+    assert rest == {k: v for k, v in plain.items() if k != "key_prefix"}
+    assert ahead["server"] == base["server"]
+    assert "extproc-jwt-rl-ahead-h2" in ALL  # in the full run, beside extproc-jwt-rl-h2
+    # the file the sidecar is given is one it accepts (a config error raises)
+    loaded = parse_config(json.dumps(ahead))
+    rate_limit = next(cfg for entry, _, cfg in loaded.plugins if entry.plugin == "rate_limit")
+    assert rate_limit.grant_ahead.enabled
