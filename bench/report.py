@@ -41,7 +41,10 @@ def _batching(samples: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     chosen = [x["batching"] for x in samples if x.get("batching")]
     if not chosen:
         return None
-    return {k: _median([b[k] for b in chosen]) for k in _BATCHING}
+    out = {k: _median([b[k] for b in chosen]) for k in _BATCHING}
+    if all("ahead_share" in b for b in chosen):  # results from before grant_ahead lack it
+        out["ahead_share"] = _median([b["ahead_share"] for b in chosen])
+    return out
 
 
 def _hooks(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -231,6 +234,10 @@ def _targets_of(
     elif key == HEADLINE:
         add("--workers 2 vs 1", None, notes.get("workers", "not run"), None)
     return rows
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.1f} %"
 
 
 def _fmt(value: Any, digits: int = 0) -> str:
@@ -502,7 +509,8 @@ def _batching_table(data: dict[str, Any]) -> list[str]:
     rows = [
         f"| `{key}` | {load} | {_fmt(b['round_trips_per_req'], 3)} "
         f"| {_fmt(b['mean_batch'], 1)} | {_fmt(b['wait_mean_us'])} "
-        f"| {_fmt(b['wait_p50_us'])} | {_fmt(b['wait_p99_us'])} |"
+        f"| {_fmt(b['wait_p50_us'])} | {_fmt(b['wait_p99_us'])} "
+        f"| {_percent(b.get('ahead_share'))} |"
         for key, load, b in _by_load(data, "batching")
     ]
     return _section(
@@ -510,10 +518,12 @@ def _batching_table(data: dict[str, Any]) -> list[str]:
         "From the sidecar's own histograms (`extproc_rate_limit_batch_size`, "
         "`extproc_rate_limit_batch_wait_seconds`: each request's wait from reaching the "
         "batcher to its round trip being sent), medians over rounds. The wait is the latency "
-        "batching added; quantiles are interpolated within buckets.",
+        "batching added; quantiles are interpolated within buckets. *Allowed ahead*: the "
+        "requests `grant_ahead` allowed before Redis answered "
+        "(`extproc_rate_limit_granted_ahead_total`); their wait is not the request's.",
         "| scenario | load | rate-limit round trips/req | requests per round trip "
-        "| wait mean µs | wait p50 µs | wait p99 µs |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| wait mean µs | wait p50 µs | wait p99 µs | allowed ahead |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
         rows,
     )
 

@@ -216,8 +216,11 @@ def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         ],
         requests,
     )
+    ahead = "extproc_rate_limit_granted_ahead_total{"
     return {
         "batches": batches,
+        # grant_ahead: the requests allowed before Redis answered (0 without it)
+        "ahead": sum(v for k, v in delta.items() if k.startswith(ahead)),
         "mean_batch": delta.get(f"{size}_sum", 0.0) / batches,
         "wait_mean_us": delta.get(f"{wait}_sum", 0.0) / requests * 1e6,
         "wait_p50_us": histogram.quantile(0.5) * 1e6,
@@ -344,6 +347,7 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
     if batching is not None:
         # the rate limiter's own round trips (the Redis totals also count the token cache's)
         batching["round_trips_per_req"] = batching["batches"] / n
+        batching["ahead_share"] = batching["ahead"] / n
     commands = {
         name: calls_after[name] - calls.get(name, 0)
         for name in calls_after

@@ -34,12 +34,26 @@ def test_only_the_sample_s_own_observations_count() -> None:
     b = _batching(before, after)
     assert b is not None
     assert b["batches"] == 3
+    assert b["ahead"] == 0  # no grant_ahead
     assert b["mean_batch"] == pytest.approx(100 / 3)
     assert b["wait_mean_us"] == pytest.approx(sum(during) / 100 * 1e6)
     # rank 50 of 100 falls in the first bucket (60 there): 50/60 of the way to 50 µs
     assert b["wait_p50_us"] == pytest.approx(50 * 50 / 60)
     # rank 99: 9 of the 10 in (1 ms, 10 ms]
     assert b["wait_p99_us"] == pytest.approx(1000 + 9000 * 9 / 10)
+
+
+def test_requests_allowed_ahead_are_summed_over_rules() -> None:
+    ahead = "extproc_rate_limit_granted_ahead_total"
+    before = {**scrape([0.001], [1]), f'{ahead}{{rule="a"}}': 5.0}
+    after = {
+        **scrape([0.001] * 11, [1, 10]),
+        f'{ahead}{{rule="a"}}': 12.0,
+        f'{ahead}{{rule="b"}}': 2.0,
+        'extproc_rate_limit_granted_ahead_over_limit_total{rule="a"}': 1.0,
+    }
+    b = _batching(before, after)
+    assert b is not None and b["ahead"] == 9
 
 
 def test_no_round_trip_in_the_sample_or_no_admin_port_gives_nothing() -> None:
@@ -67,7 +81,17 @@ def test_report_table_shows_both_loads() -> None:
     lines = report._batching_table(data)
     rows = [ln for ln in lines if ln.startswith("| `")]
     assert rows == [
-        "| `extproc-jwt-rl` | saturated (closed loop) | 0.041 | 24.0 | 1,500 | 1,200 | 9,000 |",
-        "| `extproc-jwt-rl` | 1000 req/s | 0.900 | 1.1 | 1,500 | 1,200 | 400 |",
+        "| `extproc-jwt-rl` | saturated (closed loop) | 0.041 | 24.0 | 1,500 | 1,200 | 9,000 | - |",
+        "| `extproc-jwt-rl` | 1000 req/s | 0.900 | 1.1 | 1,500 | 1,200 | 400 | - |",
+    ]
+    # with grant_ahead: the share of requests allowed before Redis answered (median)
+    ahead = [dict(batching, ahead_share=s) for s in (0.95, 0.99, 0.97)]
+    chosen = report._batching([{"batching": b} for b in ahead])
+    assert chosen is not None and chosen["ahead_share"] == pytest.approx(0.97)
+    data["summary"]["extproc-jwt-rl"] = {"batching": chosen, "open_loop": {"batching": None}}
+    rows = [ln for ln in report._batching_table(data) if ln.startswith("| `")]
+    assert rows == [
+        "| `extproc-jwt-rl` | saturated (closed loop) | 0.041 | 24.0 | 1,500 | 1,200 | 9,000 "
+        "| 97.0 % |"
     ]
     assert report._batching_table({"settings": data["settings"], "summary": {}}) == []

@@ -103,7 +103,7 @@ def test_the_grant_ahead_variant_differs_only_there_and_loads() -> None:
     base = sidecar_config(scenario("extproc-jwt-rl-h2"), traffic, "redis://x", "http://otlp")
     ahead = sidecar_config(scenario("extproc-jwt-rl-ahead-h2"), traffic, "redis://x", "http://o")
     rl = {p["plugin"]: p["config"] for p in ahead["plugins"]}["rate_limit"]
-    assert rl["grant_ahead"] == {"enabled": True}
+    assert rl["grant_ahead"] == {"enabled": True, "max_age_ms": 300_000}
     rest = {k: v for k, v in rl.items() if k not in ("grant_ahead", "key_prefix")}
     plain = {p["plugin"]: p["config"] for p in base["plugins"]}["rate_limit"]
     assert rest == {k: v for k, v in plain.items() if k != "key_prefix"}
