@@ -171,6 +171,7 @@ _GC_FAMILY = "extproc_gc_pause_seconds"
 _SCRAPED_FAMILIES = (
     "extproc_rate_limit_batch_wait_seconds",
     "extproc_rate_limit_batch_size",
+    "extproc_rate_limit_granted_ahead",
     _HOOK_FAMILY,
     _ERRORS_FAMILY,
     _GC_FAMILY,
@@ -186,7 +187,11 @@ def _sidecar_metrics(stack: Stack, key: str) -> dict[str, float]:
     import urllib.request
 
     with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as response:
-        text = response.read().decode()
+        return _scraped(response.read().decode())
+
+
+def _scraped(text: str) -> dict[str, float]:
+    """The samples of :data:`_SCRAPED_FAMILIES` in a Prometheus text page, by full name."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(_SCRAPED_FAMILIES):

@@ -95,3 +95,26 @@ def test_report_table_shows_both_loads() -> None:
         "| 97.0 % |"
     ]
     assert report._batching_table({"settings": data["settings"], "summary": {}}) == []
+
+
+async def test_the_scrape_keeps_what_the_tables_read() -> None:
+    """The families the harness keeps, read from a real rate limiter's exposition."""
+    from bench.run import _scraped
+    from extproc.observability.metrics import Registry
+    from extproc.testing.context import make_plugin_context
+    from plugins.rate_limit import RateLimitConfig, RateLimitPlugin
+
+    rule = {"name": "per_user", "key": ["header:k"], "limits": [{"requests": 5, "per": "second"}]}
+    cfg = RateLimitConfig.model_validate({"rules": [rule]})
+    registry = Registry()
+    ctx = make_plugin_context("rate_limit", cfg, registry=registry)
+    plugin = RateLimitPlugin(cfg)
+    await plugin.initialize(ctx)
+    try:
+        kept = _scraped(registry.render_prometheus())
+    finally:
+        await plugin.shutdown()
+        await ctx.http.aclose()
+    assert 'extproc_rate_limit_granted_ahead_total{rule="per_user"}' in kept
+    assert 'extproc_rate_limit_granted_ahead_over_limit_total{rule="per_user"}' in kept
+    assert not any(name.startswith("extproc_rate_limit_decisions") for name in kept)
