@@ -280,11 +280,13 @@ class GrantAheadConfig(PluginConfig):
 
     Off by default: the rules are then exact across any number of workers and sidecars. With
     ``enabled``, a request whose every key was far enough below its limit in Redis' last
-    answer (this worker's own hits since then taken off) is allowed at once; its hits still
-    go to Redis in the next batch, and that answer updates what the worker knows. A key near
-    its limit, one not heard of within ``max_age_ms``, or any key while Redis is failing
-    goes through Redis as before. It takes the Redis round trip off the path of requests
-    that are nowhere near a limit (most of them, in most deployments).
+    answer (this worker's own hits since then taken off) is allowed at once. Its hits still
+    go to Redis within ``flush_ms``, gathered with the others allowed meanwhile (one round
+    trip for many requests even at a light load), and that answer updates what the worker
+    knows; other workers see those hits that much later. A key near its limit, one not
+    heard of within ``max_age_ms``, or any key while Redis is failing goes through Redis as
+    before. It takes the Redis round trip off the path of requests that are nowhere near a
+    limit (most of them, in most deployments), and most of the round trips off the worker.
 
     What it costs in exactness: alone (one worker, one sidecar), nothing: this worker's
     grants in flight never exceed ``share`` of the remaining it last heard, and only its own
@@ -308,6 +310,14 @@ class GrantAheadConfig(PluginConfig):
     )
     max_age_ms: Annotated[float, Field(gt=0.0, le=3_600_000.0)] = Field(
         default=10_000.0, description="what Redis said about a key is used for this long"
+    )
+    flush_ms: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        default=5.0,
+        description=(
+            "how long the hits of requests allowed ahead gather before they go to Redis"
+            " together (sooner with a request that waits for Redis, or batch.max_batch of"
+            " them); no request waits for them. 0: with the next batch"
+        ),
     )
     max_keys: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
         default=100_000, description="keys remembered at most (beyond, the oldest are dropped)"

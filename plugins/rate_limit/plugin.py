@@ -195,6 +195,10 @@ class RateLimitPlugin(Plugin):
         self._batcher: Batcher[Sequence[Hit], list[Outcome]] | None = None
         #: what this worker knows of its keys' counts in Redis (``grant_ahead`` only)
         self._ledger: Ledger | None = None
+        #: requests allowed ahead whose hits have not been submitted yet (``flush_ms``)
+        self._behind: list[tuple[list[Hit], list[_Rule]]] = []
+        self._behind_timer: asyncio.TimerHandle | None = None
+        self._flush_after = config.grant_ahead.flush_ms / 1000.0
         self._breaker: CircuitBreaker | None = None
         self._clock: Clock = time.monotonic  # replaced by the context's in initialize
         self._margin = config.fallback_margin_ms / 1000.0
@@ -411,6 +415,8 @@ class RateLimitPlugin(Plugin):
         return out
 
     async def shutdown(self) -> None:
+        if self._behind:
+            self._send_behind()
         if self._batcher is not None:
             await self._batcher.close(within=2 * self._redis_timeout + 0.1)
         if self._redis is not None:
@@ -525,6 +531,8 @@ class RateLimitPlugin(Plugin):
         deadline = loop.time() + budget
         ledger = self._ledger
         if ledger is not None:
+            if self._behind:  # the hits allowed ahead go first, in the same round trip
+                self._send_behind()
             ledger.owe(hits)  # before submit: its round trip may settle within it
         try:
             future = batcher.submit(hits, deadline)
@@ -553,13 +561,12 @@ class RateLimitPlugin(Plugin):
         entries = ledger.grant(hits, now)
         if entries is None:
             return None
-        loop = asyncio.get_running_loop()
-        try:
-            future = batcher.submit(hits, loop.time() + self._redis_timeout)
-        except (QueueFullError, BatcherClosedError):
-            ledger.dropped(hits)
-            return None
-        future.add_done_callback(functools.partial(self._answered_ahead, hits, owners))
+        self._behind.append((hits, owners))
+        if len(self._behind) >= batcher.max_batch or not self._flush_after:
+            self._send_behind()
+        elif self._behind_timer is None:
+            loop = asyncio.get_running_loop()
+            self._behind_timer = loop.call_later(self._flush_after, self._send_behind)
         counted: set[int] = set()
         tightest: tuple[Hit, int, float] | None = None  # hit, remaining, reset_at
         for h, owner, k in zip(hits, owners, entries, strict=True):
@@ -583,6 +590,27 @@ class RateLimitPlugin(Plugin):
                 }
             )
         return CONTINUE
+
+    def _send_behind(self) -> None:
+        """Submit the hits of the requests allowed ahead so far, together (an idle batcher
+        sends what is submitted in one loop turn as one round trip). A hit the batcher
+        refuses (full queue, closed) is never counted in Redis: an undercount, counted in
+        ``queue_full_total``."""
+        if self._behind_timer is not None:
+            self._behind_timer.cancel()
+            self._behind_timer = None
+        behind, self._behind = self._behind, []
+        batcher, ledger = self._batcher, self._ledger
+        assert batcher is not None and ledger is not None
+        deadline = asyncio.get_running_loop().time() + self._redis_timeout
+        for hits, owners in behind:
+            try:
+                future = batcher.submit(hits, deadline)
+            except (QueueFullError, BatcherClosedError):
+                ledger.dropped(hits)
+                self._m_dropped.inc()
+                continue
+            future.add_done_callback(functools.partial(self._answered_ahead, hits, owners))
 
     def _answered_ahead(
         self, hits: list[Hit], owners: list[_Rule], future: asyncio.Future[list[Outcome]]

@@ -508,6 +508,41 @@ async def test_grant_ahead_on_two_workers_counts_every_grant_past_the_limit(
         await harness.close()
 
 
+@pytest.mark.parametrize(("flush_ms", "max_batch"), [(0.0, 100), (100.0, 100), (100.0, 4)])
+async def test_grant_ahead_sends_the_hits_it_allowed_together(
+    server: RedisServer, flush_ms: float, max_batch: int
+) -> None:
+    """At a light load each request through Redis is its own round trip; the hits allowed
+    ahead gather for flush_ms and go in one, sooner with the next request that waits for
+    Redis or when batch.max_batch of them are waiting."""
+    harness = Harness("pipe")
+    try:
+        cfg = config(
+            limit=1000,
+            grant_ahead={"enabled": True, "flush_ms": flush_ms},
+            batch={"max_batch": max_batch},
+        )
+        plugin = await harness.plugin(server, cfg)
+        assert isinstance((await call(plugin, budget=5.0))[0], Continue)
+        server.reset_stats()
+        for _ in range(10):  # one every ~1 ms: an idle batcher sends each alone
+            assert isinstance((await call(plugin))[0], Continue)
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)  # what was sent has been counted
+        if not flush_ms:
+            assert round_trips(server) >= 5
+        elif max_batch == 4:
+            assert round_trips(server) == 2  # two full batches; two hits still wait
+        else:
+            assert round_trips(server) == 0  # none has gone yet
+            assert isinstance((await call(plugin, key="other"))[0], Continue)  # through Redis
+            assert not plugin._behind and round_trips(server) == 1  # the ten went with it
+        await plugin.shutdown()  # sends what still waits
+        assert stored_count(server, "rl:{k|client}:f1000/86400000") == 11
+    finally:
+        await harness.close()
+
+
 async def test_grant_ahead_is_refused_without_the_pipe(server: RedisServer) -> None:
     harness = Harness("pool")  # the config check is bypassed: initialize refuses on its own
     try:

@@ -157,9 +157,11 @@ def _cfg(**extra: object) -> RateLimitConfig:
 def test_config() -> None:
     assert _cfg().grant_ahead.enabled is False
     cfg = _cfg(grant_ahead={"enabled": True})
-    assert (cfg.grant_ahead.share, cfg.grant_ahead.max_age_ms) == (0.5, 10_000.0)
+    ahead = cfg.grant_ahead
+    assert (ahead.share, ahead.max_age_ms, ahead.flush_ms) == (0.5, 10_000.0, 5.0)
     with pytest.raises(ValidationError, match="redis_pipeline"):
         _cfg(grant_ahead={"enabled": True}, redis_pipeline=False)
-    for bad in ({"share": 0}, {"share": 1.5}, {"max_age_ms": 0}, {"max_keys": 0}):
+    bad_values = ({"share": 0}, {"share": 1.5}, {"max_age_ms": 0}, {"max_keys": 0})
+    for bad in (*bad_values, {"flush_ms": -1}, {"flush_ms": 101}):
         with pytest.raises(ValidationError):
             _cfg(grant_ahead={"enabled": True, **bad})
