@@ -520,7 +520,9 @@ def _batching_table(data: dict[str, Any]) -> list[str]:
         "batcher to its round trip being sent), medians over rounds. The wait is the latency "
         "batching added; quantiles are interpolated within buckets. *Allowed ahead*: the "
         "requests `grant_ahead` allowed before Redis answered "
-        "(`extproc_rate_limit_granted_ahead_total`); their wait is not the request's.",
+        "(`extproc_rate_limit_granted_ahead_total`; their wait is not the request's), per "
+        "request the generator completed: requests still in flight at a sample's end can put "
+        "it a little above 100 %.",
         "| scenario | load | rate-limit round trips/req | requests per round trip "
         "| wait mean µs | wait p50 µs | wait p99 µs | allowed ahead |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
