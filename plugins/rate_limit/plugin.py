@@ -1,5 +1,7 @@
 """The ``rate_limit`` plugin: descriptors from the request, exact counters in Redis (batched), an
 in-process store when there is no Redis or as a fallback, and 429s with RateLimit headers.
+Opt-in, ``grant_ahead``: keys far below their limits allowed from Redis' last answer without
+waiting for the next (:mod:`plugins.rate_limit.ahead`).
 
 Envoy side of ``headers.on_allow``: allowed requests carry their RateLimit values as dynamic
 metadata in the namespace ``extproc.rate_limit`` (keys ``limit``, ``remaining``, ``reset``).
@@ -552,8 +554,9 @@ class RateLimitPlugin(Plugin):
 
     def _grant_ahead(self, hits: list[Hit], owners: list[_Rule], now: float) -> Result | None:
         """Allow the request from what Redis last said (``grant_ahead``), its hits sent to be
-        counted all the same; ``None``: it goes through Redis (a key unknown, too old or too
-        near its limit, the breaker not closed, a full queue)."""
+        counted all the same (within ``flush_ms``, with the others allowed meanwhile);
+        ``None``: it goes through Redis (a key unknown, too old or too near its limit, or the
+        breaker not closed)."""
         ledger, batcher = self._ledger, self._batcher
         assert ledger is not None and batcher is not None and self._breaker is not None
         if self._breaker.state is not BreakerState.CLOSED:
