@@ -187,3 +187,59 @@ async def test_raw_requests_reach_allowed_routes(stack: LocalStack, key: KeyPair
     assert await raw_get(port, "//admin", admin) == 200  # merged by Envoy, still authorised
     assert await raw_get(port, "/admin/../public/x", {}) == 200  # normalised to /public/x
     assert stack.upstream.requests[-1]["path"] == "/public/x"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_grant_ahead_through_envoy_stays_exact(
+    tmp_path: Path, key: KeyPair, transport: str
+) -> None:
+    """The same limit with rate_limit's grant_ahead on (share 1.0, one sidecar): requests
+    after the first are allowed from Redis' last answer, and still exactly 100 pass."""
+    import httpx
+
+    from extproc.testing.ports import free_port
+
+    redis = await asyncio.to_thread(RedisServer)
+    admin = f"127.0.0.1:{free_port()}"
+    try:
+        async with JwksServer([key]) as jwks:
+            cfg = tmp_path / "extproc.yaml"
+            text = CONFIG.format(
+                redis=redis.url, issuer=ISSUER, audience=AUDIENCE, jwks=jwks.url,
+                transport=transport,
+            )  # fmt: skip
+            text = text.replace(
+                "      rules:\n        - name: per_subject",
+                "      grant_ahead: {enabled: true, share: 1.0}\n"
+                "      rules:\n        - name: per_subject",
+            )
+            assert "grant_ahead" in text
+            cfg.write_text(text)
+            async with LocalStack(cfg, sidecar_args=("--admin", admin)) as stack:
+                token = TokenFactory(key, issuer=ISSUER, audience=AUDIENCE).mint({"sub": "dave"})
+                first = await stack.http.get("/limited", headers=bearer(token))
+                assert first.status_code == 200  # through Redis: now 99 are known to be left
+                sem = asyncio.Semaphore(20)
+
+                async def one() -> int:
+                    async with sem:
+                        r = await stack.http.get("/limited", headers=bearer(token))
+                        return r.status_code
+
+                statuses = await asyncio.gather(*(one() for _ in range(120)))
+                assert statuses.count(200) == 99 and statuses.count(429) == 21
+                async with httpx.AsyncClient(trust_env=False) as client:
+                    metrics = (await client.get(f"http://{admin}/metrics")).text
+                ahead = [
+                    float(line.rsplit(" ", 1)[1])
+                    for line in metrics.splitlines()
+                    if line.startswith("extproc_rate_limit_granted_ahead_total{")
+                ]
+                assert ahead and ahead[0] >= 50  # most went ahead of Redis' answer
+                over = 'extproc_rate_limit_granted_ahead_over_limit_total{rule="per_subject"} 0'
+                assert over in metrics
+            # the sidecar stopped (its last hits sent): Redis counted exactly the limit
+            stored = redis.command("HGET", "rl:{per_subject|dave}:f100/86400000", "b").decode()
+            assert stored.split("\r\n")[1] == "100"
+    finally:
+        await asyncio.to_thread(redis.close)
