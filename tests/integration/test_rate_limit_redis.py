@@ -543,6 +543,35 @@ async def test_grant_ahead_sends_the_hits_it_allowed_together(
         await harness.close()
 
 
+async def test_grant_ahead_learns_nothing_from_a_task_settled_round_trip(
+    server: RedisServer,
+) -> None:
+    """While the pipe has no open connection, round trips go through ``acquire`` in a task,
+    which may settle after a later answer's callback: such answers are not learnt, so no
+    request is allowed ahead on them (and every hit is still counted)."""
+    harness = Harness("pipe")
+    try:
+        registry = Registry()
+        cfg = config(limit=1000, grant_ahead={"enabled": True, "share": 1.0})
+        plugin = await harness.plugin(server, cfg, registry=registry)
+        assert plugin._redis is not None and plugin._redis._pipe is not None
+        assert isinstance((await call(plugin, budget=5.0))[0], Continue)  # learnt: 999 left
+        assert plugin._ledger is not None
+        known = plugin._ledger.get("rl:{k|client}:f1000/86400000")
+        assert known is not None and known.remaining == 999
+        plugin._redis._pipe.usable = lambda: False  # type: ignore[method-assign]
+        assert isinstance((await call(plugin))[0], Continue)  # allowed ahead on what it knew
+        await asyncio.sleep(0.05)  # its hit went through a task: the key is unknown again
+        assert known.remaining is None and known.owed == 0
+        results = [await call(plugin, budget=5.0) for _ in range(20)]
+        assert granted(results) == 20
+        assert sample(registry, AHEAD) == 1  # the one above; the rest went through Redis
+        assert known.remaining is None and known.owed == 0
+        assert stored_count(server, "rl:{k|client}:f1000/86400000") == 22
+    finally:
+        await harness.close()
+
+
 async def test_grant_ahead_is_refused_without_the_pipe(server: RedisServer) -> None:
     harness = Harness("pool")  # the config check is bypassed: initialize refuses on its own
     try:
