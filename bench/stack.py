@@ -229,6 +229,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-ahead-w2",
+        "extproc-jwt-rl-ahead with --workers 2 (share 0.5 each: workers x share = 1)",
+        "extproc",
+        ("jwt", "rl"),
+        grant_ahead=True,
+        workers=2,
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-b1-pool",
         "extproc-jwt-rl-b1 over the redis-py pool (redis_pipeline: false)",
         "extproc",
@@ -252,6 +261,7 @@ HTTP2_TWINS: tuple[tuple[str, bool], ...] = (
     ("extproc-jwt-rl-if8", False),
     ("extproc-jwt-rl-nt", False),
     ("extproc-jwt-rl-ahead", True),
+    ("extproc-jwt-rl-ahead-w2", False),
 )
 
 
