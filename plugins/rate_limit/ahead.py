@@ -2,10 +2,11 @@
 (:class:`~plugins.rate_limit.config.GrantAheadConfig`).
 
 Per key: the ``remaining`` of Redis' latest answer, when it came, and ``owed``: the cost of
-this worker's hits sent or queued since, not yet answered. Every hit the worker submits to
-Redis is owed from ``submit`` until its answer (:meth:`Ledger.learn`), its failure
-(:meth:`Ledger.forget`) or its removal from the queue unsent (:meth:`Ledger.dropped`). A
-request may be granted ahead when each of its hits fits in ``share x remaining - owed``.
+this worker's hits sent, queued or gathered since, not yet answered. Every hit is owed from
+the moment it is allowed ahead (:meth:`Ledger.grant`) or submitted through Redis
+(:meth:`Ledger.owe`) until its answer (:meth:`Ledger.learn`), its failure
+(:meth:`Ledger.forget`) or its removal unsent (:meth:`Ledger.dropped`). A request may be
+granted ahead when each of its hits fits in ``share x remaining - owed``.
 
 Why that is exact for one worker alone: Redis runs this worker's hits in the order they were
 sent and answers on one connection in that order, so the latest answer counts every hit sent
@@ -38,6 +39,9 @@ class Known:
 
 
 class Ledger:
+    """The keys one worker has sent to Redis (about ``max_keys`` at most: only keys owing
+    nothing are dropped), and the rule that allows a request ahead (:meth:`grant`)."""
+
     def __init__(
         self, *, share: float, max_age: float, max_keys: int, clock: Callable[[], float]
     ) -> None:
