@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import subprocess
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import which_or_hint
+from extproc.observability.gcpause import GcTimer
 
 __all__ = ["WRK_HINT", "LoadResult", "open_loop", "run_wrk", "wrk_binary"]
 
@@ -119,20 +119,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[str, bool]:
 def _gc_pauses() -> Iterator[list[tuple[int, float]]]:
     """The generator's own collector pauses while the block runs: (generation, seconds)."""
     pauses: list[tuple[int, float]] = []
-    began = 0.0
-
-    def watch(phase: str, info: dict[str, int]) -> None:
-        nonlocal began
-        if phase == "start":
-            began = time.perf_counter()
-        else:
-            pauses.append((info["generation"], time.perf_counter() - began))
-
-    gc.callbacks.append(watch)
-    try:
+    with GcTimer(lambda generation, seconds: pauses.append((generation, seconds))):
         yield pauses
-    finally:
-        gc.callbacks.remove(watch)
 
 
 async def _open_loop(

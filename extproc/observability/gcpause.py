@@ -12,17 +12,48 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from extproc.observability.metrics import Registry
 
-__all__ = ["GcPauses"]
+__all__ = ["GcPauses", "GcTimer"]
 
 #: 50 µs .. 100 ms
 BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
-class GcPauses:
+class GcTimer:
+    """Times every collection while installed: ``on_pause(generation, seconds)`` (wall time,
+    ``time.perf_counter``). Also a context manager that installs it for the block."""
+
+    def __init__(self, on_pause: Callable[[int, float], None]) -> None:
+        self._on_pause = on_pause
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._on_pause(info["generation"], time.perf_counter() - self._started)
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        while self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def __enter__(self) -> GcTimer:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+class GcPauses(GcTimer):
     """Observes every collection's wall time by generation while installed."""
 
     def __init__(self, registry: Registry) -> None:
@@ -33,18 +64,7 @@ class GcPauses:
             buckets=BUCKETS,
         )
         self._by_generation = [pauses.labels(str(g)) for g in range(3)]
-        self._started = 0.0
+        super().__init__(self._observe)
 
-    def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
-
-    def install(self) -> None:
-        if self._callback not in gc.callbacks:
-            gc.callbacks.append(self._callback)
-
-    def uninstall(self) -> None:
-        while self._callback in gc.callbacks:
-            gc.callbacks.remove(self._callback)
+    def _observe(self, generation: int, seconds: float) -> None:
+        self._by_generation[generation].observe(seconds)
