@@ -22,12 +22,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from extproc.admin import AdminHttp, fetch
 from extproc.config import LoadedConfig
 
-__all__ = ["Supervisor", "merge_metrics", "worker_addresses"]
+__all__ = ["Supervisor", "merge_metrics", "usable_cpus", "worker_addresses"]
 
 log = logging.getLogger("extproc.supervisor")
 
@@ -49,6 +50,18 @@ def worker_addresses(listen: str, workers: int) -> list[str]:
     if int(port) == 0:
         raise ValueError("--workers needs a fixed port (or a unix socket) in server.listen")
     return [f"{host}:{int(port) + i}" for i in range(workers)]
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """How many CPUs this process may use: the CPUs it may run on, or fewer when its cgroup
+    (v2, ``cpu.max``: quota and period in µs, as a container's CPU limit sets them) allows
+    less time than that."""
+    cpus = float(len(os.sched_getaffinity(0)))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    return cpus
 
 
 def merge_metrics(texts: list[str]) -> str:
@@ -149,6 +162,14 @@ class Supervisor:
     async def start(self, startup_timeout: float = 60.0) -> None:
         """Start every worker and wait until each answers; a worker that exits while
         starting (a configuration it refuses, say) stops them all."""
+        cpus = usable_cpus()
+        if self.count > cpus:
+            log.warning(
+                "more workers than usable CPUs: they will share cores (and Envoy's, on the "
+                "same host), and a worker costs more CPU per request at a smaller share of the "
+                "load; see docs/operations.md, Scaling",
+                extra={"workers": self.count, "usable_cpus": cpus},
+            )
         for worker in self.workers:
             self._spawn(worker)
         deadline = time.monotonic() + startup_timeout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from extproc import supervisor
 from extproc.config import parse_config
-from extproc.supervisor import Supervisor, merge_metrics, worker_addresses
+from extproc.supervisor import Supervisor, merge_metrics, usable_cpus, worker_addresses
 from extproc.testing.fake_envoy import EnvoyMode, FakeEnvoy
 from extproc.testing.processes import free_port
 
@@ -65,6 +67,46 @@ def test_workers_are_told_whether_to_watch_the_config(
         "127.0.0.1:5000", "127.0.0.1:5001",
     ]  # fmt: skip
     assert all(("--no-watch" in argv) is (not watch) for argv in started)
+
+
+def test_usable_cpus_is_the_affinity_or_the_cgroup_quota_if_lower(tmp_path: Path) -> None:
+    mine = float(len(os.sched_getaffinity(0)))
+    assert usable_cpus(tmp_path) == mine  # no cpu.max: not limited by a cgroup
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == mine
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # a container limited to half a CPU
+    assert usable_cpus(tmp_path) == 0.5
+    (tmp_path / "cpu.max").write_text(f"{int(mine + 2) * 100000} 100000\n")
+    assert usable_cpus(tmp_path) == mine  # a quota above the CPUs it may run on
+    (tmp_path / "cpu.max").write_text("garbage\n")
+    assert usable_cpus(tmp_path) == mine
+
+
+class _Spawned(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("cpus", "warned"), [(1.5, True), (2.0, False)])
+def test_more_workers_than_usable_cpus_is_warned_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    cpus: float,
+    warned: bool,
+) -> None:
+    def spawn(self: Supervisor, worker: object) -> None:
+        raise _Spawned
+
+    monkeypatch.setattr(supervisor, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(Supervisor, "_spawn", spawn)
+    loaded = parse_config("server: {listen: '127.0.0.1:5000', admin: null}\nplugins: []\n")
+    sup = Supervisor(loaded, str(tmp_path / "c.yaml"), 2)
+    with caplog.at_level(logging.WARNING, "extproc.supervisor"), pytest.raises(_Spawned):
+        asyncio.run(sup.start())
+    records = [r for r in caplog.records if "more workers than usable CPUs" in r.getMessage()]
+    assert len(records) == (1 if warned else 0)
+    if warned:
+        assert (records[0].__dict__["workers"], records[0].__dict__["usable_cpus"]) == (2, 1.5)
 
 
 async def test_two_workers_serve_and_aggregate(tmp_path: Path) -> None:
