@@ -47,6 +47,27 @@ def _batching(samples: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     return out
 
 
+def _hot(samples: Sequence[Mapping[str, Any]], limit: int) -> dict[str, float]:
+    """One key limited to ``limit`` a second, crossed every second: the 200s per second, the
+    most an exact limiter may allow per second in a sample of that length (it touches one
+    fixed window more than it lasts whole seconds), and the requests grant_ahead allowed past
+    the limit per second (medians over rounds)."""
+
+    def per_s(x: Mapping[str, Any], n: float) -> float:
+        return float(n) / max(1e-9, float(x["duration_s"]))
+
+    return {
+        "limit_per_s": float(limit),
+        "allowed_per_s": _median([per_s(x, x["statuses"].get("200", 0)) for x in samples]),
+        "bound_per_s": _median(
+            [per_s(x, limit * (math.ceil(x["duration_s"]) + 1)) for x in samples]
+        ),
+        "over_per_s": _median(
+            [per_s(x, (x.get("batching") or {}).get("over", 0.0)) for x in samples]
+        ),
+    }
+
+
 def _hooks(samples: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Medians per plugin of its hook's time (samples without it are skipped)."""
     plugins: dict[str, list[Mapping[str, float]]] = {}
@@ -122,6 +143,8 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "gc": _gc(samples),
             "error_causes": _error_causes(samples),
         }
+        if s.get("hot_limit"):
+            row["hot"] = _hot(samples, s["hot_limit"])
         lat = [r[key] for r in data.get("latency_rounds", []) if key in r]
         if lat:
             row["open_loop"] = {
@@ -281,6 +304,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
     lines += _latency_table(settings, summary)
     lines += _errors_section(data)
     lines += _batching_table(data)
+    lines += _hot_table(data)
     lines += _hooks_table(data)
     lines += _gc_table(data)
     lines += _baseline_table(data)
@@ -526,6 +550,29 @@ def _batching_table(data: dict[str, Any]) -> list[str]:
         "| scenario | load | rate-limit round trips/req | requests per round trip "
         "| wait mean µs | wait p50 µs | wait p99 µs | allowed ahead |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
+        rows,
+    )
+
+
+def _hot_table(data: dict[str, Any]) -> list[str]:
+    """The ``-hot`` scenarios: is the limit kept when one key is crossed every second?"""
+    rows = [
+        f"| `{key}` | {_fmt(row['rps'])} | {_fmt(h['limit_per_s'])} | {_fmt(h['allowed_per_s'])} "
+        f"| {_fmt(h['bound_per_s'])} | {_fmt(h['over_per_s'], 1)} |"
+        for key, row in data["summary"].items()
+        if (h := row.get("hot"))
+    ]
+    return _section(
+        "One key crossed every second (rate_limit's exactness under load)",
+        "All traffic counted under one key (`key: [method]`), fixed window of one second, "
+        "closed loop: most requests get 429. *Allowed*: 200s per second. *Exact at most*: "
+        "what an exact limiter may allow per second in a sample (it touches one window more "
+        "than its whole seconds). *Past the limit*: the requests `grant_ahead` allowed that "
+        "Redis then refused (`extproc_rate_limit_granted_ahead_over_limit_total`), per "
+        "second; without `grant_ahead` every decision is Redis' own. Medians over rounds.",
+        "| scenario | req/s | limit per s | allowed per s | exact at most per s "
+        "| allowed past the limit per s |",
+        "|---|---:|---:|---:|---:|---:|",
         rows,
     )
 

@@ -222,10 +222,13 @@ def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         requests,
     )
     ahead = "extproc_rate_limit_granted_ahead_total{"
+    over = "extproc_rate_limit_granted_ahead_over_limit_total{"
     return {
         "batches": batches,
-        # grant_ahead: the requests allowed before Redis answered (0 without it)
+        # grant_ahead: the requests allowed before Redis answered (0 without it), and those
+        # of them Redis then refused: allowed past the limit
         "ahead": sum(v for k, v in delta.items() if k.startswith(ahead)),
+        "over": sum(v for k, v in delta.items() if k.startswith(over)),
         "mean_batch": delta.get(f"{size}_sum", 0.0) / batches,
         "wait_mean_us": delta.get(f"{wait}_sum", 0.0) / requests * 1e6,
         "wait_p50_us": histogram.quantile(0.5) * 1e6,
@@ -326,7 +329,7 @@ def _gc(before: dict[str, float], after: dict[str, float], seconds: float) -> di
 
 
 def _allowed(s: Scenario) -> frozenset[str]:
-    return frozenset({"200", "429"} if s.deny else {"200"})
+    return frozenset({"200", "429"} if s.denies else {"200"})
 
 
 def _cpu(stack: Stack, key: str) -> dict[str, float]:
@@ -625,7 +628,10 @@ def run(
             "latency_duration_s": mode.latency_duration_s,
             "subjects": mode.subjects,
         },
-        "scenarios": [{"key": s.key, "title": s.title} for s in chosen],
+        "scenarios": [
+            {"key": s.key, "title": s.title, **({"hot_limit": s.hot_limit} if s.hot_limit else {})}
+            for s in chosen
+        ],
         "rounds": [],
         "latency_rounds": [],
         "notes": {
@@ -658,7 +664,7 @@ def run(
         latency_keys = [
             s
             for s in chosen
-            if not s.deny and (mode.latency_scenarios is None or s.key in mode.latency_scenarios)
+            if not s.denies and (mode.latency_scenarios is None or s.key in mode.latency_scenarios)
         ]
         for n in range(mode.latency_rounds):
             print(
@@ -676,11 +682,11 @@ def run(
         pairs = [
             (by_key[s.key + BASE_SUFFIX], s)
             for s in chosen
-            if s.key + BASE_SUFFIX in by_key and not s.deny
+            if s.key + BASE_SUFFIX in by_key and not s.denies
         ]
         if paired_with is not None:
             ref = scenario(paired_with)
-            pairs += [(ref, s) for s in chosen if s.sidecar and s.key != ref.key and not s.deny]
+            pairs += [(ref, s) for s in chosen if s.sidecar and s.key != ref.key and not s.denies]
         if pairs:
             data["paired"] = {
                 "rate": paired_rate,

@@ -40,12 +40,23 @@ from extproc.testing.otlp import OtlpSink
 from extproc.testing.processes import EnvoyProcess, SidecarProcess, free_port
 from extproc.testing.redis_server import RedisServer
 
-__all__ = ["SCENARIOS", "ListenerPlan", "Scenario", "Stack", "compose_bootstrap", "scenario"]
+__all__ = [
+    "HOT_LIMIT",
+    "SCENARIOS",
+    "ListenerPlan",
+    "Scenario",
+    "Stack",
+    "compose_bootstrap",
+    "scenario",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
 #: limits of the throughput scenarios: far above what one machine can send per user
 OPEN_LIMIT = 100_000
+#: the ``-hot`` scenarios' one key for all traffic: this many requests a second, far below
+#: what the sidecar serves, so it is crossed early in every second
+HOT_LIMIT = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +85,9 @@ class Scenario:
     batch_extra: tuple[tuple[str, Any], ...] = ()
     #: rate_limit's ``grant_ahead`` (allow keys far below their limits before Redis answers)
     grant_ahead: bool = False
+    #: rate_limit counts all traffic under one key (``key: [method]``) limited to this many
+    #: requests a second (None: a key per user, ``OPEN_LIMIT``)
+    hot_limit: int | None = None
     #: ``server.transport`` (grpcio: grpc.aio; http2: extproc's own HTTP/2)
     transport: str = "grpcio"
     #: run the sidecar from this source tree (``--baseline``: an earlier commit) instead
@@ -82,6 +96,11 @@ class Scenario:
     @property
     def needs_redis(self) -> bool:
         return "rl" in self.plugins or self.backend == "bare-http2-redis"
+
+    @property
+    def denies(self) -> bool:
+        """429s are expected: the scenario's limits are reached on purpose."""
+        return self.deny or self.hot_limit is not None
 
     @property
     def sidecar(self) -> bool:
@@ -237,6 +256,21 @@ SCENARIOS: tuple[Scenario, ...] = (
         workers=2,
         optional=True,
     ),
+    *(
+        Scenario(
+            f"extproc-jwt-rl{ahead}-hot{w2}",
+            f"one key for all traffic at {HOT_LIMIT:,} req/s (crossed every second)"
+            f"{', grant_ahead' if ahead else ''}{', --workers 2' if w2 else ''}",
+            "extproc",
+            ("jwt", "rl"),
+            grant_ahead=bool(ahead),
+            workers=2 if w2 else 1,
+            hot_limit=HOT_LIMIT,
+            optional=True,
+        )
+        for ahead in ("", "-ahead")
+        for w2 in ("", "-w2")
+    ),
     Scenario(
         "extproc-jwt-rl-b1-pool",
         "extproc-jwt-rl-b1 over the redis-py pool (redis_pipeline: false)",
@@ -262,6 +296,10 @@ HTTP2_TWINS: tuple[tuple[str, bool], ...] = (
     ("extproc-jwt-rl-nt", False),
     ("extproc-jwt-rl-ahead", True),
     ("extproc-jwt-rl-ahead-w2", False),
+    ("extproc-jwt-rl-hot", False),
+    ("extproc-jwt-rl-hot-w2", False),
+    ("extproc-jwt-rl-ahead-hot", False),
+    ("extproc-jwt-rl-ahead-hot-w2", False),
 )
 
 
@@ -415,17 +453,19 @@ def sidecar_config(
             }
         )
     if "rl" in s.plugins:
-        limit = (
-            {"requests": 1, "per": "minute"}
-            if s.deny
-            else {"requests": OPEN_LIMIT, "per": "second"}
-        )
+        limit: dict[str, Any] = {"requests": OPEN_LIMIT, "per": "second"}
+        name, key = "per_user", "claim:sub"
+        if s.hot_limit is not None:
+            limit, name, key = {"requests": s.hot_limit, "per": "second"}, "hot", "method"
+        elif s.deny:
+            limit = {"requests": 1, "per": "minute"}
+        counted = {"name": name, "key": [key], "limits": [limit]}
         plugins.append(
             {
                 "plugin": "rate_limit",
                 "config": {
                     "key_prefix": s.key.replace("-", "_"),
-                    "rules": [{"name": "per_user", "key": ["claim:sub"], "limits": [limit]}],
+                    "rules": [counted],
                     "batch": {"max_batch": s.batch, **dict(s.batch_extra)},
                     "redis_pipeline": s.pipeline,
                     **({"grant_ahead": GRANT_AHEAD} if s.grant_ahead else {}),

@@ -118,3 +118,52 @@ async def test_the_scrape_keeps_what_the_tables_read() -> None:
     assert 'extproc_rate_limit_granted_ahead_total{rule="per_user"}' in kept
     assert 'extproc_rate_limit_granted_ahead_over_limit_total{rule="per_user"}' in kept
     assert not any(name.startswith("extproc_rate_limit_decisions") for name in kept)
+
+
+def test_requests_allowed_past_the_limit_are_summed_over_rules() -> None:
+    over = "extproc_rate_limit_granted_ahead_over_limit_total"
+    before = {**scrape([0.001], [1]), f'{over}{{rule="a"}}': 3.0}
+    after = {
+        **scrape([0.001] * 11, [1, 10]),
+        f'{over}{{rule="a"}}': 7.0,
+        f'{over}{{rule="b"}}': 1.0,
+        'extproc_rate_limit_granted_ahead_total{rule="a"}': 40.0,
+    }
+    b = _batching(before, after)
+    assert b is not None and b["over"] == 5 and b["ahead"] == 40
+
+
+def test_the_hot_key_table() -> None:
+    def sample(ok: int, over: float, seconds: float = 4.0) -> dict[str, object]:
+        return {
+            "rps": 3000.0, "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+            "cpu_us": {"envoy": 1.0, "sidecar": 2.0, "redis": 0.1},
+            "redis_cmds_per_req": 0.1, "redis_round_trips_per_req": 0.01, "errors": 0,
+            "client_errors": 12000 - ok, "requests": 12000, "duration_s": seconds,
+            "statuses": {"200": ok, "429": 12000 - ok},
+            "batching": {"round_trips_per_req": 0.01, "mean_batch": 9.0, "wait_mean_us": 1.0,
+                         "wait_p50_us": 1.0, "wait_p99_us": 2.0, "over": over},
+        }  # fmt: skip
+
+    data = {
+        "settings": {"latency_rate": 1000.0},
+        "scenarios": [
+            {"key": "extproc-jwt-rl", "title": "t"},
+            {"key": "extproc-jwt-rl-ahead-hot-w2", "title": "h", "hot_limit": 1000},
+        ],
+        "rounds": [
+            {"extproc-jwt-rl": sample(12000, 0), "extproc-jwt-rl-ahead-hot-w2": sample(4000, 8)},
+            {"extproc-jwt-rl": sample(12000, 0), "extproc-jwt-rl-ahead-hot-w2": sample(4400, 20)},
+        ],
+    }
+    summary = report.summarize(data)
+    assert "hot" not in summary["extproc-jwt-rl"]
+    hot = summary["extproc-jwt-rl-ahead-hot-w2"]["hot"]
+    # 200s a second; 4 s touch at most 5 one-second windows; past the limit a second
+    assert hot == {
+        "limit_per_s": 1000.0, "allowed_per_s": 1050.0, "bound_per_s": 1250.0,
+        "over_per_s": 3.5,
+    }  # fmt: skip
+    lines = report._hot_table({"summary": summary})
+    assert lines[-1] == "| `extproc-jwt-rl-ahead-hot-w2` | 3,000 | 1,000 | 1,050 | 1,250 | 3.5 |"
+    assert len([x for x in lines if x.startswith("| `")]) == 1

@@ -113,3 +113,33 @@ def test_the_grant_ahead_variant_differs_only_there_and_loads() -> None:
     loaded = parse_config(json.dumps(ahead))
     rate_limit = next(cfg for entry, _, cfg in loaded.plugins if entry.plugin == "rate_limit")
     assert rate_limit.grant_ahead.enabled
+
+
+def test_the_hot_key_variants_count_all_traffic_under_one_limited_key() -> None:
+    import json
+
+    from bench.run import ALL, _allowed
+    from bench.stack import HOT_LIMIT, sidecar_config
+    from bench.traffic import make_traffic
+    from extproc.config import parse_config
+
+    traffic = make_traffic(2)
+    keys = [
+        "extproc-jwt-rl-hot", "extproc-jwt-rl-hot-w2",
+        "extproc-jwt-rl-ahead-hot", "extproc-jwt-rl-ahead-hot-w2",
+    ]  # fmt: skip
+    for key in keys + [f"{k}-h2" for k in keys]:
+        s = scenario(key)
+        assert s.hot_limit == HOT_LIMIT and s.denies and key not in ALL
+        assert _allowed(s) == frozenset({"200", "429"})
+        assert s.workers == (2 if "-w2" in key else 1)
+        config = sidecar_config(s, traffic, "redis://x", None)
+        rl = {p["plugin"]: p["config"] for p in config["plugins"]}["rate_limit"]
+        assert rl["rules"] == [
+            {"name": "hot", "key": ["method"], "limits": [{"requests": HOT_LIMIT, "per": "second"}]}
+        ]
+        assert ("grant_ahead" in rl) is ("-ahead" in key)
+        parse_config(json.dumps(config))  # one the sidecar accepts
+    plain = scenario("extproc-jwt-rl")
+    assert not plain.denies and _allowed(plain) == frozenset({"200"})
+    assert scenario("extproc-deny").denies
