@@ -14,28 +14,43 @@ before it and ``owed`` every hit after it; only time (a window's end, a bucket's
 the true count the other way. Answers must be learnt in that order: a round trip settled by
 a task a loop turn after its reply was read may come after a later one's, so it is only
 ``forget``-ed (the key goes through Redis until the next answer).
+
+With other workers or sidecars counting the same key, what Redis last said leaves out their
+hits since, and those they make before this worker's hit lands. So each key also keeps how
+fast the others spend it (``others``, cost per second): between two answers in send order
+this worker's own hits are exactly those answered, so whatever else the count fell by was
+theirs. That rate, decayed with a time constant of ``_RATE_TAU`` seconds, times the age of
+the answer plus ``lag`` (until this hit is sent and run), is taken off the remaining before
+``share`` applies. Alone, nobody else lowers the count, the rate stays 0, and the rule is
+the one above.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from plugins.rate_limit.keys import Hit, Outcome
 
 __all__ = ["Known", "Ledger"]
 
+#: seconds over which the others' spending of a key is averaged
+_RATE_TAU = 1.0
+
 
 class Known:
     """One key: Redis' latest ``remaining`` (``None``: unknown), when it was learnt and when
-    the key's window resets, both on the ledger's clock, and the cost ``owed`` since."""
+    the key's window resets, both on the ledger's clock, the cost ``owed`` since, and how
+    fast other workers spend it (``others``, cost per second, as of ``at``)."""
 
-    __slots__ = ("at", "owed", "remaining", "reset_at")
+    __slots__ = ("at", "others", "owed", "remaining", "reset_at")
 
     def __init__(self) -> None:
         self.remaining: int | None = None
         self.at = 0.0
         self.reset_at = 0.0
         self.owed = 0
+        self.others = 0.0
 
 
 class Ledger:
@@ -43,11 +58,19 @@ class Ledger:
     nothing are dropped), and the rule that allows a request ahead (:meth:`grant`)."""
 
     def __init__(
-        self, *, share: float, max_age: float, max_keys: int, clock: Callable[[], float]
+        self,
+        *,
+        share: float,
+        max_age: float,
+        max_keys: int,
+        clock: Callable[[], float],
+        lag: float = 0.0,
     ) -> None:
         self.share = share
         self.max_age = max_age
         self.max_keys = max_keys
+        #: seconds from a grant until its hit runs in Redis (gathering, the round trip)
+        self.lag = lag
         self._clock = clock
         self._keys: dict[str, Known] = {}
 
@@ -67,7 +90,10 @@ class Ledger:
             k = keys.get(h.key)
             if k is None or k.remaining is None or k.at < oldest:
                 return None
-            if k.owed + h.cost > share * k.remaining:
+            left: float = k.remaining
+            if k.others:  # what the others spend before this hit runs
+                left -= k.others * (now - k.at + self.lag)
+            if k.owed + h.cost > share * left:
                 return None
             entries.append(k)
         for k, h in zip(entries, hits, strict=True):
@@ -95,6 +121,13 @@ class Ledger:
                 if k is None:  # not owed here (cannot happen: owed keys are kept)
                     continue
                 k.owed -= h.cost
+                if k.remaining is not None and now > k.at:
+                    # in send order, this hit is the only one of ours Redis ran since the
+                    # last answer: the rest of the fall was the others' (a window that
+                    # reset or a bucket that leaked makes it negative: nothing)
+                    spent = max(0, k.remaining - h.cost - o.remaining)
+                    decay = math.exp((k.at - now) / _RATE_TAU)
+                    k.others = k.others * decay + spent / _RATE_TAU
                 k.remaining = o.remaining
                 k.at = now
                 k.reset_at = now + o.reset_ms / 1000.0

@@ -68,6 +68,9 @@ __all__ = ["RateLimitPlugin"]
 _UNKNOWN: Final = "unknown"
 #: how long initialize waits to open the Redis connection and load the script
 _WARM_TIMEOUT_S: Final = 1.0
+#: grant_ahead: about one round trip to a nearby Redis, beyond the gathering (``flush_ms``),
+#: before a granted hit runs there; others' spending meanwhile is kept out of its grant
+_ROUND_TRIP_S: Final = 0.002
 _BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 #: seconds; the first bucket is "sent on the next loop tick" (no gathering, nothing in flight)
 _WAIT_BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
@@ -255,6 +258,8 @@ class RateLimitPlugin(Plugin):
                     max_age=cfg.grant_ahead.max_age_ms / 1000.0,
                     max_keys=cfg.grant_ahead.max_keys,
                     clock=context.clock,
+                    # a granted hit runs in Redis after gathering and about one round trip
+                    lag=self._flush_after + _ROUND_TRIP_S,
                 )
             ledger = self._ledger
 
