@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import os
 import subprocess
@@ -428,6 +429,15 @@ GRANT_AHEAD: dict[str, Any] = {"enabled": True, "max_age_ms": 300_000}
 TRACE_RATIO = 0.01
 
 
+def _key_prefix(key: str) -> str:
+    """rate_limit's ``key_prefix`` for a scenario: its key, within the 32 characters allowed
+    (a long one, e.g. a ``-base`` twin's, keeps its start and a digest of the whole)."""
+    prefix = key.replace("-", "_")
+    if len(prefix) <= 32:
+        return prefix
+    return f"{prefix[:23]}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
 def sidecar_config(
     s: Scenario, traffic: Traffic, redis_url: str | None, otlp_endpoint: str | None = None
 ) -> dict[str, Any]:
@@ -464,7 +474,7 @@ def sidecar_config(
             {
                 "plugin": "rate_limit",
                 "config": {
-                    "key_prefix": s.key.replace("-", "_"),
+                    "key_prefix": _key_prefix(s.key),
                     "rules": [counted],
                     "batch": {"max_batch": s.batch, **dict(s.batch_extra)},
                     "redis_pipeline": s.pipeline,

@@ -143,3 +143,14 @@ def test_the_hot_key_variants_count_all_traffic_under_one_limited_key() -> None:
     plain = scenario("extproc-jwt-rl")
     assert not plain.denies and _allowed(plain) == frozenset({"200"})
     assert scenario("extproc-deny").denies
+
+
+def test_every_scenario_and_its_baseline_twin_get_a_distinct_valid_key_prefix() -> None:
+    from bench.report import BASE_SUFFIX
+    from bench.stack import SCENARIOS, _key_prefix
+
+    keys = [s.key for s in SCENARIOS] + [s.key + BASE_SUFFIX for s in SCENARIOS]
+    prefixes = [_key_prefix(k) for k in keys]
+    assert len(set(prefixes)) == len(keys)
+    assert all(len(p) <= 32 for p in prefixes)  # rate_limit's limit
+    assert _key_prefix("extproc-jwt-rl") == "extproc_jwt_rl"  # short ones unchanged
