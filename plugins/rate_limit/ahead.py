@@ -20,8 +20,8 @@ hits since, and those they make before this worker's hit lands. So each key also
 fast the others spend it (``others``, cost per second): between two answers in send order
 this worker's own hits are exactly those answered, so whatever else the count fell by was
 theirs. That rate, decayed with a time constant of ``_RATE_TAU`` seconds, times the age of
-the answer plus ``lag`` (until this hit is sent and run), is taken off the remaining before
-``share`` applies. Alone, nobody else lowers the count, the rate stays 0, and the rule is
+the answer plus ``lag`` (the others' hits gathered or in flight when Redis answered, and
+this hit's own way there), is taken off the remaining before ``share`` applies. Alone, nobody else lowers the count, the rate stays 0, and the rule is
 the one above.
 """
 
@@ -34,8 +34,9 @@ from plugins.rate_limit.keys import Hit, Outcome
 
 __all__ = ["Known", "Ledger"]
 
-#: seconds over which the others' spending of a key is averaged
-_RATE_TAU = 1.0
+#: seconds over which the others' spending of a key is averaged: short enough to follow
+#: a burst that spends a one-second window's limit in a fraction of it
+_RATE_TAU = 0.1
 
 
 class Known:

@@ -258,8 +258,9 @@ class RateLimitPlugin(Plugin):
                     max_age=cfg.grant_ahead.max_age_ms / 1000.0,
                     max_keys=cfg.grant_ahead.max_keys,
                     clock=context.clock,
-                    # a granted hit runs in Redis after gathering and about one round trip
-                    lag=self._flush_after + _ROUND_TRIP_S,
+                    # the others' hits granted up to one gathering and round trip before an
+                    # answer are not in it yet, and a hit granted now runs one later
+                    lag=2 * (self._flush_after + _ROUND_TRIP_S),
                 )
             ledger = self._ledger
 
