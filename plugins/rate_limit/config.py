@@ -294,8 +294,11 @@ class GrantAheadConfig(PluginConfig):
     grant up to ``share`` of the remaining it last heard of before Redis' answer reaches it.
     A burst that reaches them all at once can so be granted up to ``workers x share`` times
     that remaining: past the limit when that is more than Redis still has (never, with
-    ``workers x share <= 1`` and current knowledge). Redis refuses the hits past the limit
-    (they are not counted) and the next requests see it.
+    ``workers x share <= 1`` and current knowledge). Knowledge is never quite current, so each
+    worker also learns how fast the others spend a key (from how much more than its own hits
+    the count fell between two answers) and keeps what they will have spent before its hit
+    runs out of its grants. Redis refuses the hits past the limit (they are not counted) and
+    the next requests see it.
     ``granted_ahead_over_limit_total`` counts every request allowed that way. Needs the
     pipelined Redis connection (``redis_pipeline``), whose answers come in send order.
     """
