@@ -19,10 +19,11 @@ With other workers or sidecars counting the same key, what Redis last said leave
 hits since, and those they make before this worker's hit lands. So each key also keeps how
 fast the others spend it (``others``, cost per second): between two answers in send order
 this worker's own hits are exactly those answered, so whatever else the count fell by was
-theirs. That rate, decayed with a time constant of ``_RATE_TAU`` seconds, times the age of
-the answer plus ``lag`` (the others' hits gathered or in flight when Redis answered, and
-this hit's own way there), is taken off the remaining before ``share`` applies. Alone, nobody else lowers the count, the rate stays 0, and the rule is
-the one above.
+theirs, spent over the time between the answers. That rate, an exponential average with a
+time constant of ``_RATE_TAU`` seconds, times the age of the answer plus ``lag`` (the
+others' hits gathered or in flight when Redis answered, and this hit's own way there), is
+taken off the remaining before ``share`` applies. Alone, nobody else lowers the count, the
+rate stays 0, and the rule is the one above.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class Ledger:
         self.share = share
         self.max_age = max_age
         self.max_keys = max_keys
-        #: seconds from a grant until its hit runs in Redis (gathering, the round trip)
+        #: seconds of the others' spending a grant must leave beyond the answer's age: what
+        #: they had gathered or in flight when Redis answered, and this hit's way to Redis
         self.lag = lag
         self._clock = clock
         self._keys: dict[str, Known] = {}
@@ -125,10 +127,12 @@ class Ledger:
                 if k.remaining is not None and now > k.at:
                     # in send order, this hit is the only one of ours Redis ran since the
                     # last answer: the rest of the fall was the others' (a window that
-                    # reset or a bucket that leaked makes it negative: nothing)
+                    # reset or a bucket that leaked makes it negative: nothing), at an even
+                    # rate over the time since, folded into the average for that time
                     spent = max(0, k.remaining - h.cost - o.remaining)
-                    decay = math.exp((k.at - now) / _RATE_TAU)
-                    k.others = k.others * decay + spent / _RATE_TAU
+                    elapsed = now - k.at
+                    kept = math.exp(-elapsed / _RATE_TAU)
+                    k.others = k.others * kept + spent / elapsed * (1.0 - kept)
                 k.remaining = o.remaining
                 k.at = now
                 k.reset_at = now + o.reset_ms / 1000.0

@@ -208,6 +208,17 @@ def test_a_spender_that_stops_fades_within_a_few_tenths_of_a_second() -> None:
     assert k.others < busy * 0.06 and remaining == k.remaining
 
 
+def test_spending_seen_after_a_long_gap_is_spread_over_it() -> None:
+    clock = Clock()
+    book = Ledger(share=1.0, max_age=60.0, max_keys=100, clock=clock)
+    learnt(book, "a", 10_000)
+    clock.now += 5.0
+    book.owe([hit()])
+    book.learn([[hit()]], [[answer(10_000 - 1 - 500)]])  # others: 500 in 5 s
+    k = book.get("a")
+    assert k is not None and k.others == pytest.approx(100.0)  # not 500 at once
+
+
 def _cfg(**extra: object) -> RateLimitConfig:
     rule = {"name": "a", "key": ["header:k"], "limits": [{"requests": 10, "per": "second"}]}
     return RateLimitConfig.model_validate({"rules": [rule], **extra})
