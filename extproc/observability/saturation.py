@@ -13,7 +13,14 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["ArrivalRate", "LoopSaturation", "loop_saturation", "thread_demand"]
+__all__ = [
+    "ArrivalRate",
+    "InFlight",
+    "LoopSaturation",
+    "loop_saturation",
+    "streams_in_flight",
+    "thread_demand",
+]
 
 
 _SCHEDSTAT: Final = "/proc/thread-self/schedstat"
@@ -118,6 +125,29 @@ class ArrivalRate:
 
 
 _PER_THREAD = threading.local()
+
+
+class InFlight:
+    """The ext_proc streams this worker is serving now (every generation's), kept by the
+    runtime as streams start and end.
+
+    The meter above needs a sample interval to see a burst begin; this count sees it at
+    once. A task that awaits I/O while many streams are in flight is resumed only after the
+    loop has worked through the others' ready events: with 64 in flight on a slow machine,
+    tens of milliseconds."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def streams_in_flight() -> InFlight:
+    """The calling thread's (the event loop's) :class:`InFlight`, made on first use."""
+    counter: InFlight | None = getattr(_PER_THREAD, "in_flight", None)
+    if counter is None:
+        counter = _PER_THREAD.in_flight = InFlight()
+    return counter
 
 
 def loop_saturation() -> LoopSaturation:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from extproc.context import RequestContext, _deadline
 from extproc.observability.metrics import Registry
+from extproc.observability.saturation import InFlight
 from extproc.plugin import Continue, Headers, HealthState, HttpRequest, Reject, RequestHeaders
 from extproc.testing.context import make_plugin_context
 from extproc.testing.jwt import JwksServer, KeyPair, TokenFactory, make_ec_key, make_rsa_key
@@ -297,6 +298,16 @@ async def test_redis_second_tier_shares_validated_tokens(k1: KeyPair) -> None:
         b._saturation = lambda: 0.0
         assert isinstance(await b.on_request(event(fresh)), Continue)
         assert await _get_calls(redis) == reads + 1 and b.token_cache.tiered.l2_hits == 2
+        # nor in a burst the meter has not seen yet: more than 8 streams in flight
+        b.token_cache.l1.clear()
+        b._in_flight.count = 9
+        assert isinstance(await b.on_request(event(fresh)), Continue)
+        assert await _get_calls(redis) == reads + 1 and b.token_cache.tiered.l2_hits == 2
+        b.token_cache.l1.clear()
+        b._in_flight.count = 8
+        assert isinstance(await b.on_request(event(fresh)), Continue)
+        assert await _get_calls(redis) == reads + 2 and b.token_cache.tiered.l2_hits == 3
+        b._in_flight.count = 0
         # a stalled Redis costs at most its timeout, and the token is verified locally
         workers.redis_server.pause()
         try:
@@ -335,6 +346,7 @@ class _TwoWorkers:
             # the meter would read this test process's own CPU (pytest's thread is the
             # loop's): the tests assume spare CPU unless they say otherwise
             plugin._saturation = lambda: 0.0
+            plugin._in_flight = InFlight()  # its own: no other test's streams
             assert plugin.token_cache is not None
             self.made.append((plugin, ctx))
 

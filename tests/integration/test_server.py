@@ -284,6 +284,36 @@ async def test_graceful_stop_lets_open_streams_finish(tmp_path: Path) -> None:
         await asyncio.wait_for(stopping, 20)
 
 
+async def test_streams_in_flight_counts_the_worker_s_open_streams(tmp_path: Path) -> None:
+    """The count plugins read to tell a burst at once (jwt_auth skips its Redis tier past a
+    few): one per open stream, on both transports, back when each ends."""
+    from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as g
+    from extproc.observability.saturation import streams_in_flight
+
+    counter = streams_in_flight()
+    before = counter.count
+    async with (
+        running(write_config(tmp_path / "c.yaml")) as (_, target),
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        stub = g.ExternalProcessorStub(channel)
+        calls = [stub.Process() for _ in range(3)]
+        for call in calls:  # request headers answered; the streams stay open for more
+            req = pb.ProcessingRequest()
+            h = req.request_headers.headers.headers.add()
+            h.key, h.raw_value = ":path", b"/x"
+            await call.write(req)
+            assert (await call.read()).HasField("request_headers")
+        assert counter.count == before + 3
+        for call in calls:
+            call.cancel()
+        deadline = time.monotonic() + 5
+        while counter.count != before:
+            assert time.monotonic() < deadline, counter.count
+            await asyncio.sleep(0.01)
+
+
 async def test_watchdog_names_the_plugin_that_blocks_the_loop(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
