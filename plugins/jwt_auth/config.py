@@ -326,7 +326,7 @@ class TokenCacheConfig(PluginConfig):
     redis: bool = Field(
         True,
         description="use Redis as a second tier when one is configured (not read while the "
-        "worker's CPU is saturated or more than 8 streams are in flight: verifying here is "
+        "worker's CPU is saturated or other streams are in flight: verifying here is "
         "cheaper than waiting for the read)",
     )
     redis_prefix: str = Field("extproc:jwt:", max_length=64, description="Redis key prefix")

@@ -58,10 +58,11 @@ MAX_KID_LENGTH = 256
 _SIG_LEN = {"ES256": 64, "ES384": 96, "ES512": 132, "EdDSA": 64}
 #: header parameters we understand; anything listed in ``crit`` is refused (RFC 7515 4.1.11)
 _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
-#: the token cache's Redis tier is read only while at most this many streams are in flight in
-#: the worker: beyond, the read's answer waits behind their work (each up to ~0.5 ms of CPU
-#: on a slow machine), and verifying the token here is the cheaper and surer way
-_L2_MAX_IN_FLIGHT = 8
+#: the token cache's Redis tier is read only while at most this many streams (this one
+#: included) are in flight in the worker: with others, the read's answer waits behind their
+#: work and whatever arrives meanwhile (each up to ~0.5 ms of CPU on a slow machine), while
+#: verifying the token here takes tens of µs
+_L2_MAX_IN_FLIGHT = 1
 
 
 class _Provider:
@@ -360,8 +361,8 @@ class JwtAuthPlugin(Plugin):
             for p in candidates:
                 key = p.cache_prefix + digest
                 entry, due = cache.lookup(key, now)
-                # not on a saturated worker, nor in a burst the meter has not seen yet (many
-                # streams in flight): the read would wait behind all of them (past the hook's
+                # not on a saturated worker, nor beside other streams (a burst the meter has
+                # not seen yet): the read would wait behind all of them (past the hook's
                 # deadline: a 503 for a valid token) and costs more CPU than verifying the
                 # token here (tens of µs)
                 if (
