@@ -43,17 +43,19 @@ def test_only_the_sample_s_own_observations_count() -> None:
     assert b["wait_p99_us"] == pytest.approx(1000 + 9000 * 9 / 10)
 
 
-def test_requests_allowed_ahead_are_summed_over_rules() -> None:
+def test_requests_allowed_ahead_and_past_the_limit_are_summed_over_rules() -> None:
     ahead = "extproc_rate_limit_granted_ahead_total"
-    before = {**scrape([0.001], [1]), f'{ahead}{{rule="a"}}': 5.0}
+    over = "extproc_rate_limit_granted_ahead_over_limit_total"
+    before = {**scrape([0.001], [1]), f'{ahead}{{rule="a"}}': 5.0, f'{over}{{rule="a"}}': 3.0}
     after = {
         **scrape([0.001] * 11, [1, 10]),
         f'{ahead}{{rule="a"}}': 12.0,
         f'{ahead}{{rule="b"}}': 2.0,
-        'extproc_rate_limit_granted_ahead_over_limit_total{rule="a"}': 1.0,
+        f'{over}{{rule="a"}}': 7.0,
+        f'{over}{{rule="b"}}': 1.0,
     }
     b = _batching(before, after)
-    assert b is not None and b["ahead"] == 9
+    assert b is not None and b["ahead"] == 9 and b["over"] == 5
 
 
 def test_no_round_trip_in_the_sample_or_no_admin_port_gives_nothing() -> None:
@@ -118,19 +120,6 @@ async def test_the_scrape_keeps_what_the_tables_read() -> None:
     assert 'extproc_rate_limit_granted_ahead_total{rule="per_user"}' in kept
     assert 'extproc_rate_limit_granted_ahead_over_limit_total{rule="per_user"}' in kept
     assert not any(name.startswith("extproc_rate_limit_decisions") for name in kept)
-
-
-def test_requests_allowed_past_the_limit_are_summed_over_rules() -> None:
-    over = "extproc_rate_limit_granted_ahead_over_limit_total"
-    before = {**scrape([0.001], [1]), f'{over}{{rule="a"}}': 3.0}
-    after = {
-        **scrape([0.001] * 11, [1, 10]),
-        f'{over}{{rule="a"}}': 7.0,
-        f'{over}{{rule="b"}}': 1.0,
-        'extproc_rate_limit_granted_ahead_total{rule="a"}': 40.0,
-    }
-    b = _batching(before, after)
-    assert b is not None and b["over"] == 5 and b["ahead"] == 40
 
 
 def test_the_hot_key_table() -> None:
