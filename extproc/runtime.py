@@ -65,7 +65,7 @@ class Generation:
     retired: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = field(default_factory=time.time)
-
+    #: the worker's count of streams in flight, every generation's (plugins read it)
     in_flight: InFlight = field(default_factory=streams_in_flight)
 
     def pin(self) -> None:

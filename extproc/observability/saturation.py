@@ -132,9 +132,10 @@ class InFlight:
     runtime as streams start and end.
 
     The meter above needs a sample interval to see a burst begin; this count sees it at
-    once. A task that awaits I/O while many streams are in flight is resumed only after the
-    loop has worked through the others' ready events: with 64 in flight on a slow machine,
-    tens of milliseconds."""
+    once. A task that awaits I/O while other streams are in flight is resumed only after the
+    loop has worked through their ready events and whatever arrived meanwhile: on a busy
+    worker, tens of milliseconds. (Streams that wait for nothing start and end within one
+    callback, so even a saturated worker seldom has many in flight at once.)"""
 
     __slots__ = ("count",)
 
