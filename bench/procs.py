@@ -20,6 +20,7 @@ from pathlib import Path
 from extproc.testing.processes import stop_popen
 
 __all__ = [
+    "CLK_TCK",
     "SDK_PACKAGES",
     "Proc",
     "ProcError",
@@ -35,7 +36,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 SDK_VENV = BENCH_DIR / ".venvs" / "sdk"
 #: envoy-extproc-sdk 0.1.1 (2022) imports ``ddtrace.Span``, which ddtrace 3 removed
 SDK_PACKAGES = ("envoy-extproc-sdk==0.1.1", "grpcio-health-checking", "xds-protos", "ddtrace<3")
-_TICKS = os.sysconf("SC_CLK_TCK")
+#: /proc's unit of CPU time (USER_HZ), ticks per second
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class ProcError(RuntimeError):
@@ -67,7 +69,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
-    return total / _TICKS
+    return total / CLK_TCK
 
 
 def machine_ticks(stat: str | None = None) -> tuple[int, int, int]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.load import run_wrk
-from bench.procs import machine_ticks
+from bench.procs import CLK_TCK, machine_shares, machine_ticks
 from bench.run import others_paused
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
@@ -40,7 +40,6 @@ DEFAULT_SCENARIOS = (
     "extproc-jwt-rl-h2",
     "extproc-jwt-rl-w2-h2",
 )
-_TICKS = 100  # USER_HZ: /proc/stat's unit
 _DIGITS = re.compile(r"\d+")
 
 
@@ -159,9 +158,9 @@ def measure(
                     raise RuntimeError(f"{s.key}: errors: {result.statuses}")
                 groups = per_request(before, after, result.requests)
                 n = max(1, result.requests)
-                busy, idle, steal = (b - a for a, b in zip(ticks, ticks_after, strict=True))
-                rest = busy / _TICKS * 1e6 / n - sum(f[0] for f in groups.values())
-                share = idle / max(1, busy + idle + steal)
+                busy_s = (ticks_after[0] - ticks[0]) / CLK_TCK
+                rest = busy_s * 1e6 / n - sum(f[0] for f in groups.values())
+                share = machine_shares(ticks, ticks_after)["idle"]
                 samples.setdefault(s.key, []).append((s.key, result.rps, share, rest, groups))
                 print(f"  round {round_no + 1} {s.key:<24} {result.rps:8,.0f} req/s", flush=True)
     return [medians(runs) for runs in samples.values()]
