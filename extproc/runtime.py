@@ -18,7 +18,6 @@ from extproc.chain import Chain, Slot
 from extproc.config import LoadedConfig, instance_name
 from extproc.context import PluginContext, plugin_logger
 from extproc.observability.metrics import PluginMetrics, Registry
-from extproc.observability.saturation import InFlight, streams_in_flight
 from extproc.plugin import HealthState, HealthStatus, Plugin
 from extproc.rollout import make_gate
 from extproc.services.breaker import CircuitBreaker
@@ -65,17 +64,13 @@ class Generation:
     retired: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = field(default_factory=time.time)
-    #: the worker's count of streams in flight, every generation's (plugins read it)
-    in_flight: InFlight = field(default_factory=streams_in_flight)
 
     def pin(self) -> None:
         self.active += 1
-        self.in_flight.count += 1
         self.drained.clear()
 
     def release(self) -> None:
         self.active -= 1
-        self.in_flight.count -= 1
         if self.active == 0:
             self.drained.set()
 

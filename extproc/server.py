@@ -30,6 +30,7 @@ from extproc.health import SERVICE as HEALTH_GRPC_SERVICE
 from extproc.health import HealthService
 from extproc.observability.gcpause import GcPauses
 from extproc.observability.metrics import Registry
+from extproc.observability.saturation import streams_in_flight
 from extproc.observability.tracing import StreamSpan, StreamTracer
 from extproc.plugin import HealthState
 from extproc.protocol import codec
@@ -114,6 +115,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._remote = errors.labels("remote")
         self._local = errors.labels("local")
         self.open_streams = 0
+        #: the same count in the worker's :class:`InFlight`, where plugins read it
+        self._in_flight = streams_in_flight()
         self.streams_started = 0
         #: woken at each stream's start (it slows down while the worker is idle)
         self.watchdog: LoopLagWatchdog | None = None
@@ -128,6 +131,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return _NOTHING
         gen.pin()
         self.open_streams += 1
+        self._in_flight.count += 1
         self.streams_started += 1
         watchdog = self.watchdog
         if watchdog is not None and watchdog.idle:
@@ -207,6 +211,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 )
             self._ended[end].inc()
             self.open_streams -= 1
+            self._in_flight.count -= 1
             gen.release()
         # Envoy closed the stream first (or, in observability mode, nothing is answered): a
         # unary-response RPC still carries one message with its status, an empty

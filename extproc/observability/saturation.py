@@ -129,7 +129,7 @@ _PER_THREAD = threading.local()
 
 class InFlight:
     """The ext_proc streams this worker is serving now (every generation's), kept by the
-    runtime as streams start and end.
+    servicer as streams start and end, beside its own ``open_streams``.
 
     The meter above needs a sample interval to see a burst begin; this count sees it at
     once. A task that awaits I/O while other streams are in flight is resumed only after the
