@@ -52,16 +52,66 @@ def worker_addresses(listen: str, workers: int) -> list[str]:
     return [f"{host}:{int(port) + i}" for i in range(workers)]
 
 
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
-    """How many CPUs this process may use: the CPUs it may run on, or fewer when its cgroup
-    (v2, ``cpu.max``: quota and period in µs, as a container's CPU limit sets them) allows
-    less time than that."""
+def usable_cpus(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> float:
+    """How many CPUs this process may use: the CPUs it may run on, or fewer when a CPU quota
+    (a container's CPU limit) allows less time than that.
+
+    The quota is read from the process's own cgroup and each of its ancestors (the tightest
+    wins), under cgroup v2 (``cpu.max``) and under v1's ``cpu`` controller
+    (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``). A container with its own cgroup namespace
+    sees its cgroup as the mount's root, which is always read too."""
     cpus = float(len(os.sched_getaffinity(0)))
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, int(quota) / int(period))
+    for quota in _cpu_quotas(root, membership):
+        cpus = min(cpus, quota)
     return cpus
+
+
+def _cpu_quotas(root: Path, membership: Path) -> list[float]:
+    """Every CPU quota (in CPUs) set on the process's cgroup path, v2 and v1."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    v2_path, v1_path = "/", None
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            v2_path = path
+        elif "cpu" in controllers.split(","):
+            v1_path = path
+    quotas = [q for d in _up_from(root, v2_path) if (q := _read_v2(d)) is not None]
+    if v1_path is not None:
+        for mount in (root / "cpu", root / "cpu,cpuacct"):
+            if mount.is_dir():
+                quotas += [q for d in _up_from(mount, v1_path) if (q := _read_v1(d)) is not None]
+                break
+    return quotas
+
+
+def _up_from(mount: Path, path: str) -> list[Path]:
+    """``mount``/``path`` and each of its parents up to ``mount`` itself."""
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    return [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _read_v2(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _read_v1(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 else None  # -1: no quota
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def merge_metrics(texts: list[str]) -> str:

@@ -69,17 +69,62 @@ def test_workers_are_told_whether_to_watch_the_config(
     assert all(("--no-watch" in argv) is (not watch) for argv in started)
 
 
+def _membership(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "proc-self-cgroup"
+    path.write_text(text)
+    return path
+
+
 def test_usable_cpus_is_the_affinity_or_the_cgroup_quota_if_lower(tmp_path: Path) -> None:
     mine = float(len(os.sched_getaffinity(0)))
-    assert usable_cpus(tmp_path) == mine  # no cpu.max: not limited by a cgroup
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert usable_cpus(tmp_path) == mine
-    (tmp_path / "cpu.max").write_text("50000 100000\n")  # a container limited to half a CPU
-    assert usable_cpus(tmp_path) == 0.5
-    (tmp_path / "cpu.max").write_text(f"{int(mine + 2) * 100000} 100000\n")
-    assert usable_cpus(tmp_path) == mine  # a quota above the CPUs it may run on
-    (tmp_path / "cpu.max").write_text("garbage\n")
-    assert usable_cpus(tmp_path) == mine
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    alone = _membership(tmp_path, "0::/\n")
+    assert usable_cpus(root, alone) == mine  # no cpu.max: not limited by a cgroup
+    (root / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(root, alone) == mine
+    (root / "cpu.max").write_text("50000 100000\n")  # a container limited to half a CPU
+    assert usable_cpus(root, alone) == 0.5
+    (root / "cpu.max").write_text(f"{int(mine + 2) * 100000} 100000\n")
+    assert usable_cpus(root, alone) == mine  # a quota above the CPUs it may run on
+    (root / "cpu.max").write_text("garbage\n")
+    assert usable_cpus(root, alone) == mine
+    assert usable_cpus(root, tmp_path / "missing") == mine
+
+
+def test_usable_cpus_reads_the_process_cgroup_and_its_parents_v2(tmp_path: Path) -> None:
+    mine = float(len(os.sched_getaffinity(0)))
+    root = tmp_path / "cgroup"
+    leaf = root / "kubepods" / "pod1" / "app"
+    leaf.mkdir(parents=True)
+    member = _membership(tmp_path, "0::/kubepods/pod1/app\n")
+    (root / "kubepods" / "pod1" / "cpu.max").write_text("25000 100000\n")  # the pod's limit
+    (leaf / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(root, member) == 0.25  # a parent's limit binds its children
+    (leaf / "cpu.max").write_text("10000 100000\n")
+    assert usable_cpus(root, member) == 0.1  # the tightest wins
+    # a cgroup namespace: the path the process reports is not under the mount, whose root
+    # is the container's own cgroup
+    elsewhere = _membership(tmp_path, "0::/system.slice/docker-1.scope\n")
+    assert usable_cpus(root, elsewhere) == mine
+    (root / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(root, elsewhere) == min(mine, 1.5)
+
+
+@pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct"])
+def test_usable_cpus_reads_cgroup_v1_cfs_quota(tmp_path: Path, mount: str) -> None:
+    mine = float(len(os.sched_getaffinity(0)))
+    root = tmp_path / "cgroup"
+    leaf = root / mount / "docker" / "abc"
+    leaf.mkdir(parents=True)
+    member = _membership(tmp_path, "5:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n")
+    (leaf / "cpu.cfs_period_us").write_text("100000\n")
+    (leaf / "cpu.cfs_quota_us").write_text("-1\n")  # no quota
+    assert usable_cpus(root, member) == mine
+    (leaf / "cpu.cfs_quota_us").write_text("50000\n")
+    assert usable_cpus(root, member) == 0.5
+    (leaf / "cpu.cfs_quota_us").write_text("nonsense\n")
+    assert usable_cpus(root, member) == mine
 
 
 class _Spawned(Exception):
