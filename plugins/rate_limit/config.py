@@ -253,7 +253,8 @@ class BatchConfig(PluginConfig):
         default=10.0,
         description=(
             "longest a batch gathers when the worker's CPU is saturated (in proportion to how"
-            " saturated); with spare CPU a request waits at most in_flight_wait_ms for a round"
+            " saturated) and 4 or more streams are in flight in it; with spare CPU a request"
+            " waits at most in_flight_wait_ms for a round"
             " trip in flight and not at all when none is. A batch also waits for a free slot"
             " when max_in_flight round trips are out"
         ),

@@ -35,6 +35,7 @@ from extproc.context import (
     time_left,
 )
 from extproc.deadlines import loop_deadlines
+from extproc.observability.saturation import streams_in_flight
 from extproc.plugin import (
     CONTINUE,
     Continue,
@@ -320,6 +321,7 @@ class RateLimitPlugin(Plugin):
                         ledger.forget(batch)
                     raise
 
+            in_flight = streams_in_flight()
             self._batcher = Batcher(
                 send,
                 start=start if store.pipelined else None,
@@ -328,6 +330,7 @@ class RateLimitPlugin(Plugin):
                 max_in_flight=cfg.batch.max_in_flight,
                 in_flight_wait=cfg.batch.in_flight_wait_ms / 1000.0,
                 max_queue=cfg.batch.max_queue,
+                backlog=lambda: in_flight.count,
                 on_batch=self._batch_size.observe,
                 on_wait=self._batch_wait.observe,
                 on_drop=ledger.dropped if ledger is not None else None,

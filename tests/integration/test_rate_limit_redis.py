@@ -16,6 +16,7 @@ import pytest
 
 from extproc.context import PluginContext, RequestContext, _deadline
 from extproc.observability.metrics import Registry
+from extproc.observability.saturation import streams_in_flight
 from extproc.plugin import Continue, Headers, HealthState, HttpRequest, Reject, RequestHeaders
 from extproc.services.redis import make_redis
 from extproc.testing.context import make_plugin_context
@@ -374,6 +375,15 @@ async def test_batch_settings_reach_the_batcher(server: RedisServer, harness: Ha
     b = tuned._batcher
     assert b is not None
     assert (b.in_flight_wait, b.max_in_flight, b.max_batch) == (0.0, 4, 7)
+    # its backlog is the worker's streams in flight, as the servicer counts them
+    assert b._backlog is not None
+    in_flight = streams_in_flight()
+    before = in_flight.count
+    in_flight.count += 3
+    try:
+        assert b._backlog() == before + 3
+    finally:
+        in_flight.count -= 3
     # and requests go through it: over the pipe as callback-shaped round trips (no task)
     spawned = 0
     spawn = b._spawn

@@ -446,6 +446,31 @@ async def test_saturated_worker_gathers_for_the_window_with_nothing_in_flight() 
     assert loop.time() - started >= 0.015  # uvloop's clock has millisecond steps
 
 
+async def test_saturated_worker_without_a_backlog_sends_at_once() -> None:
+    """The meter reads saturated, but the worker keeps up (few requests in progress): a
+    window would only delay them. With a backlog it gathers as before."""
+    store = GatedStore(auto=True)
+    backlog = 7
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        saturation=saturated,
+        max_wait=0.02,
+        min_gather=0,
+        backlog=lambda: backlog,
+        min_backlog=8,
+    )
+    async with asyncio.timeout(0.015):  # well within the 20 ms window
+        assert await b.submit(1, FAR) == 10
+    assert b.window == 0.0 and b.saturation == 1.0
+    backlog = 8
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await b.submit(2, FAR) == 20
+    assert b.window == pytest.approx(0.02)
+    assert loop.time() - started >= 0.015
+    assert store.batches == [[1], [2]]
+
+
 async def test_saturated_worker_sends_a_full_batch_at_once() -> None:
     store = GatedStore(auto=True)
     b: Batcher[int, int] = Batcher(
