@@ -15,8 +15,10 @@ from typing import Final
 
 __all__ = [
     "ArrivalRate",
+    "CpuPressure",
     "InFlight",
     "LoopSaturation",
+    "cpu_pressure",
     "loop_saturation",
     "streams_in_flight",
     "thread_demand",
@@ -24,6 +26,8 @@ __all__ = [
 
 
 _SCHEDSTAT: Final = "/proc/thread-self/schedstat"
+#: the machine's CPU pressure (Linux PSI, 4.20+ with CONFIG_PSI)
+_PRESSURE: Final = "/proc/pressure/cpu"
 
 
 def _smoothed(previous: float, sample: float, elapsed: float, interval: float) -> float:
@@ -124,6 +128,62 @@ class ArrivalRate:
         return self.rate
 
 
+class CpuPressure:
+    """The share of wall time in which some task on the machine was ready to run and waited
+    for a CPU (Linux PSI, the ``some`` line of ``/proc/pressure/cpu``), in [0, 1]: sampled at
+    most every ``interval`` seconds when asked and smoothed, as :class:`LoopSaturation` is.
+
+    It sees the queue a worker's own signals miss. With several workers on a full machine
+    each one keeps up with what reaches it - its loop reads below saturated now and then,
+    and few of its streams are in flight - while Envoy and the load wait for a core
+    (measured on this project's 2-vCPU machine, closed loop, two grpc.aio workers: 0.54-0.77
+    in the middle 80 % of 50 ms samples; one worker or two at 1,000 req/s: 0.18-0.39; one
+    saturated worker, whose queue is its own loop's: 0.15-0.32). Reads 0 where PSI is not
+    available. It is the machine's (or, in a container, its host's) pressure: on a crowded
+    host it reads high for others' load too."""
+
+    def __init__(
+        self,
+        *,
+        interval: float = 0.05,
+        path: str = _PRESSURE,
+        wall_clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self.interval = interval
+        self._path = path
+        self._wall_clock = wall_clock
+        self._total = self._read()
+        #: whether PSI could be read at all (a kernel without it: always 0)
+        self.available = self._total is not None
+        self._wall = wall_clock()
+        self.share = 0.0
+
+    def _read(self) -> float | None:
+        """Seconds of ``some`` pressure so far (its ``total=`` is in microseconds)."""
+        try:
+            with open(self._path, "rb") as f:
+                line = f.readline()
+            return int(line.rpartition(b"total=")[2]) / 1e6 if line.startswith(b"some") else None
+        except (OSError, ValueError):
+            return None
+
+    def __call__(self) -> float:
+        if self._total is None:
+            return 0.0
+        wall = self._wall_clock()
+        elapsed = wall - self._wall
+        if elapsed >= self.interval:
+            total = self._read()
+            if total is None:
+                return self.share
+            share = min(1.0, max(0.0, (total - self._total) / elapsed))
+            self.share = _smoothed(self.share, share, elapsed, self.interval)
+            self._total, self._wall = total, wall
+        return self.share
+
+
 _PER_THREAD = threading.local()
 
 
@@ -158,4 +218,12 @@ def loop_saturation() -> LoopSaturation:
     meter: LoopSaturation | None = getattr(_PER_THREAD, "meter", None)
     if meter is None:
         meter = _PER_THREAD.meter = LoopSaturation()
+    return meter
+
+
+def cpu_pressure() -> CpuPressure:
+    """The calling thread's :class:`CpuPressure`, made on first use (one per worker loop)."""
+    meter: CpuPressure | None = getattr(_PER_THREAD, "pressure", None)
+    if meter is None:
+        meter = _PER_THREAD.pressure = CpuPressure()
     return meter

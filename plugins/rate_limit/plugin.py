@@ -35,7 +35,7 @@ from extproc.context import (
     time_left,
 )
 from extproc.deadlines import loop_deadlines
-from extproc.observability.saturation import streams_in_flight
+from extproc.observability.saturation import cpu_pressure, streams_in_flight
 from extproc.plugin import (
     CONTINUE,
     Continue,
@@ -331,6 +331,7 @@ class RateLimitPlugin(Plugin):
                 in_flight_wait=cfg.batch.in_flight_wait_ms / 1000.0,
                 max_queue=cfg.batch.max_queue,
                 backlog=lambda: in_flight.count,
+                pressure=cpu_pressure(),
                 on_batch=self._batch_size.observe,
                 on_wait=self._batch_wait.observe,
                 on_drop=ledger.dropped if ledger is not None else None,
@@ -422,6 +423,9 @@ class RateLimitPlugin(Plugin):
             # ... sized by the worker's saturation as last read, and kept only at an arrival
             # rate that fills it with company
             out["batch_saturation"] = self._batcher.saturation
+            # ... and, when few streams are in flight in this worker, opened only while the
+            # machine's CPU is under pressure (PSI share; 0 where the kernel has none)
+            out["cpu_pressure"] = cpu_pressure().share
             out["arrival_rate"] = self._batcher.arrival_rate
         return out
 

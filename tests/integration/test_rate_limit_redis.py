@@ -16,7 +16,7 @@ import pytest
 
 from extproc.context import PluginContext, RequestContext, _deadline
 from extproc.observability.metrics import Registry
-from extproc.observability.saturation import streams_in_flight
+from extproc.observability.saturation import cpu_pressure, streams_in_flight
 from extproc.plugin import Continue, Headers, HealthState, HttpRequest, Reject, RequestHeaders
 from extproc.services.redis import make_redis
 from extproc.testing.context import make_plugin_context
@@ -162,8 +162,10 @@ async def test_exact_under_concurrency_in_few_round_trips(
     assert samples["extproc_rate_limit_batch_size_count"] == trips
     # and what sized the batches, in /status: the window, the saturation read, the rate
     status = plugin.metrics()
-    assert {"batch_window_ms", "batch_saturation", "arrival_rate", "in_flight"} <= set(status)
+    keys = {"batch_window_ms", "batch_saturation", "cpu_pressure", "arrival_rate", "in_flight"}
+    assert keys <= set(status)
     assert 0.0 <= status["batch_saturation"] <= 1.0
+    assert 0.0 <= status["cpu_pressure"] <= 1.0
     # the window is the saturation x max_wait_ms (10), or 0 when the rate brings no company
     window = status["batch_window_ms"]
     assert window == 0.0 or window == pytest.approx(status["batch_saturation"] * 10.0)
@@ -384,6 +386,8 @@ async def test_batch_settings_reach_the_batcher(server: RedisServer, harness: Ha
         assert b._backlog() == before + 3
     finally:
         in_flight.count -= 3
+    # and, without a backlog, the machine's CPU pressure (one meter per worker loop)
+    assert b._pressure is cpu_pressure()
     # and requests go through it: over the pipe as callback-shaped round trips (no task)
     spawned = 0
     spawn = b._spawn

@@ -6,10 +6,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from extproc.observability.saturation import LoopSaturation, loop_saturation, thread_demand
+from extproc.observability.saturation import (
+    CpuPressure,
+    LoopSaturation,
+    cpu_pressure,
+    loop_saturation,
+    thread_demand,
+)
 
 
 class FakeClocks:
@@ -70,3 +77,53 @@ def test_one_shared_meter_per_thread() -> None:
     thread.start()
     thread.join()
     assert other and other[0] is not mine  # a thread's clock is its own
+
+
+def _psi(path: Path, some_us: int) -> None:
+    path.write_text(
+        f"some avg10=1.00 avg60=2.00 avg300=3.00 total={some_us}\n"
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    )
+
+
+def test_cpu_pressure_is_the_smoothed_share_of_time_some_task_waited(tmp_path: Path) -> None:
+    psi = tmp_path / "cpu"
+    _psi(psi, 5_000_000)
+    wall = [0.0]
+    meter = CpuPressure(interval=0.05, path=str(psi), wall_clock=lambda: wall[0])
+    assert meter.available and meter() == 0.0
+    wall[0] += 0.3
+    _psi(psi, 5_000_000 + 240_000)  # 0.24 s of 0.3: a first sample after a quiet spell
+    assert meter() == pytest.approx(0.8)
+    wall[0] += 0.1
+    _psi(psi, 5_240_000 + 40_000)
+    assert meter() == pytest.approx((0.8 + 0.4) / 2)  # smoothed with the last value
+    wall[0] += 0.01
+    _psi(psi, 9_999_999_999)
+    assert meter() == pytest.approx(0.6)  # within the interval: the file is not read
+    wall[0] += 1.0
+    _psi(psi, 5_280_000)
+    assert meter() == 0.0  # no task waited for a second: 0 at once, not averaged
+
+
+def test_cpu_pressure_reads_zero_without_psi(tmp_path: Path) -> None:
+    missing = CpuPressure(path=str(tmp_path / "absent"), wall_clock=lambda: 1e9)
+    assert not missing.available and missing() == 0.0
+    garbage = tmp_path / "garbage"
+    garbage.write_text("full avg10=0.00 total=12\n")  # no "some" line first: not PSI
+    wall = [0.0]
+    meter = CpuPressure(path=str(garbage), wall_clock=lambda: wall[0])
+    wall[0] += 1.0
+    assert not meter.available and meter() == 0.0
+    with pytest.raises(ValueError, match="interval"):
+        CpuPressure(interval=0.0)
+
+
+def test_one_shared_pressure_meter_per_thread() -> None:
+    mine = cpu_pressure()
+    assert cpu_pressure() is mine
+    other: list[CpuPressure] = []
+    thread = threading.Thread(target=lambda: other.append(cpu_pressure()))
+    thread.start()
+    thread.join()
+    assert other and other[0] is not mine

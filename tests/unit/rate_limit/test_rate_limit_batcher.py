@@ -471,6 +471,32 @@ async def test_saturated_worker_without_a_backlog_sends_at_once() -> None:
     assert store.batches == [[1], [2]]
 
 
+async def test_without_a_backlog_a_machine_under_cpu_pressure_still_gathers() -> None:
+    """Several workers on a full machine each keep up with what reaches them (few streams
+    in flight) while others wait for a core: the window opens on the machine's pressure."""
+    store = GatedStore(auto=True)
+    pressure = 0.49
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        saturation=saturated,
+        max_wait=0.02,
+        min_gather=0,
+        backlog=lambda: 1,
+        pressure=lambda: pressure,
+        min_pressure=0.5,
+    )
+    async with asyncio.timeout(0.015):
+        assert await b.submit(1, FAR) == 10
+    assert b.window == 0.0
+    pressure = 0.5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await b.submit(2, FAR) == 20
+    assert b.window == pytest.approx(0.02)
+    assert loop.time() - started >= 0.015
+    assert store.batches == [[1], [2]]
+
+
 async def test_saturated_worker_sends_a_full_batch_at_once() -> None:
     store = GatedStore(auto=True)
     b: Batcher[int, int] = Batcher(
