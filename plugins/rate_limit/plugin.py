@@ -424,7 +424,8 @@ class RateLimitPlugin(Plugin):
             # rate that fills it with company
             out["batch_saturation"] = self._batcher.saturation
             # ... and, when few streams are in flight in this worker, opened only while the
-            # machine's CPU is under pressure (PSI share; 0 where the kernel has none)
+            # machine's CPU is under pressure (PSI share as last read: it is read only when
+            # such a window would open; 0 where the kernel has no PSI)
             out["cpu_pressure"] = cpu_pressure().share
             out["arrival_rate"] = self._batcher.arrival_rate
         return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,15 @@ def test_thread_demand_counts_the_time_this_thread_runs() -> None:
     assert thread_demand() - before >= ran * 0.8
 
 
-def test_one_shared_meter_per_thread() -> None:
-    mine = loop_saturation()
-    assert loop_saturation() is mine
-    other: list[LoopSaturation] = []
-    thread = threading.Thread(target=lambda: other.append(loop_saturation()))
+@pytest.mark.parametrize("shared", [loop_saturation, cpu_pressure])
+def test_one_shared_meter_per_thread(shared: Callable[[], object]) -> None:
+    mine = shared()
+    assert shared() is mine
+    other: list[object] = []
+    thread = threading.Thread(target=lambda: other.append(shared()))
     thread.start()
     thread.join()
-    assert other and other[0] is not mine  # a thread's clock is its own
+    assert other and other[0] is not mine  # each worker loop's thread has its own
 
 
 def _psi(path: Path, some_us: int) -> None:
@@ -117,13 +119,3 @@ def test_cpu_pressure_reads_zero_without_psi(tmp_path: Path) -> None:
     assert not meter.available and meter() == 0.0
     with pytest.raises(ValueError, match="interval"):
         CpuPressure(interval=0.0)
-
-
-def test_one_shared_pressure_meter_per_thread() -> None:
-    mine = cpu_pressure()
-    assert cpu_pressure() is mine
-    other: list[CpuPressure] = []
-    thread = threading.Thread(target=lambda: other.append(cpu_pressure()))
-    thread.start()
-    thread.join()
-    assert other and other[0] is not mine
