@@ -128,10 +128,11 @@ class ArrivalRate:
         return self.rate
 
 
-class CpuPressure:
+class CpuPressure(LoopSaturation):
     """The share of wall time in which some task on the machine was ready to run and waited
-    for a CPU (Linux PSI, the ``some`` line of ``/proc/pressure/cpu``), in [0, 1]: sampled at
-    most every ``interval`` seconds when asked and smoothed, as :class:`LoopSaturation` is.
+    for a CPU (Linux PSI, the ``some`` line of ``/proc/pressure/cpu``), in [0, 1]: the same
+    sampling and smoothing as :class:`LoopSaturation`, on the pressure's total instead of the
+    thread's demand, mapped 1:1 (``low`` 0, ``high`` 1).
 
     It sees the queue a worker's own signals miss. With several workers on a full machine
     each one keeps up with what reaches it - its loop reads below saturated now and then,
@@ -149,16 +150,18 @@ class CpuPressure:
         path: str = _PRESSURE,
         wall_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if interval <= 0:
-            raise ValueError("interval must be > 0")
-        self.interval = interval
         self._path = path
-        self._wall_clock = wall_clock
         self._total = self._read()
-        #: whether PSI could be read at all (a kernel without it: always 0)
+        #: whether PSI could be read at all (a kernel without it: always 0, no file read)
         self.available = self._total is not None
-        self._wall = wall_clock()
-        self.share = 0.0
+        super().__init__(
+            interval=interval, low=0.0, high=1.0, cpu_clock=self._clock, wall_clock=wall_clock
+        )
+
+    @property
+    def share(self) -> float:
+        """The pressure as last read (0 .. 1)."""
+        return self.level
 
     def _read(self) -> float | None:
         """Seconds of ``some`` pressure so far (its ``total=`` is in microseconds)."""
@@ -169,19 +172,11 @@ class CpuPressure:
         except (OSError, ValueError):
             return None
 
-    def __call__(self) -> float:
-        if self._total is None:
-            return 0.0
-        wall = self._wall_clock()
-        elapsed = wall - self._wall
-        if elapsed >= self.interval:
-            total = self._read()
-            if total is None:
-                return self.share
-            share = min(1.0, max(0.0, (total - self._total) / elapsed))
-            self.share = _smoothed(self.share, share, elapsed, self.interval)
-            self._total, self._wall = total, wall
-        return self.share
+    def _clock(self) -> float:
+        """The total as a clock for the sampler: the last good reading when one fails."""
+        if self.available and (total := self._read()) is not None:
+            self._total = total
+        return self._total or 0.0
 
 
 _PER_THREAD = threading.local()
