@@ -20,6 +20,7 @@ __all__ = [
     "LoopSaturation",
     "cpu_pressure",
     "loop_saturation",
+    "pressure_path",
     "streams_in_flight",
     "thread_demand",
 ]
@@ -28,6 +29,8 @@ __all__ = [
 _SCHEDSTAT: Final = "/proc/thread-self/schedstat"
 #: the machine's CPU pressure (Linux PSI, 4.20+ with CONFIG_PSI)
 _PRESSURE: Final = "/proc/pressure/cpu"
+#: a cgroup's own CPU pressure, in its cgroup v2 directory (Linux 5.2+)
+_CGROUP_PRESSURE: Final = "cpu.pressure"
 
 
 def _smoothed(previous: float, sample: float, elapsed: float, interval: float) -> float:
@@ -128,9 +131,66 @@ class ArrivalRate:
         return self.rate
 
 
+def _psi_total(path: str) -> float | None:
+    """Seconds of ``some`` pressure so far in a PSI file (its ``total=`` is in
+    microseconds); ``None`` when it cannot be read or is not PSI."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()
+        return int(line.rpartition(b"total=")[2]) / 1e6 if line.startswith(b"some") else None
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_dir(cgroup: str, mountinfo: str) -> str | None:
+    """This process's cgroup v2 directory: its path in ``cgroup`` (``/proc/self/cgroup``,
+    the ``0::`` line) under the cgroup2 mount of ``mountinfo`` (``/proc/self/mountinfo``)
+    that holds it; ``None`` without cgroup v2 or when the mount does not show it."""
+    try:
+        with open(cgroup, encoding="utf-8") as f:
+            path = next((ln[3:].strip() for ln in f if ln.startswith("0::")), None)
+        with open(mountinfo, encoding="utf-8") as f:
+            mounts = [ln.split() for ln in f]
+    except (OSError, UnicodeDecodeError):
+        return None
+    if path is None:
+        return None
+    for fields in mounts:
+        # id parent dev root mountpoint options [optional...] - fstype source superoptions
+        if "-" not in fields[6:] or len(fields) < 5:
+            continue
+        if fields[fields.index("-", 6) + 1] != "cgroup2":
+            continue
+        root, point = (f.replace("\\040", " ") for f in fields[3:5])
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            return point.rstrip("/") + "/" + path[len(root) :].strip("/")
+    return None
+
+
+def pressure_path(
+    cgroup: str = "/proc/self/cgroup",
+    mountinfo: str = "/proc/self/mountinfo",
+    machine: str = _PRESSURE,
+) -> str:
+    """The CPU pressure file that describes this process: its own cgroup's
+    ``cpu.pressure`` where cgroup v2 gives it one (a container, a systemd service, a
+    Kubernetes pod's container), else the machine's ``/proc/pressure/cpu``. A cgroup's
+    pressure counts only its own tasks' waits for a core - whoever else keeps the cores
+    busy - so a worker in a container on a crowded host reads its own queue, not the
+    host's. (In the root cgroup the two are the same: kernels that give it the file show the
+    machine's pressure there.)"""
+    directory = _cgroup_dir(cgroup, mountinfo)
+    if directory is not None:
+        own = directory.rstrip("/") + "/" + _CGROUP_PRESSURE
+        if _psi_total(own) is not None:
+            return own
+    return machine
+
+
 class CpuPressure(LoopSaturation):
-    """The share of wall time in which some task on the machine was ready to run and waited
-    for a CPU (Linux PSI, the ``some`` line of ``/proc/pressure/cpu``), in [0, 1]: the same
+    """The share of wall time in which some task was ready to run and waited for a CPU
+    (Linux PSI, the ``some`` line of :func:`pressure_path`: this process's cgroup's
+    ``cpu.pressure``, else the machine's ``/proc/pressure/cpu``), in [0, 1]: the same
     sampling and smoothing as :class:`LoopSaturation`, on the pressure's total instead of the
     thread's demand, mapped 1:1 (``low`` 0, ``high`` 1).
 
@@ -139,18 +199,19 @@ class CpuPressure(LoopSaturation):
     and few of its streams are in flight - while Envoy and the load wait for a core
     (measured on this project's 2-vCPU machine, closed loop, two grpc.aio workers: 0.54-0.77
     in the middle 80 % of 50 ms samples; one worker or two at 1,000 req/s: 0.18-0.39; one
-    saturated worker, whose queue is its own loop's: 0.15-0.32). Reads 0 where PSI is not
-    available. It is the machine's (or, in a container, its host's) pressure: on a crowded
-    host it reads high for others' load too."""
+    saturated worker, whose queue is its own loop's: 0.15-0.32; read from the machine's
+    file, the process being in the root cgroup there). Reads 0 where PSI is not available.
+    ``path`` (default: :func:`pressure_path`, found once) names the file read."""
 
     def __init__(
         self,
         *,
         interval: float = 0.05,
-        path: str = _PRESSURE,
+        path: str | None = None,
         wall_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._path = path
+        #: the PSI file read: a cgroup's ``cpu.pressure`` or ``/proc/pressure/cpu``
+        self.path = path if path is not None else pressure_path()
         self._total = self._read()
         #: whether PSI could be read at all (a kernel without it: always 0, no file read)
         self.available = self._total is not None
@@ -164,13 +225,7 @@ class CpuPressure(LoopSaturation):
         return self.level
 
     def _read(self) -> float | None:
-        """Seconds of ``some`` pressure so far (its ``total=`` is in microseconds)."""
-        try:
-            with open(self._path, "rb") as f:
-                line = f.readline()
-            return int(line.rpartition(b"total=")[2]) / 1e6 if line.startswith(b"some") else None
-        except (OSError, ValueError):
-            return None
+        return _psi_total(self.path)
 
     def _clock(self) -> float:
         """The total as a clock for the sampler: the last good reading when one fails."""

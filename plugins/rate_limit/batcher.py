@@ -35,17 +35,19 @@
   against the commit before in the same rounds: added p99 3.5 against 6.7 ms (lower in 5
   of 6 rounds), req/s at saturation 1.00x, Redis round trips per request at saturation
   0.060 against 0.053. A threshold of 8 doubled those round trips (0.119 against 0.053).
-* ... or, without that backlog, while the machine's CPU is under pressure (``pressure``:
+* ... or, without that backlog, while the CPU is under pressure (``pressure``:
   :class:`~extproc.observability.saturation.CpuPressure`, at least ``min_pressure``, 0.5 by
-  default): some task waits for a core most of the time. Several workers on a full machine
-  each keep up with what reaches them (few streams in flight in each) while Envoy and the
-  load queue for the CPU; the backlog rule alone took two grpc.aio workers at saturation
-  from 0.36 to 0.57 Redis round trips per request (2.8 to 1.8 requests per round trip) at
-  0.92x req/s (2026-12-06 20:21, against the commit before it). With this exception,
-  against the backlog rule alone in the same rounds (20:27): 0.39 against 0.57, 1.09x req/s;
-  one grpc.aio worker 0.99x and http2 1.00x (20:32, 6 rounds), their batching at 1,000
-  req/s the same (no window: the batcher's wait p99 0.2-0.5 ms on both sides). PSI at 1,000
-  req/s, one worker or two, read 0.18-0.39; two saturated workers 0.54-0.77.
+  default): some task waits for a core most of the time - of the sidecar's cgroup where
+  cgroup v2 gives it its own pressure (a container), else of the machine. Several workers
+  on a full machine each keep up with what reaches them (few streams in flight in each)
+  while Envoy and the load queue for the CPU; the backlog rule alone took two grpc.aio
+  workers at saturation from 0.36 to 0.57 Redis round trips per request (2.8 to 1.8
+  requests per round trip) at 0.92x req/s (2026-12-06 20:21, against the commit before
+  it). With this exception, against the backlog rule alone in the same rounds (20:27): 0.39
+  against 0.57, 1.09x req/s; one grpc.aio worker 0.99x and http2 1.00x (20:32, 6 rounds),
+  their batching at 1,000 req/s the same (no window: the batcher's wait p99 0.2-0.5 ms on
+  both sides). PSI at 1,000 req/s, one worker or two, read 0.18-0.39; two saturated
+  workers 0.54-0.77 (the machine's, the bench's processes sharing its root cgroup).
 * A full queue refuses the request (:class:`QueueFullError`, counted in ``dropped``) instead of
   growing: the caller applies its failure policy.
 * ``flush`` / ``close`` wait (bounded) for queued and in-flight batches.
@@ -167,8 +169,9 @@ class Batcher(Generic[T, R]):
         #: gathers only while at least ``min_backlog`` are (None: no such check)
         self._backlog = backlog
         self.min_backlog = min_backlog
-        #: the machine's CPU pressure (0 .. 1): without a backlog, a saturated window still
-        #: gathers while it is at least ``min_pressure`` (None: no such exception)
+        #: the CPU pressure (0 .. 1; the cgroup's, else the machine's): without a backlog, a
+        #: saturated window still gathers while it is at least ``min_pressure`` (None: no such
+        #: exception)
         self._pressure = pressure
         self.min_pressure = min_pressure
         self._on_batch = on_batch

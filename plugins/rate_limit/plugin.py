@@ -352,6 +352,8 @@ class RateLimitPlugin(Plugin):
             if self._redis
             else "local",
             ", grant_ahead" if self._ledger is not None else "",
+            # the batcher's CPU pressure: the sidecar's cgroup's own, else the machine's
+            extra={"cpu_pressure_file": cpu_pressure().path} if self._batcher else {},
         )
 
     def _bind_metrics(self, context: PluginContext) -> None:
@@ -424,8 +426,8 @@ class RateLimitPlugin(Plugin):
             # rate that fills it with company
             out["batch_saturation"] = self._batcher.saturation
             # ... and, when few streams are in flight in this worker, opened only while the
-            # machine's CPU is under pressure (PSI share as last read: it is read only when
-            # such a window would open; 0 where the kernel has no PSI)
+            # CPU is under pressure (PSI share as last read, of the sidecar's cgroup, else of
+            # the machine: it is read only when such a window would open; 0 without PSI)
             out["cpu_pressure"] = cpu_pressure().share
             out["arrival_rate"] = self._batcher.arrival_rate
         return out

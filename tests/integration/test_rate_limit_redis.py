@@ -16,7 +16,7 @@ import pytest
 
 from extproc.context import PluginContext, RequestContext, _deadline
 from extproc.observability.metrics import Registry
-from extproc.observability.saturation import cpu_pressure, streams_in_flight
+from extproc.observability.saturation import cpu_pressure, pressure_path, streams_in_flight
 from extproc.plugin import Continue, Headers, HealthState, HttpRequest, Reject, RequestHeaders
 from extproc.services.redis import make_redis
 from extproc.testing.context import make_plugin_context
@@ -140,8 +140,9 @@ async def settled_count(server: RedisServer, key: str, quiet: float = 0.15) -> i
 
 @pytest.mark.parametrize("algorithm", ["fixed_window", "gcra"])
 async def test_exact_under_concurrency_in_few_round_trips(
-    server: RedisServer, harness: Harness, algorithm: str
+    server: RedisServer, harness: Harness, algorithm: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="extproc.plugin.rate_limit")
     # fail closed and a long Redis timeout: a fallback would show as a 503, never as a grant
     cfg = config(algorithm, limit=100, fail="closed", redis_timeout_ms=1000)
     registry = Registry()
@@ -166,6 +167,9 @@ async def test_exact_under_concurrency_in_few_round_trips(
     assert keys <= set(status)
     assert 0.0 <= status["batch_saturation"] <= 1.0
     assert 0.0 <= status["cpu_pressure"] <= 1.0
+    # ... whose file the ready line names: the sidecar's cgroup's own, else the machine's
+    ready = next(r for r in caplog.records if r.getMessage().startswith("rate_limit ready"))
+    assert ready.cpu_pressure_file == pressure_path()  # type: ignore[attr-defined]
     # the window is the saturation x max_wait_ms (10), or 0 when the rate brings no company
     window = status["batch_window_ms"]
     assert window == 0.0 or window == pytest.approx(status["batch_saturation"] * 10.0)

@@ -16,6 +16,7 @@ from extproc.observability.saturation import (
     LoopSaturation,
     cpu_pressure,
     loop_saturation,
+    pressure_path,
     thread_demand,
 )
 
@@ -119,3 +120,59 @@ def test_cpu_pressure_reads_zero_without_psi(tmp_path: Path) -> None:
     assert not meter.available and meter() == 0.0
     with pytest.raises(ValueError, match="interval"):
         CpuPressure(interval=0.0)
+
+
+def _proc(tmp_path: Path, cgroup: str, mounts: list[str]) -> tuple[str, str]:
+    """A ``/proc/self/cgroup`` and ``/proc/self/mountinfo`` of our own, in ``tmp_path``."""
+    (tmp_path / "cgroup").write_text(cgroup)
+    (tmp_path / "mountinfo").write_text("".join(m + "\n" for m in mounts))
+    return str(tmp_path / "cgroup"), str(tmp_path / "mountinfo")
+
+
+def _mount(root: str, point: Path | str, fstype: str = "cgroup2") -> str:
+    return f"41 31 0:38 {root} {point} rw,nosuid shared:9 - {fstype} {fstype} rw"
+
+
+def test_pressure_path_prefers_the_cgroups_own_cpu_pressure(tmp_path: Path) -> None:
+    machine = tmp_path / "machine"
+    _psi(machine, 1)
+    # a container with its own cgroup namespace: "0::/", the mount's root is its cgroup
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    _psi(fs / "cpu.pressure", 7)
+    mounts = [_mount("/", tmp_path / "proc", "proc"), _mount("/", fs)]
+    files = _proc(tmp_path, "0::/\n", mounts)
+    assert pressure_path(*files, machine=str(machine)) == f"{fs}/cpu.pressure"
+    meter = CpuPressure(path=pressure_path(*files, machine=str(machine)))
+    assert meter.available and meter.path == f"{fs}/cpu.pressure"
+    # the host's namespace, a hybrid mount: the cgroup's path below the mount point
+    nested = tmp_path / "unified" / "kubepods.slice" / "pod 1"
+    nested.mkdir(parents=True)
+    _psi(nested / "cpu.pressure", 9)
+    mounts = [
+        "25 1 0:22 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu",  # v1: not read
+        _mount("/", str(tmp_path / "unified").replace(" ", "\\040")),
+    ]
+    files = _proc(tmp_path, "4:memory:/x\n0::/kubepods.slice/pod 1\n", mounts)
+    assert pressure_path(*files, machine=str(machine)) == f"{nested}/cpu.pressure"
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "why"),
+    [
+        ("0::/\n", "the root cgroup has no cpu.pressure"),
+        ("1:cpu:/\n", "cgroup v1 only: no 0:: line"),
+        ("0::/elsewhere\n", "no cgroup2 mount holds the path"),
+        ("0::/bad\n", "the cgroup's file is not PSI (pressure turned off)"),
+    ],
+)
+def test_pressure_path_falls_back_to_the_machines(tmp_path: Path, cgroup: str, why: str) -> None:
+    machine = tmp_path / "machine"
+    _psi(machine, 1)
+    fs = tmp_path / "fs"
+    (fs / "bad").mkdir(parents=True)
+    (fs / "bad" / "cpu.pressure").write_text("")  # what a read that fails leaves
+    mounts = [_mount("/", fs) if "elsewhere" not in cgroup else _mount("/other", fs)]
+    files = _proc(tmp_path, cgroup, mounts)
+    assert pressure_path(*files, machine=str(machine)) == str(machine), why
+    assert pressure_path(str(tmp_path / "absent"), files[1], machine="m") == "m"
