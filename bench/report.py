@@ -348,8 +348,10 @@ def _latency_table(settings: Mapping[str, Any], summary: Mapping[str, Any]) -> l
         f"{settings['latency_duration_s']} s)",
         "",
         "Measured from each request's scheduled send time (a stall is charged to every "
-        "request it delays); the generator is Python (asyncio + uvloop): its own cost is "
-        "in every row alike, so read the *added* column. *Machine busy* and *steal*: the "
+        "request it delays), by a Python generator of two threads (a sender on precise "
+        "sleeps, never early, and a receiver on epoll; its own lateness in sending is "
+        "`send_late_p50_ms` / `_p99_ms` in the JSON): its own cost is in every row alike, "
+        "so read the *added* column. *Machine busy* and *steal*: the "
         "whole machine's CPU time (both cores, /proc/stat) while the row ran, busy and "
         "taken by the hypervisor (medians over rounds): a tail measured on a crowded or "
         "starved machine says more about the machine than about the sidecar. *Middle half*: "
