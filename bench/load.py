@@ -106,7 +106,7 @@ def run_wrk(
 # every connection at once (epoll), reads the replies and takes each one's latency from its
 # request's scheduled time. Both release the GIL while they wait, so neither delays the
 # other by more than one reply's parsing. (The asyncio generator before this sent on uvloop
-# timers, which count whole milliseconds: its own sends were up to 0.5 ms early and 1 ms
+# timers, which count whole milliseconds: its own sends were up to 0.8 ms early and 1 ms
 # late, about as much as the tail it was measuring.)
 
 _REPLY_TIMEOUT_S: Final = 5.0
