@@ -190,21 +190,28 @@ def _run_open_loop(
             poller.register(c.sock.fileno(), select.EPOLLIN)
     sending = True
 
-    def replace(t: _Target, c: _Conn) -> _Conn:
-        """Close ``c``, open its successor (caller holds ``lock``)."""
+    def replace(t: _Target, c: _Conn) -> _Conn | None:
+        """Close ``c``, open its successor (caller holds ``lock``); ``None`` when the server
+        refuses it: the run goes on with one connection fewer."""
         fd = c.sock.fileno()
         poller.unregister(fd)
         del owner[fd]
         c.sock.close()
-        n = _Conn(t.port)
+        try:
+            n = _Conn(t.port)
+        except OSError:
+            t.conns.remove(c)
+            return None
         t.conns[t.conns.index(c)] = n
         owner[n.sock.fileno()] = (t, n)
         poller.register(n.sock.fileno(), select.EPOLLIN)
         return n
 
-    def done_with(t: _Target, c: _Conn) -> None:
+    def done_with(t: _Target, c: _Conn | None) -> None:
         """``c`` is free again: it takes the oldest queued request, or goes back to the pool
         (caller holds ``lock``)."""
+        if c is None:
+            return
         c.scheduled = None
         if t.backlog:
             scheduled, i = t.backlog.popleft()
@@ -219,7 +226,7 @@ def _run_open_loop(
     def receive() -> None:
         while True:
             with lock:
-                if not sending and all(t.idle() for t in tgts):
+                if not sending and all(t.idle() or not t.conns for t in tgts):
                     return
             events = poller.poll(0.05)
             now = clock()
@@ -264,7 +271,9 @@ def _run_open_loop(
                 time.sleep(delay)
             with lock:
                 for t in tgts:
-                    if t.free:
+                    if not t.conns:  # the server refused every new connection
+                        t.socket_errors += 1
+                    elif t.free:
                         c = t.free.popleft()
                         try:
                             t.send(c, scheduled, i, clock)
@@ -278,6 +287,8 @@ def _run_open_loop(
             sending = False
         receiver.join(timeout=_REPLY_TIMEOUT_S + 5)
         for t in tgts:
+            # requests that never got a connection, or an answer: socket errors too
+            t.socket_errors += len(t.backlog) + sum(c.scheduled is not None for c in t.conns)
             for c in t.conns:
                 c.sock.close()
         poller.close()

@@ -157,9 +157,7 @@ def _cgroup_dir(cgroup: str, mountinfo: str) -> str | None:
         return None
     for fields in mounts:
         # id parent dev root mountpoint options [optional...] - fstype source superoptions
-        if "-" not in fields[6:] or len(fields) < 5:
-            continue
-        if fields[fields.index("-", 6) + 1] != "cgroup2":
+        if "-" not in fields[6:-1] or fields[fields.index("-", 6) + 1] != "cgroup2":
             continue
         root, point = (f.replace("\\040", " ") for f in fields[3:5])
         if path == root or path.startswith(root.rstrip("/") + "/"):

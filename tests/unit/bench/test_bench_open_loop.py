@@ -97,6 +97,23 @@ def test_errors_and_closed_connections(port: int) -> None:
     assert result.errors(frozenset({"200"})) == 20  # the 500s and the drops
 
 
+def test_a_server_that_goes_away_gives_errors_not_a_crash() -> None:
+    server = _Server(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()  # new connections are refused from here on
+
+    threading.Timer(0.1, stop).start()
+    # every answer closes its connection, so each request after the stop needs a new one
+    result = open_loop(server.server_address[1], [_get("/close")], rate=200, duration_s=0.4,
+                       connections=2)  # fmt: skip
+    assert 0 < result.requests < 80
+    assert result.requests + result.socket_errors == 80  # every request accounted for
+    assert set(result.statuses) == {"200"}
+
+
 def test_a_pair_gets_the_same_moments(port: int) -> None:
     first, second = open_loop_pair(
         [(port, [_get("/")]), (port, [_get("/500")])], rate=200, duration_s=0.2, connections=2

@@ -151,6 +151,8 @@ def test_pressure_path_prefers_the_cgroups_own_cpu_pressure(tmp_path: Path) -> N
     _psi(nested / "cpu.pressure", 9)
     mounts = [
         "25 1 0:22 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu",  # v1: not read
+        "26 1 0:23 / /x rw shared:1 -",  # cut short: skipped, not a crash
+        "",
         _mount("/", str(tmp_path / "unified").replace(" ", "\\040")),
     ]
     files = _proc(tmp_path, "4:memory:/x\n0::/kubepods.slice/pod 1\n", mounts)
