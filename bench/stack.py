@@ -517,6 +517,8 @@ class Running:
     #: the sidecar's admin address (extproc scenarios: the harness reads the batcher's and
     #: the plugin hooks' histograms from /metrics between samples); "" when off
     admin: str = ""
+    #: starts the sidecar and waits until it serves (again, after :meth:`Stack.stop_sidecar`)
+    start: Callable[[], None] | None = None
 
 
 class Stack:
@@ -533,6 +535,8 @@ class Stack:
         self.envoy: EnvoyProcess | None = None
         self._stack = contextlib.ExitStack()
         self.commands: list[str] = []
+        #: scenarios whose sidecar is stopped now (:meth:`stop_sidecar`)
+        self.stopped: set[str] = set()
 
     def __enter__(self) -> Stack:
         try:
@@ -559,7 +563,8 @@ class Stack:
             run = Running(s)
             self.running[s.key] = run
             if s.sidecar:
-                starts.append(self._sidecar(run))
+                run.start = self._sidecar(run)
+                starts.append(run.start)
         # each start blocks until its process serves: boot them side by side
         with ThreadPoolExecutor(max_workers=max(1, len(starts))) as pool:
             for done in [pool.submit(start) for start in starts]:
@@ -661,6 +666,24 @@ class Stack:
 
     def port(self, key: str) -> int:
         return self.running[key].port
+
+    def stop_sidecar(self, key: str) -> None:
+        """Stop ``key``'s sidecar, every process of it (SIGTERM, then SIGKILL); Envoy keeps
+        its listener and cluster, and :meth:`start_sidecar` brings it back on the same
+        addresses (its caches cold)."""
+        run = self.running[key]
+        if run.proc is not None and key not in self.stopped:
+            run.proc.stop()
+            self.stopped.add(key)
+
+    def start_sidecar(self, key: str) -> None:
+        """Start ``key``'s sidecar again after :meth:`stop_sidecar` and wait until it serves
+        (a no-op when it runs)."""
+        run = self.running[key]
+        if key in self.stopped:
+            assert run.start is not None
+            run.start()
+            self.stopped.discard(key)
 
     def sidecar_pids(self, key: str) -> list[int]:
         """The scenario's sidecar process and its children (workers), at this moment."""
