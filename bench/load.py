@@ -214,14 +214,18 @@ def _run_open_loop(
             return
         c.scheduled = None
         if t.backlog:
-            scheduled, i = t.backlog.popleft()
-            try:
-                t.send(c, scheduled, i, clock)
-            except OSError:
-                t.socket_errors += 1
-                done_with(t, replace(t, c))
+            write(t, c, *t.backlog.popleft())
         else:
             t.free.append(c)
+
+    def write(t: _Target, c: _Conn, scheduled: float, i: int) -> None:
+        """Send request ``i`` on ``c``; a connection that fails is replaced, the request is a
+        socket error (caller holds ``lock``)."""
+        try:
+            t.send(c, scheduled, i, clock)
+        except OSError:
+            t.socket_errors += 1
+            done_with(t, replace(t, c))
 
     def receive() -> None:
         while True:
@@ -274,12 +278,7 @@ def _run_open_loop(
                     if not t.conns:  # the server refused every new connection
                         t.socket_errors += 1
                     elif t.free:
-                        c = t.free.popleft()
-                        try:
-                            t.send(c, scheduled, i, clock)
-                        except OSError:
-                            t.socket_errors += 1
-                            done_with(t, replace(t, c))
+                        write(t, t.free.popleft(), scheduled, i)
                     else:
                         t.backlog.append((scheduled, i))
     finally:
