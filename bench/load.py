@@ -184,10 +184,15 @@ def _run_open_loop(
     tgts = [_Target(port, reqs, connections) for port, reqs in targets]
     owner: dict[int, tuple[_Target, _Conn]] = {}
     poller = select.epoll()
+
+    def watch(t: _Target, c: _Conn) -> None:
+        """Read ``c``'s replies in the receiver."""
+        owner[c.sock.fileno()] = (t, c)
+        poller.register(c.sock.fileno(), select.EPOLLIN)
+
     for t in tgts:
         for c in t.conns:
-            owner[c.sock.fileno()] = (t, c)
-            poller.register(c.sock.fileno(), select.EPOLLIN)
+            watch(t, c)
     sending = True
 
     def replace(t: _Target, c: _Conn) -> _Conn | None:
@@ -203,8 +208,7 @@ def _run_open_loop(
             t.conns.remove(c)
             return None
         t.conns[t.conns.index(c)] = n
-        owner[n.sock.fileno()] = (t, n)
-        poller.register(n.sock.fileno(), select.EPOLLIN)
+        watch(t, n)
         return n
 
     def done_with(t: _Target, c: _Conn | None) -> None:

@@ -492,6 +492,19 @@ def others_paused(stack: Stack, key: str) -> Iterator[list[int]]:
 LATENCY_WARM_S = 3.0
 
 
+def _fixed_rate(
+    stack: Stack, s: Scenario, traffic: Traffic, mode: Mode, seconds: float
+) -> LoadResult:
+    """``seconds`` of the open-loop load (the mode's rate and connections) on ``s``."""
+    return open_loop(
+        stack.port(s.key),
+        _requests(stack, s, traffic),
+        rate=mode.latency_rate,
+        duration_s=seconds,
+        connections=mode.latency_connections,
+    )
+
+
 def _alone(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> None:
     """Leave ``s``'s sidecar the only one running, as one sidecar per Envoy is: every other
     scenario's sidecar stopped (not paused: with the others paused, SIGSTOP, the same stack
@@ -502,27 +515,12 @@ def _alone(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> None:
             stack.stop_sidecar(other)
     if s.key in stack.stopped:
         stack.start_sidecar(s.key)
-        open_loop(
-            stack.port(s.key),
-            _requests(stack, s, traffic),
-            rate=mode.latency_rate,
-            duration_s=min(LATENCY_WARM_S, mode.latency_duration_s),
-            connections=mode.latency_connections,
-        )
+        _fixed_rate(stack, s, traffic, mode, min(LATENCY_WARM_S, mode.latency_duration_s))
 
 
 def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[str, Any]:
-    port = stack.port(s.key)
-    requests = _requests(stack, s, traffic)
-
     def load() -> LoadResult:
-        return open_loop(
-            port,
-            requests,
-            rate=mode.latency_rate,
-            duration_s=mode.latency_duration_s,
-            connections=mode.latency_connections,
-        )
+        return _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
 
     if mode.latency_alone:
         _alone(stack, s, traffic, mode)
@@ -718,9 +716,7 @@ def run(
                 print(_line(s, results[s.key]), flush=True)
             data["latency_rounds"].append(results)
         if stack.stopped:  # the latency phase left one sidecar running: all of them again
-            with ThreadPoolExecutor(max_workers=len(stack.stopped)) as pool:
-                for done in [pool.submit(stack.start_sidecar, k) for k in list(stack.stopped)]:
-                    done.result()
+            stack.start_stopped()
             print("sidecars started again; warming up ...", flush=True)
             _warm(stack, chosen, script, mode)
         # (reference, scenario): each version against its baseline twin, or every sidecar

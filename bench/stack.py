@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import os
@@ -565,10 +566,7 @@ class Stack:
             if s.sidecar:
                 run.start = self._sidecar(run)
                 starts.append(run.start)
-        # each start blocks until its process serves: boot them side by side
-        with ThreadPoolExecutor(max_workers=max(1, len(starts))) as pool:
-            for done in [pool.submit(start) for start in starts]:
-                done.result()
+        _side_by_side(starts)
         plans = [self._plan(self.running[s.key]) for s in self.scenarios]
         bootstrap = compose_bootstrap(plans)
         envoy = EnvoyProcess(bootstrap, workdir=self.workdir / "envoy", startup_timeout=60)
@@ -685,11 +683,23 @@ class Stack:
             run.start()
             self.stopped.discard(key)
 
+    def start_stopped(self) -> None:
+        """Start every stopped sidecar again, side by side, and wait until all serve."""
+        _side_by_side([functools.partial(self.start_sidecar, key) for key in self.stopped])
+
     def sidecar_pids(self, key: str) -> list[int]:
         """The scenario's sidecar process and its children (workers), at this moment."""
         proc = self.running[key].proc
         pid = proc.pid if proc is not None else None
         return process_tree(pid) if pid else []
+
+
+def _side_by_side(starts: Sequence[Callable[[], None]]) -> None:
+    """Run the sidecar starts at once (each blocks until its process serves: booting them
+    one after another would take their sum); the first failure is raised."""
+    with ThreadPoolExecutor(max_workers=max(1, len(starts))) as pool:
+        for done in [pool.submit(start) for start in starts]:
+            done.result()
 
 
 def _free_ports(n: int) -> int:

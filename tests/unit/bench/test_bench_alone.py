@@ -37,7 +37,7 @@ def _stack(tmp_path: Path, log: list[str], *keys: str) -> Stack:
 
 def test_stop_and_start_again(tmp_path: Path) -> None:
     log: list[str] = []
-    stack = _stack(tmp_path, log, "passthrough", "extproc-h2")
+    stack = _stack(tmp_path, log, "passthrough", "extproc-h2", "bare-fast")
     stack.stop_sidecar("passthrough")  # no sidecar: nothing to stop
     stack.start_sidecar("extproc-h2")  # running: nothing to start
     assert log == [] and stack.stopped == set()
@@ -46,6 +46,11 @@ def test_stop_and_start_again(tmp_path: Path) -> None:
     assert log == ["stop extproc-h2"] and stack.stopped == {"extproc-h2"}
     stack.start_sidecar("extproc-h2")
     assert log == ["stop extproc-h2", "start extproc-h2"] and stack.stopped == set()
+    for key in ("extproc-h2", "bare-fast"):
+        stack.stop_sidecar(key)
+    log.clear()
+    stack.start_stopped()  # every stopped one, once each
+    assert sorted(log) == ["start bare-fast", "start extproc-h2"] and stack.stopped == set()
 
 
 def test_each_measurement_has_its_sidecar_alone_and_warm(
