@@ -683,6 +683,20 @@ class Stack:
             run.start()
             self.stopped.discard(key)
 
+    def alone(self, key: str) -> bool:
+        """Leave ``key``'s sidecar the only one running, as one sidecar per Envoy is: every
+        other scenario's stopped (not paused: a paused one lengthened the measured tail,
+        docs/performance.md "The stack's size"), and ``key``'s started again if it was
+        stopped. True when it was: its caches are cold, and a measurement wants it warmed
+        first."""
+        for other in self.running:
+            if other != key:
+                self.stop_sidecar(other)
+        if key in self.stopped:
+            self.start_sidecar(key)
+            return True
+        return False
+
     def start_stopped(self) -> None:
         """Start every stopped sidecar again, side by side, and wait until all serve."""
         _side_by_side([functools.partial(self.start_sidecar, key) for key in self.stopped])

@@ -5,7 +5,8 @@ At a light load every event-loop turn is an ``epoll_pwait``, every reply a ``wri
 the process reading it; on these VMs (Firecracker, guest halt-polling off) such calls and the
 wake-ups behind them are a large part of a request's CPU. So a change that saves a loop turn
 shows here (and in the paired CPU figures of ``bench.run``) while its instruction count stays
-the same. For each scenario, one at a time, with the other sidecars paused: a 2 s wrk warm-up,
+the same. For each scenario, one at a time, with its sidecar alone (the others stopped, as one
+sidecar per Envoy is; the measured one started again if it was stopped): a 2 s wrk warm-up,
 then ``strace -c -f`` attached to the sidecar's processes while the open-loop generator sends
 ``--rate`` requests/s for ``--duration`` seconds. strace slows every call it sees, so only the
 counts mean something here, not the times.
@@ -30,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.load import open_loop, run_wrk
-from bench.run import _requests, others_paused
+from bench.run import _requests
 from bench.stack import Stack, baseline_tree, scenario, with_baseline
 from bench.traffic import make_traffic
 
@@ -91,27 +92,27 @@ def count_syscalls(
     with Stack(chosen, traffic, workdir / "stack") as stack:
         for s in chosen:
             port = stack.port(s.key)
-            with others_paused(stack, s.key):
-                run_wrk(port, script, duration_s=2, connections=16)  # caches, connections
-                pids = stack.sidecar_pids(s.key)
-                out = workdir / f"strace-{s.key}.txt"
-                argv = ["strace", "-c", "-f", "-o", str(out)]
-                for pid in pids:
-                    argv += ["-p", str(pid)]
-                tracer = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-                time.sleep(0.5)  # attached
-                try:
-                    requests = _requests(stack, s, traffic)
-                    result = open_loop(port, requests, rate=rate, duration_s=duration_s)
-                finally:
-                    tracer.send_signal(signal.SIGINT)  # detach: strace writes its summary
-                    _, err = tracer.communicate(timeout=30)
-                if not out.exists() or tracer.returncode not in (0, -signal.SIGINT):
-                    raise RuntimeError(f"strace failed on {s.key}: {err.strip()[-500:]}")
-                if result.errors(frozenset({"200"})):
-                    raise RuntimeError(f"{s.key}: errors under strace: {result.statuses}")
-                answered = sum(result.statuses.values())
-                rows.append((s.key, float(answered), parse_strace_summary(out.read_text())))
+            stack.alone(s.key)  # as one sidecar per Envoy is: the others stopped
+            run_wrk(port, script, duration_s=2, connections=16)  # caches, connections
+            pids = stack.sidecar_pids(s.key)
+            out = workdir / f"strace-{s.key}.txt"
+            argv = ["strace", "-c", "-f", "-o", str(out)]
+            for pid in pids:
+                argv += ["-p", str(pid)]
+            tracer = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+            time.sleep(0.5)  # attached
+            try:
+                requests = _requests(stack, s, traffic)
+                result = open_loop(port, requests, rate=rate, duration_s=duration_s)
+            finally:
+                tracer.send_signal(signal.SIGINT)  # detach: strace writes its summary
+                _, err = tracer.communicate(timeout=30)
+            if not out.exists() or tracer.returncode not in (0, -signal.SIGINT):
+                raise RuntimeError(f"strace failed on {s.key}: {err.strip()[-500:]}")
+            if result.errors(frozenset({"200"})):
+                raise RuntimeError(f"{s.key}: errors under strace: {result.statuses}")
+            answered = sum(result.statuses.values())
+            rows.append((s.key, float(answered), parse_strace_summary(out.read_text())))
     return rows
 
 

@@ -2,11 +2,13 @@
 long each waits for a core, and what Envoy, Redis and the rest of the machine take meanwhile.
 
 It answers a question the main run cannot: why ``--workers 2`` gains on one transport and not on
-the other on a 2-core machine. For each scenario, in interleaved rounds with the other sidecars
-paused, ``wrk`` (closed loop, as in ``bench.run``'s throughput phase) runs for ``--duration``
-seconds while every thread of the sidecar's processes, of Envoy and of Redis is read from
-``/proc/<pid>/task/<tid>/schedstat`` before and after: time on a CPU and time spent runnable but
-waiting for one (the run-queue wait; the kernel's schedstats, no tracing, no slow-down). Threads
+the other on a 2-core machine. For each scenario, in interleaved rounds with its sidecar alone
+(the others stopped, as one sidecar per Envoy is; the measured one started again and warmed
+when it was stopped), ``wrk`` (closed loop, as in ``bench.run``'s throughput phase) runs for
+``--duration`` seconds while every thread of the sidecar's processes, of Envoy and of Redis is
+read from ``/proc/<pid>/task/<tid>/schedstat`` before and after: time on a CPU and time spent
+runnable but waiting for one (the run-queue wait; the kernel's schedstats, no tracing, no
+slow-down). Threads
 are grouped by process role and name with digits dropped (``worker-1``'s ``grpc_global_tim``
 ...). Per request: CPU µs and run-queue wait µs of each group; "rest" is the machine's busy time
 not in any of them (wrk, the harness, the kernel's soft interrupts).
@@ -28,7 +30,6 @@ from pathlib import Path
 
 from bench.load import run_wrk
 from bench.procs import CLK_TCK, machine_shares, machine_ticks
-from bench.run import others_paused
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
 
@@ -41,6 +42,8 @@ DEFAULT_SCENARIOS = (
     "extproc-jwt-rl-w2-h2",
 )
 _DIGITS = re.compile(r"\d+")
+#: seconds of closed-loop load on a sidecar before it is measured, when it has just started
+WARM_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,18 +145,18 @@ def measure(
     script = traffic.write_wrk_script(workdir)
     samples: dict[str, list[Row]] = {}
     with Stack(chosen, traffic, workdir / "stack") as stack:
-        for s in chosen:  # warm: connections, caches, every token seen
-            with others_paused(stack, s.key):
-                run_wrk(stack.port(s.key), script, duration_s=3, connections=connections)
         for round_no in range(rounds):
             for s in chosen:
-                with others_paused(stack, s.key):
-                    roles = _roles(stack, s.key)
-                    before, ticks = read_threads(roles), machine_ticks()
-                    result = run_wrk(
-                        stack.port(s.key), script, duration_s=duration_s, connections=connections
-                    )
-                    after, ticks_after = read_threads(roles), machine_ticks()
+                # alone, as one sidecar per Envoy is; warmed (connections, caches, every
+                # token seen) in the first round and whenever it was started again
+                if stack.alone(s.key) or round_no == 0:
+                    run_wrk(stack.port(s.key), script, duration_s=WARM_S, connections=connections)
+                roles = _roles(stack, s.key)
+                before, ticks = read_threads(roles), machine_ticks()
+                result = run_wrk(
+                    stack.port(s.key), script, duration_s=duration_s, connections=connections
+                )
+                after, ticks_after = read_threads(roles), machine_ticks()
                 if result.errors(frozenset({"200"})):
                     raise RuntimeError(f"{s.key}: errors: {result.statuses}")
                 groups = per_request(before, after, result.requests)

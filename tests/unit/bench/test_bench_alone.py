@@ -53,6 +53,21 @@ def test_stop_and_start_again(tmp_path: Path) -> None:
     assert sorted(log) == ["start bare-fast", "start extproc-h2"] and stack.stopped == set()
 
 
+def test_alone_stops_the_others_and_says_when_it_started_the_measured_one(
+    tmp_path: Path,
+) -> None:
+    log: list[str] = []
+    stack = _stack(tmp_path, log, "passthrough", "bare-fast", "extproc-h2")
+    assert stack.alone("extproc-h2") is False  # it ran all along: nothing to warm
+    assert log == ["stop bare-fast"] and stack.stopped == {"bare-fast"}
+    assert stack.alone("extproc-h2") is False and len(log) == 1  # nothing more to do
+    assert stack.alone("bare-fast") is True  # started again: cold, to be warmed
+    assert log[1:] == ["stop extproc-h2", "start bare-fast"]
+    assert stack.stopped == {"extproc-h2"}
+    assert stack.alone("passthrough") is False  # no sidecar: Envoy alone
+    assert stack.stopped == {"bare-fast", "extproc-h2"}
+
+
 def test_each_measurement_has_its_sidecar_alone_and_warm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,8 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+
 from bench.threads import ThreadTime, group_name, medians, per_request, read_threads, table
 
 
@@ -78,3 +80,72 @@ def test_medians_and_the_table() -> None:
     assert lines[2] == "| `a` | 1,100 | 20% | rest of the machine | 20 | | |"
     assert lines[3] == "| | | | w: main (1) | 200.0 | 20.0 | 2.00 |"
     assert len(lines) == 4  # w: x is below 1 µs in both columns
+
+
+def test_each_sample_has_its_sidecar_alone_warmed_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The others stopped for every sample, as one sidecar per Envoy is; the measured one
+    warmed before its first sample and again whenever it had to be started again."""
+    from bench import threads as bench_threads
+    from bench.load import LoadResult
+
+    events: list[str] = []
+
+    class FakeStack:
+        envoy = type("P", (), {"pid": 1})()
+        redis = None
+        ports = {"a": 1, "b": 2}
+        current: str | None = None
+
+        def __init__(self, chosen: object, traffic: object, workdir: Path) -> None:
+            pass
+
+        def __enter__(self) -> FakeStack:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def alone(self, key: str) -> bool:
+            started = self.current is not None and self.current != key
+            self.current = key
+            events.append(f"alone {key}")
+            return started
+
+        def port(self, key: str) -> int:
+            return self.ports[key]
+
+        def sidecar_pids(self, key: str) -> list[int]:
+            return [10 + self.ports[key]]
+
+    class FakeTraffic:
+        def write_wrk_script(self, workdir: Path) -> Path:
+            return workdir / "mix.lua"
+
+    def fake_wrk(port: int, script: Path, *, duration_s: float, connections: int) -> LoadResult:
+        kind = "warm" if duration_s == bench_threads.WARM_S else "measure"
+        events.append(f"{kind} {'ab'[port - 1]}")
+        return LoadResult(100, duration_s, {"200": 100}, 0, {})
+
+    monkeypatch.setattr(bench_threads, "Stack", FakeStack)
+    monkeypatch.setattr(bench_threads, "make_traffic", lambda n: FakeTraffic())
+    monkeypatch.setattr(bench_threads, "run_wrk", fake_wrk)
+    monkeypatch.setattr(bench_threads, "scenario", lambda key: type("S", (), {"key": key})())
+    monkeypatch.setattr(bench_threads, "read_threads", lambda roles: {})
+    monkeypatch.setattr(bench_threads, "machine_ticks", lambda: (0, 0))
+    monkeypatch.setattr(bench_threads, "machine_shares", lambda a, b: {"idle": 0.5})
+    rows = bench_threads.measure(
+        ["a", "b"], rounds=2, duration_s=8.0, connections=4, workdir=tmp_path
+    )
+    assert [row[0] for row in rows] == ["a", "b"]
+    assert events == [
+        "alone a", "warm a", "measure a",  # first round: each warmed before its sample
+        "alone b", "warm b", "measure b",
+        "alone a", "warm a", "measure a",  # started again (b ran alone): warmed again
+        "alone b", "warm b", "measure b",
+    ]  # fmt: skip
+    events.clear()
+    bench_threads.measure(["a"], rounds=2, duration_s=8.0, connections=4, workdir=tmp_path)
+    # alone from the start: warmed once
+    assert events == ["alone a", "warm a", "measure a", "alone a", "measure a"]
