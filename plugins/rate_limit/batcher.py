@@ -35,6 +35,13 @@
   against the commit before in the same rounds: added p99 3.5 against 6.7 ms (lower in 5
   of 6 rounds), req/s at saturation 1.00x, Redis round trips per request at saturation
   0.060 against 0.053. A threshold of 8 doubled those round trips (0.119 against 0.053).
+  What it cannot see: on grpc.aio a saturated loop's queue is partly in grpc's completion
+  queue, not yet streams of the worker's, so on a slow machine the worker dips below the
+  threshold now and then and sends those requests one or two per round trip (0.14-0.19
+  round trips per request at saturation, 2026-12-07). Keeping the window open 20 ms after
+  the last backlog took that to 0.073, but at 1,000 req/s on the same machine it took the
+  batcher's wait p99 from 0.75 to 9.7 ms and the p99 from 31 to 93 ms. Not kept
+  (docs/performance.md).
 * ... or, without that backlog, while the CPU is under pressure (``pressure``:
   :class:`~extproc.observability.saturation.CpuPressure`, at least ``min_pressure``, 0.5 by
   default): some task waits for a core most of the time - of the sidecar's cgroup where
