@@ -1,4 +1,4 @@
-"""``extproc serve | check | envoy-config | dev``."""
+"""The ``extproc`` command: ``serve``, ``check``, ``envoy-config``, ``dev``, ``new-plugin``."""
 
 from __future__ import annotations
 
@@ -173,7 +173,10 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="extproc",
+        description="A plugin sidecar for Envoy's ext_proc filter. See `extproc COMMAND --help`.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the sidecar")
