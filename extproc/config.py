@@ -1,14 +1,21 @@
 """The sidecar's YAML configuration: one file, each plugin section checked by its own schema.
 
-Errors name the file, the line, the key and the reason, all of them at once::
+Errors name the file, the line, the key and the reason, all of them at once (each plugin's
+section is checked even when the server settings are wrong), in the file's order; a key the
+schema does not know gets the key it was probably meant to be, else the keys allowed there::
 
     extproc.yaml:14: plugins[1].config.providers.main.issuer: Field required
+    extproc.yaml:31: plugins[2].config.rules[0].limits[0].requets: Extra inputs are not
+    permitted; did you mean 'requests'?
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
-from collections.abc import Iterable, Sequence
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -328,16 +335,97 @@ def _dotted(path: Iterable[str | int]) -> str:
     return out or "(top level)"
 
 
+def _members(t: Any) -> list[Any]:
+    """The types an annotation may hold: ``X | None``, ``Union[...]`` and ``Annotated[X, ...]``
+    taken apart."""
+    origin = typing.get_origin(t)
+    if origin is typing.Annotated:
+        return _members(typing.get_args(t)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [m for arg in typing.get_args(t) for m in _members(arg)]
+    return [t]
+
+
+def _step(t: Any, part: str | int) -> Any:
+    """The type found at ``part`` (a key or an index of a validation error's location) in a
+    value of type ``t``; None when the annotations do not say."""
+    for m in _members(t):
+        origin = typing.get_origin(m)
+        args = typing.get_args(m)
+        if isinstance(part, int):
+            if origin in (list, tuple, Sequence, set, frozenset) and args:
+                return args[0]
+        elif isinstance(m, type) and issubclass(m, BaseModel):
+            if m.__name__ == part:  # a union's member, named in the location
+                return m
+            for name, field in m.model_fields.items():
+                if part in (name, field.alias):
+                    return field.annotation
+        elif origin in (dict, Mapping) and len(args) == 2:
+            return args[1]
+    return None
+
+
+def _keys_at(model: type[BaseModel], path: Sequence[str | int]) -> list[str]:
+    """The keys ``model`` accepts in the mapping at ``path``: what a misspelt key could have
+    meant (none when the annotations do not lead to a model there)."""
+    t: Any = model
+    for part in path:
+        t = _step(t, part)
+        if t is None:
+            return []
+    for m in _members(t):
+        if isinstance(m, type) and issubclass(m, BaseModel):
+            return [field.alias or name for name, field in m.model_fields.items()]
+    return []
+
+
+def _unknown_key(model: type[BaseModel], loc: Sequence[str | int]) -> str:
+    """The hint after "Extra inputs are not permitted": the key meant, or the keys there."""
+    try:
+        known = _keys_at(model, loc[:-1])
+    except TypeError:  # an annotation this walk does not understand: no hint, the error stays
+        return ""
+    if not known:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f" (the keys here: {', '.join(sorted(known))})"
+
+
 def _problems(
     exc: ValidationError,
     source: str,
     lines: dict[tuple[str | int, ...], int],
     prefix: tuple[str | int, ...],
-) -> list[str]:
+    model: type[BaseModel],
+) -> list[tuple[int, str]]:
     out = []
-    for err in exc.errors(include_url=False, include_input=False):
+    errors = exc.errors(include_url=False, include_input=False)
+    inside = {err["loc"][:n] for err in errors for n in range(len(err["loc"]))}
+    for err in errors:
+        if err["type"] == "too_short" and err["loc"] in inside:
+            continue  # a list whose invalid items were left out: those items' errors tell
         loc = (*prefix, *(p for p in err["loc"] if not (isinstance(p, str) and "[" in p)))
-        out.append(f"{source}:{_where(lines, loc)}: {_dotted(loc)}: {err['msg']}")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg += _unknown_key(model, err["loc"])
+        line = _where(lines, loc)
+        out.append((line, f"{source}:{line}: {_dotted(loc)}: {msg}"))
+    return out
+
+
+def _entries(data: Mapping[str, Any]) -> list[tuple[int, PluginEntry]]:
+    """The plugin entries that are valid on their own, by index, when the file as a whole is
+    not: their plugins' sections are checked too, so one pass shows every problem."""
+    raw = data.get("plugins")
+    out = []
+    for i, item in enumerate(raw if isinstance(raw, list) else ()):
+        try:
+            out.append((i, PluginEntry.model_validate(item)))
+        except ValidationError:  # the file's own validation reported it
+            continue
     return out
 
 
@@ -363,47 +451,57 @@ def parse_config(text: str, source: str = "<config>", resolve: Any = None) -> Lo
     lines = _line_index(text)
     if not isinstance(data, dict):
         raise ConfigError(source, [f"{source}:1: the top level must be a mapping"])
+    problems: list[tuple[int, str]] = []  # (line, problem)
+    config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _problems(exc, source, lines, ())) from None
-    problems: list[str] = []
+        problems.extend(_problems(exc, source, lines, (), Config))
     loaded: list[tuple[PluginEntry, type[Plugin], PluginConfig]] = []
-    budget_ms = round(config.server.budget_s * 1000)
+    # without valid server settings there is no budget to check the deadlines against
+    budget_ms = round(config.server.budget_s * 1000) if config is not None else None
+    margin_ms = config.server.budget_margin_ms if config is not None else 0
+    entries = list(enumerate(config.plugins)) if config is not None else _entries(data)
     seen: set[str] = set()
-    for i, entry in enumerate(config.plugins):
+    for i, entry in entries:
         where = ("plugins", i)
         try:
             cls = resolve(entry.plugin)
         except LookupError as exc:
             line = _where(lines, (*where, "plugin"))
-            problems.append(f"{source}:{line}: {_dotted((*where, 'plugin'))}: {exc}")
+            problems.append((line, f"{source}:{line}: {_dotted((*where, 'plugin'))}: {exc}"))
             continue
         try:
             plugin_config = cls.Config.model_validate(entry.config)
         except ValidationError as exc:
-            problems.extend(_problems(exc, source, lines, (*where, "config")))
+            problems.extend(_problems(exc, source, lines, (*where, "config"), cls.Config))
             continue
-        if entry.timeout_ms > budget_ms:
+        if budget_ms is not None and entry.timeout_ms > budget_ms:
             line = _where(lines, (*where, "timeout_ms"))
             problems.append(
-                f"{source}:{line}: {_dotted((*where, 'timeout_ms'))}: {entry.timeout_ms} ms "
-                f"cannot fit the message budget of {budget_ms} ms ((max_)message_timeout_ms "
-                f"- budget_margin_ms {config.server.budget_margin_ms})"
+                (
+                    line,
+                    f"{source}:{line}: {_dotted((*where, 'timeout_ms'))}: {entry.timeout_ms} ms "
+                    f"cannot fit the message budget of {budget_ms} ms ((max_)message_timeout_ms "
+                    f"- budget_margin_ms {margin_ms})",
+                )
             )
             continue
         name = instance_name(entry, cls)
         if name in seen:
             line = _where(lines, where)
             problems.append(
-                f"{source}:{line}: {_dotted(where)}: two plugins are named {name!r}: give one "
-                f"a distinct `name`"
+                (
+                    line,
+                    f"{source}:{line}: {_dotted(where)}: two plugins are named {name!r}: give one "
+                    f"a distinct `name`",
+                )
             )
             continue
         seen.add(name)
         loaded.append((entry, cls, plugin_config))
-    if problems:
-        raise ConfigError(source, problems)
+    if problems or config is None:
+        raise ConfigError(source, [p for _, p in sorted(problems, key=lambda lp: lp[0])])
     digest = hashlib.sha256(text.encode()).hexdigest()
     return LoadedConfig(config, tuple(loaded), source, digest)
 

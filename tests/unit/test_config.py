@@ -51,6 +51,60 @@ def test_all_problems_are_reported_at_once() -> None:
     assert info.value.problems[1].startswith("multi.yaml:5:")
 
 
+def test_a_misspelt_key_names_the_key_meant() -> None:
+    text = (
+        "version: 1\n"
+        "servr:\n"
+        "  listen: 127.0.0.1:1\n"
+        "plugins:\n"
+        "  - plugin: rate_limit\n"
+        "    config:\n"
+        "      rules:\n"
+        "        - name: per_subject\n"
+        "          match: {path_prefix: /}\n"
+        "          key: [subject]\n"
+        "          limits: [{requets: 5, per: minute}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "typo.yaml")
+    first, missing, second = info.value.problems
+    assert first == ("typo.yaml:2: servr: Extra inputs are not permitted; did you mean 'server'?")
+    # through a list, a plugin's own schema, a list again: the keys of the limit; and no
+    # "rules/limits should have at least 1 item" for the lists whose item was invalid
+    assert second.startswith("typo.yaml:11: plugins[0].config.rules[0].limits[0].requets: ")
+    assert second.endswith("; did you mean 'requests'?")
+    assert missing == "typo.yaml:11: plugins[0].config.rules[0].limits[0].requests: Field required"
+
+
+def test_an_unknown_key_with_no_close_match_lists_the_keys_there() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("server:\n  port: 50051\n", "port.yaml")
+    (problem,) = info.value.problems
+    assert problem.startswith("port.yaml:2: server.port: Extra inputs are not permitted (the keys")
+    assert " listen, " in problem and "transport)" in problem
+
+
+def test_plugin_sections_are_checked_when_the_server_settings_are_wrong() -> None:
+    text = (
+        "server:\n"
+        "  message_timeout_ms: soon\n"
+        "plugins:\n"
+        "  - plugin: headers\n"
+        "    config: {colour: blue}\n"
+        "  - plugin: nope\n"
+        "  - plugin: headers\n"
+        "    name: h2\n"
+        "    priority: high\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "both.yaml")
+    lines = [p.split(":")[1] for p in info.value.problems]
+    assert lines == ["2", "5", "6", "9"], info.value.problems  # every problem, by line
+    assert "plugins[0].config.colour" in info.value.problems[1]
+    assert "no plugin named 'nope'" in info.value.problems[2]
+    assert "plugins[2].priority: Input should be a valid integer" in info.value.problems[3]
+
+
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "absent.yaml")
