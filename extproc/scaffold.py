@@ -153,7 +153,11 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "new-plugin",
         help="create a plugin project (package, config schema, tests) to start from",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=(
+            "Create a plugin project that installs, loads and passes its tests: a package with"
+            " a plugin class and its config schema, an entry point, and tests (FakeEnvoy and a"
+            " real Envoy)."
+        ),
     )
     p.add_argument("name", help="plugin name, e.g. api_keys (also the entry-point name)")
     p.add_argument(
