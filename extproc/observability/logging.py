@@ -10,13 +10,14 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from extproc.config import LoggingSettings
 
-__all__ = ["JsonFormatter", "configure_logging", "redact"]
+__all__ = ["JsonFormatter", "RepeatThrottle", "configure_logging", "redact"]
 
 _STANDARD: Final = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime"}
@@ -64,12 +65,67 @@ class JsonFormatter(logging.Formatter):
         return value
 
 
+class RepeatThrottle(logging.Filter):
+    """Lets a message through at most once per ``interval`` seconds; the next one that passes
+    says how many were held back meanwhile. A message is its logger, level and format string
+    (not its arguments: "retrying in 1.09s" and "retrying in 0.87s" are one message).
+
+    Only for records of loggers under ``prefix``: the OpenTelemetry SDK's. With the collector
+    unreachable its exporter logs a warning per retry and an error per batch, and its batch
+    processor, once its queue is full, a warning per span it drops: with every stream traced
+    at a thousand requests a second, a thousand lines a second from a sidecar that is
+    otherwise fine. Held-back records are not written (nor formatted) at all; the count of
+    the last interval is lost if no record of that message comes after it."""
+
+    def __init__(
+        self,
+        prefix: str = "opentelemetry",
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: (logger, level, format) -> [when it last passed, held back since]
+        self._seen: dict[tuple[str, int, object], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not (name == self.prefix or name.startswith(self.prefix + ".")):
+            return True
+        key = (name, record.levelno, record.msg)
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None:
+                if len(self._seen) >= 1_000:  # messages with varying formats: forget the old
+                    self._seen.clear()
+                self._seen[key] = [now, 0]
+                return True
+            passed, held = seen
+            if now - passed < self.interval:
+                seen[1] = held + 1
+                return False
+            seen[0], seen[1] = now, 0
+        if held:
+            record.msg = (
+                f"{record.getMessage()} ({int(held)} more like this in the last "
+                f"{now - passed:.0f} s not logged)"
+            )
+            record.args = None
+        return True
+
+
 def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
     """The one place that configures log output for the process."""
     from extproc.observability.tracing import TraceIdFilter
 
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(TraceIdFilter())
+    # the OpenTelemetry SDK's own complaints (an unreachable collector): once a minute each
+    handler.addFilter(RepeatThrottle())
     if settings.format == "json":
         handler.setFormatter(JsonFormatter(settings.sensitive_headers))
     else:

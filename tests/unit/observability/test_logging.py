@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from extproc.config import LoggingSettings
-from extproc.observability.logging import configure_logging
+from extproc.observability.logging import RepeatThrottle, configure_logging
 
 _TOUCHED = ("", "extproc", "watchfiles")
 
@@ -45,3 +45,80 @@ def test_watchfiles_speaks_at_debug() -> None:
     configure_logging(LoggingSettings(level="debug", format="json"), stream=out)
     logging.getLogger("watchfiles.main").debug("rust notify timeout")
     assert json.loads(out.getvalue())["logger"] == "watchfiles.main"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(name: str, msg: str, *args: object, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_an_unreachable_collector_is_reported_once_a_minute_with_a_count() -> None:
+    clock = _Clock()
+    throttle = RepeatThrottle(interval=60.0, clock=clock)
+    retry = "Transient error %s encountered while exporting %s, retrying in %.2fs."
+    name = "opentelemetry.exporter.otlp.proto.grpc.exporter"
+    passed = []
+    for i in range(100):  # the arguments differ; the message is the same
+        clock.now += 1.0
+        record = _record(name, retry, "UNAVAILABLE", "traces", 1 + i / 100)
+        if throttle.filter(record):
+            passed.append((clock.now, record.getMessage()))
+    assert [t for t, _ in passed] == [1_001.0, 1_061.0]
+    assert passed[0][1].endswith("retrying in 1.00s.")
+    assert passed[1][1] == (
+        "Transient error UNAVAILABLE encountered while exporting traces, retrying in 1.60s. "
+        "(59 more like this in the last 60 s not logged)"
+    )
+
+
+def test_the_throttle_keeps_messages_levels_and_other_loggers_apart() -> None:
+    clock = _Clock()
+    throttle = RepeatThrottle(clock=clock)
+    queue_full = _record("opentelemetry.sdk._shared_internal", "Queue full, dropping %s.", "span")
+    assert throttle.filter(queue_full)
+    assert not throttle.filter(
+        _record("opentelemetry.sdk._shared_internal", "Queue full, dropping %s.", "span")
+    )
+    # another message, the same message at another level, another logger: each passes
+    assert throttle.filter(
+        _record("opentelemetry.sdk._shared_internal", "Exception while exporting %s.", "span")
+    )
+    assert throttle.filter(
+        _record(
+            "opentelemetry.sdk._shared_internal",
+            "Queue full, dropping %s.",
+            "span",
+            level=logging.ERROR,
+        )
+    )
+    assert throttle.filter(
+        _record("opentelemetry.exporter.otlp", "Queue full, dropping %s.", "span")
+    )
+    # ours (and anything outside the prefix) is never held back
+    for _ in range(3):
+        assert throttle.filter(
+            _record("extproc.server", "configuration refused; the running one stays")
+        )
+        assert throttle.filter(_record("opentelemetry_extra", "not the SDK"))
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_logging_throttles_the_sdk_not_extproc() -> None:
+    out = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=out)
+    sdk = logging.getLogger("opentelemetry.sdk._shared_internal")
+    for _ in range(50):
+        sdk.warning("Queue full, dropping %s.", "span")
+        logging.getLogger("extproc.server").warning("stream refused")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert sum(r["logger"] == "extproc.server" for r in lines) == 50
+    assert [r["msg"] for r in lines if r["logger"].startswith("opentelemetry")] == [
+        "Queue full, dropping span."
+    ]
