@@ -27,6 +27,10 @@ _TOKENISH: Final = re.compile(
 )
 
 
+#: libraries that log routine work at info
+_CHATTY: Final = ("watchfiles", "httpx")
+
+
 def redact(text: str) -> str:
     """Mask bearer tokens and JWT-shaped strings."""
     return _TOKENISH.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
@@ -134,7 +138,11 @@ def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
     logging.getLogger("extproc").setLevel(settings.level.upper())
-    # watchfiles logs every batch of file events in the config's directory at info; the
-    # reload that matters is logged by extproc.reload ("configuration file changed")
+    # Chatter at info from libraries, quiet unless at debug: watchfiles logs every batch of
+    # file events in the config's directory (the reload that matters is logged by
+    # extproc.reload, "configuration file changed"); httpx logs every request it sends, and a
+    # plugin that calls a service per request through the HTTP client would log a line per
+    # request (its failures reach the plugin as typed errors, and its breaker has metrics)
     debug = settings.level.upper() == "DEBUG"
-    logging.getLogger("watchfiles").setLevel(logging.NOTSET if debug else logging.WARNING)
+    for chatty in _CHATTY:
+        logging.getLogger(chatty).setLevel(logging.NOTSET if debug else logging.WARNING)

@@ -1,4 +1,5 @@
-"""``configure_logging``: one JSON line per record, and no third-party chatter at info."""
+"""``configure_logging``: one JSON line per record, no third-party chatter at info, and the
+OpenTelemetry SDK's repeated complaints throttled."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from extproc.config import LoggingSettings
 from extproc.observability.logging import RepeatThrottle, configure_logging
 
-_TOUCHED = ("", "extproc", "watchfiles")
+_TOUCHED = ("", "extproc", "watchfiles", "httpx")
 
 
 @pytest.fixture
@@ -31,9 +32,12 @@ def test_json_lines_and_watchfiles_quiet_at_info() -> None:
     out = io.StringIO()
     configure_logging(LoggingSettings(level="info", format="json"), stream=out)
     logging.getLogger("watchfiles.main").info("1 change detected")
+    logging.getLogger("httpx").info('HTTP Request: GET http://idp/jwks "HTTP/1.1 200 OK"')
+    logging.getLogger("httpx").warning("a warning still passes")
     logging.getLogger("extproc.reload").info("configuration file changed", extra={"path": "/c"})
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(r["logger"], r["msg"], r.get("path")) for r in lines] == [
+        ("httpx", "a warning still passes", None),
         ("extproc.reload", "configuration file changed", "/c"),
     ]  # fmt: skip
 
