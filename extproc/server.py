@@ -459,6 +459,7 @@ class Server:
             "extproc_loop_stalls_total", "event-loop stalls past the threshold", ("plugin",)
         )
         stalls.labels("(none)")
+        stalls.labels("(gc)")
         if self.runtime.current is not None:
             for slot in self.runtime.current.chain.slots:
                 stalls.labels(slot.name)

@@ -26,6 +26,13 @@ watchdog wakes a sidecar ~4 times a second on the loop and ~10 in its own thread
 Lateness is measured against the time the next beat was *due*: a reported stall lasted at least
 that long (the thread cannot tell how much earlier it began).
 
+The cyclic garbage collector stops the loop too, and no plugin is to blame: a collection
+holds the GIL for its whole length, and its finalizers (weakref callbacks) run Python code,
+which is where the thread then finds the loop, inside whichever hook allocated last. So a gc
+callback notes when each collection starts and ends, and a stall at least half spent in a
+collection is reported as the collector's (``plugin="(gc)"``, with the generation and the hook
+it interrupted), not as that hook's.
+
 A process that did not run at all - stopped (SIGSTOP, a debugger), or on a machine that
 stalled (a VM paused, its host overloaded) - comes back with every beat late, though no code of
 ours blocked anything. The thread tells the two apart by its own sleep: when it overslept by
@@ -38,6 +45,7 @@ that stays a stall.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import platform
@@ -54,6 +62,8 @@ __all__ = ["LoopLagWatchdog", "plugin_hook_codes"]
 log = logging.getLogger("extproc.watchdog")
 
 _HOOKS = ("on_request", "on_response", "on_error", "initialize", "health_check", "shutdown")
+#: the ``plugin`` of a stall the cyclic garbage collector caused
+_GC = "(gc)"
 
 
 def plugin_hook_codes(plugins: Mapping[str, object]) -> dict[CodeType, str]:
@@ -170,6 +180,11 @@ class LoopLagWatchdog:
         self.probes = 0
         self._probe = 0.0  # when the last probe was sent
         self._answered = 0.0  # the send time of the last probe the loop ran
+        #: the cyclic collection in progress: (start, generation), start 0 when none; and
+        #: the last one that ended: (start, end, generation). Written by the gc callback, on
+        #: whichever thread collects (each a tuple: read whole by the watchdog's thread)
+        self._gc_now: tuple[float, int] = (0.0, 0)
+        self._gc_last: tuple[float, float, int] = (0.0, 0.0, 0)
 
     def start(self, *, probe_when_idle: bool = True) -> None:
         self._loop = asyncio.get_running_loop()
@@ -177,6 +192,8 @@ class LoopLagWatchdog:
         if probe_when_idle and self._busy is not None:
             self.thread_state = ThreadState.open(threading.get_native_id())
         self._schedule(self.interval)
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
         self._thread = threading.Thread(target=self._watch, name="extproc-watchdog", daemon=True)
         self._thread.start()
 
@@ -203,7 +220,25 @@ class LoopLagWatchdog:
         self._schedule(self.interval)
         self._woken.set()
 
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_now = (self._clock(), info["generation"])
+        else:
+            self._gc_last = (self._gc_now[0], self._clock(), info["generation"])
+            self._gc_now = (0.0, 0)
+
+    def _in_gc(self, since: float, now: float) -> tuple[float, int]:
+        """How long the cyclic collector ran between ``since`` and ``now`` (the one in
+        progress, else the last one), and that collection's generation."""
+        start, generation = self._gc_now
+        if start:
+            return now - max(start, since), generation
+        start, end, generation = self._gc_last
+        return max(0.0, min(end, now) - max(start, since)), generation
+
     def stop(self) -> None:
+        while self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         self._stop.set()
         self._woken.set()
         if self._timer is not None:
@@ -283,6 +318,30 @@ class LoopLagWatchdog:
                 plugin, where = "(unknown)", "(unknown)"
             finally:
                 del frame
+            collecting, generation = self._in_gc(due, now)
+            if collecting >= late / 2:
+                # The collector held the GIL for most of it (finishing, it may be running
+                # finalizers, which is where the loop's thread is seen): no plugin to blame
+                self.stalls.labels(_GC).inc()
+                self.last_stall = (_GC, late)
+                log.warning(
+                    "event loop stopped for more than %.0f ms by the garbage collector "
+                    "(generation %d, %.0f ms of it), during plugin %s: not a plugin blocking; "
+                    "see extproc_gc_pause_seconds",
+                    late * 1000,
+                    generation,
+                    collecting * 1000,
+                    plugin,
+                    extra={
+                        "plugin": _GC,
+                        "during": plugin,
+                        "lag_ms": round(late * 1000, 1),
+                        "gc_ms": round(collecting * 1000, 1),
+                        "gc_generation": generation,
+                        "where": where,
+                    },
+                )
+                continue
             self.stalls.labels(plugin).inc()
             self.last_stall = (plugin, late)
             log.warning(

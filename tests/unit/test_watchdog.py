@@ -4,6 +4,8 @@ watches the first piece of work after a quiet spell at full speed again."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import select
 import threading
@@ -11,6 +13,7 @@ import time
 
 import pytest
 
+from extproc.observability.gcpause import GcTimer
 from extproc.observability.metrics import Registry
 from extproc.observability.watchdog import LoopLagWatchdog, ThreadState, plugin_hook_codes
 
@@ -169,6 +172,43 @@ async def test_a_plugin_holding_the_gil_in_c_code_is_still_a_stall() -> None:
     assert blocked > 0.1, "the C call was too quick to be a stall on this machine"
     assert dog.frozen == 0
     assert dog.last_stall is not None and dog.last_stall[0] == "gil"
+
+
+async def test_a_long_garbage_collection_is_the_collectors_stall_not_the_plugins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A collection holds the GIL throughout and ends in Python finalizers, where the thread
+    finds the loop inside the hook that allocated last: the stall is the collector's."""
+
+    class Allocating:
+        async def on_request(self) -> None:
+            gc.collect()  # a full collection, as an allocation past the thresholds starts one
+
+    plugin = Allocating()
+    codes = plugin_hook_codes({"allocating": plugin})
+    heap = [[i] for i in range(2_000_000)]  # tracked objects for the collector to walk
+    dog = LoopLagWatchdog(Registry(), threshold=0.05, hook_codes=lambda: codes, interval=0.01)
+    pauses: list[float] = []
+    with (
+        caplog.at_level(logging.WARNING, "extproc.watchdog"),
+        GcTimer(lambda _, seconds: pauses.append(seconds)),
+    ):
+        dog.start()
+        try:
+            await asyncio.sleep(0.05)
+            await plugin.on_request()
+            await _reported(dog)
+        finally:
+            dog.stop()
+    del heap
+    assert max(pauses) > 0.1, "the collection was too quick to be a stall on this machine"
+    assert dog.last_stall is not None and dog.last_stall[0] == "(gc)"
+    assert dog.stalls.labels("(gc)").value == 1
+    assert dog.stalls.labels("allocating").value == 0
+    (record,) = [r for r in caplog.records if "garbage collector" in r.getMessage()]
+    assert record.during == "allocating"  # type: ignore[attr-defined]
+    assert record.gc_generation == 2  # type: ignore[attr-defined]
+    assert dog._on_gc not in gc.callbacks  # stop() took its callback out
 
 
 async def _right_after_a_beat(dog: LoopLagWatchdog) -> None:
