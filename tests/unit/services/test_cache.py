@@ -82,10 +82,18 @@ class FakeRedis:
         self.data: dict[str, tuple[bytes, int]] = {}
         self.fail = False
         self.hang = False
+        #: seconds a call cancelled while it hangs takes to clean up, shielded (as redis-py
+        #: drops the connection and gives it back to its pool under a lock)
+        self.cleanup = 0.0
 
     async def _maybe_fail(self) -> None:
         if self.hang:
-            await asyncio.Event().wait()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if self.cleanup:
+                    await asyncio.shield(asyncio.sleep(self.cleanup))
+                raise
         if self.fail:
             raise ConnectionError("redis down")
 
@@ -182,6 +190,45 @@ async def test_slow_l2_takes_at_most_half_of_what_the_plugin_has_left() -> None:
     finally:
         _deadline.reset(token)
     assert 0.15 <= loop.time() - start <= 0.3
+
+
+async def test_a_timed_out_call_does_not_wait_for_the_client_to_clean_up() -> None:
+    """A call that runs out of time is left behind, not cancelled under the caller: the miss
+    (or the dropped write) comes at the bound, and the call ends alone, its own bound and
+    clean-up later (here a clean-up of 0.5 s: redis-py, cancelled mid-reply, drops the
+    connection and hands it back to its pool under a lock)."""
+    redis = FakeRedis()
+    redis.hang = True
+    redis.cleanup = 0.5
+    c = tiered(redis)  # l2_timeout 50 ms
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await c.get("k") is None
+    await c.set("k", "v", 30)
+    await c.delete("k")
+    assert loop.time() - start < 0.4  # three bounds of 50 ms, not three clean-ups of 500
+    assert c.l2_errors == 3
+    assert len(c._pending) == 3  # still going: their own bound (100 ms), then the clean-up
+    await asyncio.wait(list(c._pending), timeout=5)
+    assert not c._pending
+
+
+async def test_a_cancelled_caller_leaves_the_call_behind_at_once() -> None:
+    redis = FakeRedis()
+    redis.hang = True
+    redis.cleanup = 0.5
+    c = TieredCache(MemoryCache(10), redis, encode=str.encode, decode=bytes.decode, l2_timeout=5)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(c.get("k"))
+    await asyncio.sleep(0.02)
+    start = loop.time()
+    reader.cancel()  # the plugin's deadline
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert loop.time() - start < 0.3  # not after the 0.5 s clean-up
+    (left,) = c._pending
+    left.cancel()  # the test does not wait for its 10 s bound
+    await asyncio.wait([left], timeout=5)
 
 
 async def test_undecodable_l2_value_is_a_miss() -> None:
