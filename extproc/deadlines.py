@@ -95,9 +95,18 @@ class DeadlineHeap:
     deadline bounds the work it guards (a plugin's dependency), not the queue for the CPU.
     Without this a valid request got its plugin's failure policy (a 503) because its Redis
     reply, which came in time, was read too late.
+
+    "Still waiting" is decided only after everything else the loop had due at that moment:
+    a due deadline whose task is waiting is looked at again on the loop's next ready
+    callback, not fired from the timer. One timer serves many deadlines, so it runs as
+    early as the earliest of them, and after a long turn it finds later ones due too, ahead of
+    other timers that were due before them - the guarded work's own, shorter timeout among
+    them (jwt_auth's Redis read of its token cache, bounded at 20 ms inside a 50 ms
+    deadline: its own timeout would have ended the wait and let the plugin verify the token
+    itself, but the deadline fired first, a 503 for a valid token after a busy spell).
     """
 
-    __slots__ = ("_handle", "_heap", "_seq", "armed", "loop", "stall_tolerance")
+    __slots__ = ("_deferred", "_handle", "_heap", "_seq", "armed", "loop", "stall_tolerance")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, *, stall_tolerance: float = STALL_TOLERANCE
@@ -109,6 +118,8 @@ class DeadlineHeap:
         self._handle: asyncio.TimerHandle | None = None
         #: when the timer is armed for (``inf``: not armed)
         self.armed = math.inf
+        #: due deadlines of waiting tasks, decided by :meth:`_decide` (scheduled when not empty)
+        self._deferred: list[Deadline] = []
 
     def __len__(self) -> int:
         """Deadlines still in the heap, the ones already marked done included."""
@@ -163,17 +174,42 @@ class DeadlineHeap:
                     later = now + late
                 elif entry.task is not None and _runnable(entry.task):
                     later = now + RUNNABLE_RECHECK
+                elif entry.task is not None:
+                    if not self._deferred:
+                        self.loop.call_soon(self._decide)
+                    self._deferred.append(entry)
+                    continue
                 if later:
                     entry.deadline = min(entry.limit, later)
                     heapq.heappush(heap, (entry.deadline, next(self._seq), entry))
                     continue
-            fire, entry._fire = entry._fire, None
-            entry.expired = entry.done = True
-            if fire is not None:
-                try:
-                    fire()
-                except Exception:  # one bad callback must not leave the others unfired
-                    log.exception("deadline callback failed")
+            self._expire(entry)
+
+    def _decide(self) -> None:
+        """The deferred deadlines, now that the loop ran what it had due with them: a task
+        whose wait ended meanwhile is looked at again later (up to its limit); the others'
+        deadlines fire."""
+        deferred, self._deferred = self._deferred, []
+        now = self.loop.time()
+        for entry in deferred:
+            if entry.done:
+                continue
+            if entry.task is not None and _runnable(entry.task):
+                entry.deadline = min(entry.limit, now + RUNNABLE_RECHECK)
+                heapq.heappush(self._heap, (entry.deadline, next(self._seq), entry))
+                if entry.deadline < self.armed:
+                    self._arm(entry.deadline)
+                continue
+            self._expire(entry)
+
+    def _expire(self, entry: Deadline) -> None:
+        fire, entry._fire = entry._fire, None
+        entry.expired = entry.done = True
+        if fire is not None:
+            try:
+                fire()
+            except Exception:  # one bad callback must not leave the others unfired
+                log.exception("deadline callback failed")
 
 
 def _runnable(task: asyncio.Task[object]) -> bool:

@@ -268,3 +268,44 @@ def test_a_socket_reply_that_came_in_time_is_read_on_both_loops(loop_kind: str) 
         assert loop.run_until_complete(_socket_reply_in_time_read_late()) == b"reply"
     finally:
         loop.close()
+
+
+async def _own_timeout_due_first() -> str:
+    """The guarded work bounds its own wait (20 ms; a plugin's Redis read) inside its
+    deadline (30 ms, limit far later) and falls back when that bound ends it. Another
+    deadline (5 ms) has the heap's one timer armed early, and a long turn (40 ms) makes all
+    three due at once: the heap's timer runs first and finds the deadline due and the task
+    still waiting, since the work's own bound, due earlier, has not run yet."""
+    loop = asyncio.get_running_loop()
+    heap = DeadlineHeap(loop, stall_tolerance=0.02)
+    start = loop.time()
+    heap.at(start + 0.005, lambda: None)  # another request's deadline
+    loop.call_at(start + 0.001, time.sleep, 0.04)  # the worker busy with other requests
+
+    async def guarded() -> str:
+        with heap.timeout(start + 0.03, limit=start + 1.0):
+            try:
+                async with asyncio.timeout_at(start + 0.02):
+                    await loop.create_future()  # the dependency does not answer
+            except TimeoutError:
+                return "fallback"
+            return "answer"
+
+    try:
+        return await guarded()
+    except TimeoutError:
+        return "timeout"
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_deadline_is_decided_after_the_work_s_own_earlier_timeout(loop_kind: str) -> None:
+    """Due together, the work's own timeout (due first) ends its wait, and the deadline finds
+    the task runnable: the plugin's fallback answers, not its failure policy (before: a 503
+    from jwt_auth for a valid token whose Redis read ran out of its 20 ms in a busy spell)."""
+    import uvloop
+
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(_own_timeout_due_first()) == "fallback"
+    finally:
+        loop.close()
