@@ -187,12 +187,17 @@ class TieredCache(Generic[V]):
             await asyncio.wait((task,), timeout=budget)
         finally:
             if not task.done():
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
-                task.add_done_callback(_retrieve)
+                self._keep(task)
         if not task.done():
             raise TimeoutError
         return task.result()
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a call nobody waits for until it ends (``aclose`` waits for them, briefly),
+        and read its outcome so asyncio does not log it."""
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_retrieve)
 
     async def _alone(self, call: Callable[[], Awaitable[R]]) -> R:
         async with asyncio.timeout(2 * self._l2_timeout):
@@ -257,9 +262,7 @@ class TieredCache(Generic[V]):
         self.l1.set_nowait(key, value, min(ttl, self._l1_max_ttl))
         if self.redis is None or ttl <= 0:
             return
-        task = asyncio.get_running_loop().create_task(self._write_l2(key, value, ttl))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._keep(asyncio.get_running_loop().create_task(self._write_l2(key, value, ttl)))
 
     async def _write_l2(self, key: str, value: V, ttl: float) -> None:
         assert self.redis is not None
@@ -289,6 +292,6 @@ class TieredCache(Generic[V]):
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
-    """A left-behind call's outcome is nobody's: read it so asyncio does not log it."""
+    """A call nobody waits for: read its outcome so asyncio does not log it."""
     if not task.cancelled():
         task.exception()
