@@ -183,6 +183,9 @@ class TieredCache(Generic[V]):
         """``call()`` in a task, waited for at most ``budget`` seconds (TimeoutError past it);
         on time out or on the caller's cancellation the task goes on alone (see the class)."""
         task = asyncio.get_running_loop().create_task(self._alone(call))
+        # read at the end whoever waits: the caller may be cancelled after the call failed
+        # and before it woke to read the failure
+        task.add_done_callback(_retrieve)
         try:
             await asyncio.wait((task,), timeout=budget)
         finally:
@@ -193,11 +196,9 @@ class TieredCache(Generic[V]):
         return task.result()
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
-        """Hold a call nobody waits for until it ends (``aclose`` waits for them, briefly),
-        and read its outcome so asyncio does not log it."""
+        """Hold a call nobody waits for until it ends (``aclose`` waits for them, briefly)."""
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
-        task.add_done_callback(_retrieve)
 
     async def _alone(self, call: Callable[[], Awaitable[R]]) -> R:
         async with asyncio.timeout(2 * self._l2_timeout):

@@ -181,3 +181,39 @@ async def test_a_dependency_that_answered_in_time_is_not_a_timeout(isolate: bool
     c = chain(Answered(None), isolate=isolate, timeout=0.010, budget=1.0)
     outcome = await c.run(request_headers())
     assert outcome.respond is None
+
+
+class FailsAsTheStreamEnds(Plugin):
+    """Fails just as Envoy resets the stream: the chain's run is cancelled before it wakes to
+    read the failure."""
+
+    name = "fails-as-the-stream-ends"
+    runner: asyncio.Task[object] | None = None
+
+    async def on_request(self, event: RequestEvent) -> Result:
+        assert self.runner is not None
+        self.runner.cancel()
+        raise RuntimeError("boom")
+
+
+async def test_a_hook_that_failed_as_the_stream_was_cancelled_is_not_logged_by_asyncio() -> None:
+    """asyncio logs an unread task failure ("Task exception was never retrieved", with the
+    plugin's traceback) when the task is freed; the chain reads it even when nobody waits."""
+    import gc
+
+    plugin = FailsAsTheStreamEnds(None)
+    c = chain(plugin, isolate=True, timeout=0.05, budget=1.0)
+    loop = asyncio.get_running_loop()
+    logged: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: logged.append(context))
+    try:
+        plugin.runner = run = loop.create_task(c.run(request_headers()))
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await asyncio.sleep(0.1)  # past the deadline: its timer lets go of the hook's task
+        del run  # and so does the cancelled run's traceback
+        plugin.runner = None
+        gc.collect()
+        assert logged == []
+    finally:
+        loop.set_exception_handler(None)

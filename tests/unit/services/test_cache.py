@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -250,3 +251,31 @@ async def test_without_redis_it_is_l1_only() -> None:
     c = tiered(None)
     await c.set("k", "v", 10)
     assert await c.get("k") == "v"
+
+
+async def test_a_call_that_failed_as_its_caller_was_cancelled_is_not_logged() -> None:
+    """The call fails and, before its caller wakes to read the failure, the caller is
+    cancelled (the plugin's deadline): the failure is still read, so asyncio does not log
+    "Task exception was never retrieved" with a traceback to stderr."""
+    redis = FakeRedis()
+    c = tiered(redis)
+    loop = asyncio.get_running_loop()
+    logged: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: logged.append(context))
+    reader: asyncio.Task[Any] | None = None
+
+    def fail_and_cancel_the_caller(transaction: bool = False) -> Any:
+        assert reader is not None
+        reader.cancel()
+        raise ConnectionError("pool exhausted")
+
+    redis.pipeline = fail_and_cancel_the_caller  # type: ignore[method-assign]
+    try:
+        reader = loop.create_task(c.get("k"))
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await asyncio.sleep(0)
+        gc.collect()  # a task's unread failure is logged when the task is freed
+        assert logged == []
+    finally:
+        loop.set_exception_handler(None)
