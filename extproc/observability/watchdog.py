@@ -29,9 +29,10 @@ that long (the thread cannot tell how much earlier it began).
 The cyclic garbage collector stops the loop too, and no plugin is to blame: a collection
 holds the GIL for its whole length, and its finalizers (weakref callbacks) run Python code,
 which is where the thread then finds the loop, inside whichever hook allocated last. So a gc
-callback notes when each collection starts and ends, and a stall at least half spent in a
-collection is reported as the collector's (``plugin="(gc)"``, with the generation and the hook
-it interrupted), not as that hook's.
+callback notes when each collection starts and ends, and a stall at least half spent in
+collections (added up: one stall can hold several) is reported as the collector's
+(``plugin="(gc)"``, with the oldest generation among them and the hook it interrupted), not
+as that hook's.
 
 A process that did not run at all - stopped (SIGSTOP, a debugger), or on a machine that
 stalled (a VM paused, its host overloaded) - comes back with every beat late, though no code of
@@ -64,6 +65,10 @@ log = logging.getLogger("extproc.watchdog")
 _HOOKS = ("on_request", "on_response", "on_error", "initialize", "health_check", "shutdown")
 #: the ``plugin`` of a stall the cyclic garbage collector caused
 _GC = "(gc)"
+#: collections remembered for a stall's account: under load they come a few a second at
+#: most (extproc_gc_pause_seconds), a stall is looked at within ~10 ms of its end, and a hook
+#: whose allocations set off more than this many within one stall is to blame itself
+_GC_KEPT = 16
 
 
 def plugin_hook_codes(plugins: Mapping[str, object]) -> dict[CodeType, str]:
@@ -181,10 +186,11 @@ class LoopLagWatchdog:
         self._probe = 0.0  # when the last probe was sent
         self._answered = 0.0  # the send time of the last probe the loop ran
         #: the cyclic collection in progress: (start, generation), start 0 when none; and
-        #: the last one that ended: (start, end, generation). Written by the gc callback, on
-        #: whichever thread collects (each a tuple: read whole by the watchdog's thread)
+        #: the last ones that ended: (start, end, generation) each, oldest first. Written by
+        #: the gc callback, on whichever thread collects (each replaced by a new tuple: read
+        #: whole by the watchdog's thread)
         self._gc_now: tuple[float, int] = (0.0, 0)
-        self._gc_last: tuple[float, float, int] = (0.0, 0.0, 0)
+        self._gc_ended: tuple[tuple[float, float, int], ...] = ()
 
     def start(self, *, probe_when_idle: bool = True) -> None:
         self._loop = asyncio.get_running_loop()
@@ -224,17 +230,24 @@ class LoopLagWatchdog:
         if phase == "start":
             self._gc_now = (self._clock(), info["generation"])
         else:
-            self._gc_last = (self._gc_now[0], self._clock(), info["generation"])
+            ended = (self._gc_now[0], self._clock(), info["generation"])
+            self._gc_ended = (*self._gc_ended[1 - _GC_KEPT :], ended)
             self._gc_now = (0.0, 0)
 
     def _in_gc(self, since: float, now: float) -> tuple[float, int]:
-        """How long the cyclic collector ran between ``since`` and ``now`` (the one in
-        progress, else the last one), and that collection's generation."""
+        """How long the cyclic collector ran between ``since`` and ``now``: the collection in
+        progress and the last ones that ended, added up (a stall can hold several short
+        ones); and the oldest generation among them."""
+        total, oldest = 0.0, -1
         start, generation = self._gc_now
         if start:
-            return now - max(start, since), generation
-        start, end, generation = self._gc_last
-        return max(0.0, min(end, now) - max(start, since)), generation
+            total, oldest = now - max(start, since), generation
+        for start, end, generation in self._gc_ended:
+            overlap = min(end, now) - max(start, since)
+            if overlap > 0:
+                total += overlap
+                oldest = max(oldest, generation)
+        return total, max(oldest, 0)
 
     def stop(self) -> None:
         while self._on_gc in gc.callbacks:
