@@ -6,6 +6,7 @@ bearer token are masked before a record is written.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
@@ -78,8 +79,9 @@ class RepeatThrottle(logging.Filter):
     unreachable its exporter logs a warning per retry and an error per batch, and its batch
     processor, once its queue is full, a warning per span it drops: with every stream traced
     at a thousand requests a second, a thousand lines a second from a sidecar that is
-    otherwise fine. Held-back records are not written (nor formatted) at all; the count of
-    the last interval is lost if no record of that message comes after it."""
+    otherwise fine. Held-back records are not written (nor formatted) at all. The count of a
+    message's last interval comes with the next record of it that passes or, when none comes
+    before the process ends, at its exit (:meth:`drain`)."""
 
     def __init__(
         self,
@@ -92,8 +94,8 @@ class RepeatThrottle(logging.Filter):
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        #: (logger, level, format) -> [when it last passed, held back since]
-        self._seen: dict[tuple[str, int, object], list[float]] = {}
+        #: (logger, level, format) -> [when it last passed, held back since, the last held]
+        self._seen: dict[tuple[str, int, object], list[Any]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.name
@@ -106,13 +108,14 @@ class RepeatThrottle(logging.Filter):
             if seen is None:
                 if len(self._seen) >= 1_000:  # messages with varying formats: forget the old
                     self._seen.clear()
-                self._seen[key] = [now, 0]
+                self._seen[key] = [now, 0, None]
                 return True
-            passed, held = seen
+            passed, held, _ = seen
             if now - passed < self.interval:
                 seen[1] = held + 1
+                seen[2] = record
                 return False
-            seen[0], seen[1] = now, 0
+            seen[0], seen[1], seen[2] = now, 0, None
         if held:
             record.msg = (
                 f"{record.getMessage()} ({int(held)} more like this in the last "
@@ -120,6 +123,39 @@ class RepeatThrottle(logging.Filter):
             )
             record.args = None
         return True
+
+    def drain(self) -> list[logging.LogRecord]:
+        """For each message with records held back since it last passed: the last of them,
+        saying how many more there were. What is drained is forgotten, so these records pass
+        this filter (as a message seen for the first time)."""
+        now = self._clock()
+        out = []
+        with self._lock:
+            for key, (passed, held, last) in list(self._seen.items()):
+                if not held:
+                    continue
+                del self._seen[key]
+                record = logging.makeLogRecord(vars(last))
+                record.msg = record.getMessage()
+                if held > 1:
+                    record.msg += (
+                        f" ({int(held) - 1} more like this in the last {now - passed:.0f} s "
+                        "not logged)"
+                    )
+                record.args = None
+                out.append(record)
+        return out
+
+
+#: the handler and throttle of the last :func:`configure_logging`, for the exit
+_AT_EXIT: list[tuple[logging.Handler, RepeatThrottle]] = []
+
+
+def _write_held() -> None:
+    """At exit (before logging's own shutdown, registered earlier): what the throttle held."""
+    for handler, throttle in _AT_EXIT:
+        for record in throttle.drain():
+            handler.handle(record)
 
 
 def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
@@ -129,7 +165,11 @@ def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(TraceIdFilter())
     # the OpenTelemetry SDK's own complaints (an unreachable collector): once a minute each
-    handler.addFilter(RepeatThrottle())
+    throttle = RepeatThrottle()
+    handler.addFilter(throttle)
+    if not _AT_EXIT:
+        atexit.register(_write_held)
+    _AT_EXIT[:] = [(handler, throttle)]
     if settings.format == "json":
         handler.setFormatter(JsonFormatter(settings.sensitive_headers))
     else:

@@ -126,3 +126,42 @@ def test_configure_logging_throttles_the_sdk_not_extproc() -> None:
     assert [r["msg"] for r in lines if r["logger"].startswith("opentelemetry")] == [
         "Queue full, dropping span."
     ]
+
+
+def test_what_was_held_last_is_written_at_exit() -> None:
+    """The count of a message's last interval is not lost when no later record comes: at the
+    process's exit the last held record is written with it."""
+    clock = _Clock()
+    throttle = RepeatThrottle(interval=60.0, clock=clock)
+    name = "opentelemetry.sdk._shared_internal"
+    for i in range(5):
+        clock.now += 1.0
+        throttle.filter(_record(name, "Queue full, dropping %s %d.", "span", i))
+    assert throttle.filter(_record(name, "Exception while exporting %s.", "span"))  # none held
+    clock.now += 10.0
+    (held,) = throttle.drain()
+    assert held.name == name and held.levelno == logging.WARNING
+    assert held.getMessage() == (
+        "Queue full, dropping span 4. (3 more like this in the last 14 s not logged)"
+    )
+    assert throttle.filter(held)  # drained: the exit's record is not held back itself
+    assert throttle.drain() == []
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_logging_writes_the_held_count_at_exit() -> None:
+    from extproc.observability import logging as extproc_logging
+
+    out = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=out)
+    # (not the SDK's _shared_internal logger: once imported, it has a duplicate filter of its own)
+    exporter = logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter")
+    for delay in (1, 2, 4):
+        exporter.warning("Transient error %s, retrying in %ds.", "UNAVAILABLE", delay)
+    extproc_logging._write_held()  # as atexit calls it
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["msg"] for r in lines] == [
+        "Transient error UNAVAILABLE, retrying in 1s.",
+        "Transient error UNAVAILABLE, retrying in 4s. (1 more like this in the last 0 s not "
+        "logged)",
+    ]
