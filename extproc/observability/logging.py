@@ -136,7 +136,10 @@ class RepeatThrottle(logging.Filter):
                     continue
                 del self._seen[key]
                 record = logging.makeLogRecord(vars(last))
-                record.msg = record.getMessage()
+                try:
+                    record.msg = record.getMessage()
+                except Exception:  # arguments that do not fit the format: logged as they are
+                    record.msg = f"{record.msg} {record.args!r}"
                 if held > 1:
                     record.msg += (
                         f" ({int(held) - 1} more like this in the last {now - passed:.0f} s "

@@ -229,7 +229,7 @@ class LoopLagWatchdog:
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_now = (self._clock(), info["generation"])
-        else:
+        elif self._gc_now[0]:  # (not a collection that began before the callback was in)
             ended = (self._gc_now[0], self._clock(), info["generation"])
             self._gc_ended = (*self._gc_ended[1 - _GC_KEPT :], ended)
             self._gc_now = (0.0, 0)

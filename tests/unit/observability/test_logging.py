@@ -146,6 +146,10 @@ def test_what_was_held_last_is_written_at_exit() -> None:
     )
     assert throttle.filter(held)  # drained: the exit's record is not held back itself
     assert throttle.drain() == []
+    for _ in range(2):  # arguments that do not fit the format are written as they are
+        throttle.filter(_record(name, "Dropped %d spans.", "many"))
+    (odd,) = throttle.drain()
+    assert odd.getMessage() == "Dropped %d spans. ('many',)"
 
 
 @pytest.mark.usefixtures("restore_logging")
