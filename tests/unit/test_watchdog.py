@@ -10,6 +10,7 @@ import os
 import select
 import threading
 import time
+from typing import Protocol
 
 import pytest
 
@@ -174,6 +175,21 @@ async def test_a_plugin_holding_the_gil_in_c_code_is_still_a_stall() -> None:
     assert dog.last_stall is not None and dog.last_stall[0] == "gil"
 
 
+class _Hook(Protocol):
+    async def on_request(self) -> None: ...
+
+
+async def _watched_call(dog: LoopLagWatchdog, plugin: _Hook) -> None:
+    """The hook called once under a running watchdog, until its stall is reported."""
+    dog.start()
+    try:
+        await asyncio.sleep(0.05)
+        await plugin.on_request()
+        await _reported(dog)
+    finally:
+        dog.stop()
+
+
 async def test_a_long_garbage_collection_is_the_collectors_stall_not_the_plugins(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -193,13 +209,7 @@ async def test_a_long_garbage_collection_is_the_collectors_stall_not_the_plugins
         caplog.at_level(logging.WARNING, "extproc.watchdog"),
         GcTimer(lambda _, seconds: pauses.append(seconds)),
     ):
-        dog.start()
-        try:
-            await asyncio.sleep(0.05)
-            await plugin.on_request()
-            await _reported(dog)
-        finally:
-            dog.stop()
+        await _watched_call(dog, plugin)
     del heap
     assert max(pauses) > 0.1, "the collection was too quick to be a stall on this machine"
     assert dog.last_stall is not None and dog.last_stall[0] == "(gc)"
@@ -346,13 +356,7 @@ async def test_several_collections_in_one_stall_are_added_up(
     one = time.perf_counter() - started
     dog = LoopLagWatchdog(Registry(), threshold=2.5 * one, hook_codes=lambda: codes, interval=0.01)
     with caplog.at_level(logging.WARNING, "extproc.watchdog"):
-        dog.start()
-        try:
-            await asyncio.sleep(0.05)
-            await plugin.on_request()
-            await _reported(dog)
-        finally:
-            dog.stop()
+        await _watched_call(dog, plugin)
     del heap
     assert dog.last_stall is not None and dog.last_stall[0] == "(gc)"
     assert dog.stalls.labels("allocating").value == 0
