@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) system-deps
 
 # System tools the tests drive for real: redis-server (rate limiting, faults), wrk (the
-# benchmark's smoke test), valgrind (bench.instructions) and strace (bench.syscalls).
+# benchmark's smoke test), valgrind (bench.instructions), strace (bench.syscalls) and perf
+# (bench.stalls; Debian's package linux-perf).
 # Installed with apt when missing and we may; else a clear hint.
 system-deps:
 	@missing=""; \
@@ -33,6 +34,7 @@ system-deps:
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v valgrind >/dev/null || missing="$$missing valgrind"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
+	command -v perf >/dev/null || missing="$$missing linux-perf"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \

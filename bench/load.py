@@ -37,6 +37,9 @@ class LoadResult:
     #: loop: the shape of its tail)
     latency_ms: dict[str, float]
     extra: dict[str, float] = field(default_factory=dict)
+    #: open loop: each answered request's scheduled send time and its reply's arrival, in
+    #: send order (``time.perf_counter``, the monotonic clock): when in the run the slow ones were
+    spans: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
     @property
     def rps(self) -> float:
@@ -159,6 +162,8 @@ class _Target:
         #: requests scheduled while every connection was busy: (scheduled time, index)
         self.backlog: collections.deque[tuple[float, int]] = collections.deque()
         self.latencies: list[float] = []
+        #: (scheduled, replied) of each answered request
+        self.spans: list[tuple[float, float]] = []
         #: per request, how late it was written (from its scheduled time): the sender's own
         #: lateness and any wait for a free connection, charged to the server like a slow reply
         self.late: list[float] = []
@@ -258,6 +263,7 @@ def _run_open_loop(
                         continue
                     status, close = got
                     t.latencies.append(now - c.scheduled)
+                    t.spans.append((c.scheduled, now))
                     t.statuses[status] += 1
                     t.last_reply = now
                     done_with(t, replace(t, c) if close else c)
@@ -327,6 +333,7 @@ def _result(t: _Target, rate: float, start: float, clock: Callable[[], float]) -
             "send_late_p50_ms": pct(50, late),
             "send_late_p99_ms": pct(99, late),
         },
+        spans=sorted(t.spans),
     )
 
 

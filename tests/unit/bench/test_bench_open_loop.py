@@ -5,6 +5,7 @@ them."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import socketserver
 import threading
@@ -85,6 +86,20 @@ def test_a_queue_for_a_busy_connection_is_charged_as_latency(port: int) -> None:
     assert result.latency_ms["p50"] >= 20.0
     assert result.latency_ms["p99"] >= 1000.0  # measured from the send time it would be 20
     assert result.extra["send_late_p99_ms"] >= 1000.0  # written late: queued for the connection
+
+
+def test_each_answer_keeps_its_scheduled_time_and_its_arrival(port: int) -> None:
+    # 20 requests 10 ms apart on one connection, each 20 ms: the queue grows, and the spans
+    # say when each was due and when it came back, in send order
+    result = open_loop(port, [_get("/slow")], rate=100, duration_s=0.2, connections=1)
+    assert len(result.spans) == result.requests == 20
+    due = [s for s, _ in result.spans]
+    gaps = [b - a for a, b in itertools.pairwise(due)]
+    assert all(g == pytest.approx(0.01, abs=1e-6) for g in gaps)  # the schedule, not sends
+    waits = [done - sent for sent, done in result.spans]
+    assert min(waits) >= 0.02
+    assert waits[-1] > waits[0] + 0.1  # the last waited behind the other nineteen
+    assert result.latency_ms["p50"] == pytest.approx(sorted(waits)[10] * 1000)
 
 
 def test_errors_and_closed_connections(port: int) -> None:

@@ -1,0 +1,311 @@
+"""How much of the tail at a fixed rate is the machine's, not the stack's: the CPU time that
+tasks outside the benchmark take in runs long enough to hold a request up.
+
+Found on 2026-12-07: on this project's VMs the kernel's DAMON thread (``kdamond.0``, physical
+address monitoring with a ``pageout`` scheme, sampling every 500 ms) takes one of the two vCPUs
+for 3-5 ms twice a second, and the kernel is built without preemption (``PREEMPT_NONE``), so a
+task woken on that CPU waits until it is done. At 1,000 req/s those windows delay ~1 % of the
+requests through a sidecar - the p99 itself. This tool measures that for any machine.
+
+For each scenario (each sidecar alone, started again and warmed at the rate, as in
+``bench.run``'s open-loop phase; ``passthrough`` always first, the reference for *added*): the
+open-loop generator at ``--rate`` for ``--duration`` seconds while ``perf`` records every
+context switch on every CPU (``sched:sched_switch``, on the monotonic clock the generator uses).
+A *foreign stall* is a run of at least ``--min-run-ms`` (0.5) by a task that is not the
+benchmark's (this process, and every process under it: Envoy, the sidecars, Redis, perf) and not
+the idle task. Each request is a span from its scheduled send time to its reply; the report
+gives, per scenario, the p99 of all requests and of those that overlap no foreign stall, both
+also less passthrough's (medians over rounds), the share of requests that overlapped one, and
+who stalled. The *all requests* figure is the one the targets are judged on; the other says how
+much of it the machine's own threads put there. ``perf`` costs every context switch a little
+(a few µs per request here), alike in every row.
+
+Run: ``python -m bench.stalls [--scenarios a,b] [--rate 1000] [--duration 6] [--rounds 3]
+[--out FILE.md]``. Needs ``perf`` (Debian: ``linux-perf``) and the right to trace every CPU
+(root, or ``kernel.perf_event_paranoid`` -1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.load import LoadResult, open_loop
+from bench.run import LATENCY_WARM_S, _requests
+from bench.stack import Stack, scenario
+from bench.traffic import make_traffic
+
+__all__ = ["Stall", "main", "parse_switches", "split_tail", "table"]
+
+DEFAULT_SCENARIOS = ("bare-http2-redis", "extproc-h2", "extproc-jwt-rl-h2", "extproc-jwt-rl")
+REFERENCE = "passthrough"
+
+#: a ``perf script -F pid,tid,cpu,time,trace`` line of ``sched:sched_switch``
+_SWITCH = re.compile(
+    r"^\s*(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+prev_comm=(.*?) prev_pid=(\d+) .*"
+    r"==> next_comm=(.*?) next_pid=(\d+) "
+)
+#: ... and of ``sched:sched_process_fork`` (a thread's creation too)
+_FORK = re.compile(r"^\s*(\d+)/\d+\s+\[\d+\]\s+[\d.]+:\s+comm=.* child_pid=(\d+)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """A foreign task's run on one CPU, ``start`` to ``end`` on the monotonic clock."""
+
+    start: float
+    end: float
+    cpu: int
+    comm: str
+    pid: int
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def parse_switches(lines: Iterable[str], ours: set[int], min_run: float) -> list[Stall]:
+    """The runs of at least ``min_run`` seconds by tasks whose process is not in ``ours`` (and
+    not the idle task), from ``perf script`` lines of context switches and forks (a process
+    forked by one of ``ours`` is ours: it may have exited before anyone could look it up).
+    A run is known from the switch that put its task on the CPU to the one that took it off;
+    the first run seen on each CPU has no start and is left out."""
+    ours = set(ours)
+    on_cpu: dict[int, float] = {}  # cpu -> when its current task was switched in
+    stalls = []
+    for line in lines:
+        m = _SWITCH.match(line)
+        if m is None:
+            fork = _FORK.match(line)
+            if fork is not None and int(fork.group(1)) in ours:
+                ours.add(int(fork.group(2)))
+            continue
+        pid, tid, cpu, t = int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4))
+        began = on_cpu.get(cpu)
+        on_cpu[cpu] = t
+        if began is None or tid == 0 or pid in ours:
+            continue
+        if t - began >= min_run:
+            stalls.append(Stall(began, t, cpu, m.group(5), pid))
+    return stalls
+
+
+def descendants(root: int) -> set[int]:
+    """``root`` and every process under it, now (from ``/proc``)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return found
+
+
+def split_tail(
+    spans: Sequence[tuple[float, float]], stalls: Sequence[Stall]
+) -> tuple[list[float], list[float]]:
+    """Latencies (seconds) of all requests, and of those whose span overlaps no stall."""
+    windows = sorted((s.start, s.end) for s in stalls)
+    every, clear = [], []
+    i = 0
+    for sent, done in sorted(spans):
+        every.append(done - sent)
+        while i < len(windows) and windows[i][1] <= sent:
+            i += 1  # spans are in send order: a window over before this one is over for all
+        # a window still open at ``sent``, or one that opens before ``done`` (a long span can
+        # reach past the next ones)
+        j = i
+        hit = False
+        while j < len(windows) and windows[j][0] < done:
+            if windows[j][1] > sent:
+                hit = True
+                break
+            j += 1
+        if not hit:
+            clear.append(done - sent)
+    return every, clear
+
+
+def _p99_ms(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000
+
+
+@contextlib.contextmanager
+def _switches(workdir: Path, min_run: float) -> Iterator[list[Stall]]:
+    """Record every CPU's context switches while the block runs; then fill the list with the
+    foreign stalls (runs of at least ``min_run`` seconds)."""
+    data = workdir / "switches.data"
+    recorder = subprocess.Popen(
+        ["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_process_fork",
+         "-k", "CLOCK_MONOTONIC", "-a", "-o", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.3)  # perf has opened its events
+    stalls: list[Stall] = []
+    ours = descendants(os.getpid())
+    try:
+        yield stalls
+    finally:
+        ours |= descendants(os.getpid())
+        recorder.send_signal(signal.SIGINT)
+        _, err = recorder.communicate(timeout=60)
+        if recorder.returncode not in (0, -signal.SIGINT) or not data.exists():
+            raise RuntimeError(f"perf record failed: {err.strip()[-500:]}")
+        with subprocess.Popen(
+            ["perf", "script", "-i", str(data), "-F", "pid,tid,cpu,time,trace"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        ) as script:  # fmt: skip
+            assert script.stdout is not None
+            stalls.extend(parse_switches(script.stdout, ours, min_run))
+        data.unlink()
+
+
+@dataclass(slots=True)
+class Sample:
+    """One scenario's round: the generator's result and the stalls during it."""
+
+    result: LoadResult
+    stalls: list[Stall]
+
+    def figures(self) -> dict[str, float]:
+        every, clear = split_tail(self.result.spans, self.stalls)
+        seconds = max(self.result.duration_s, 1e-9)
+        return {
+            "p99": _p99_ms(every),
+            "p99_clear": _p99_ms(clear),
+            "overlapped": 1 - len(clear) / max(1, len(every)),
+            "stalls_per_s": len(self.stalls) / seconds,
+            "stall_ms_per_s": sum(s.seconds for s in self.stalls) * 1000 / seconds,
+            "longest_ms": max((s.seconds for s in self.stalls), default=0.0) * 1000,
+        }
+
+
+def measure(
+    keys: Sequence[str],
+    *,
+    rate: float,
+    duration_s: float,
+    rounds: int,
+    min_run: float,
+    workdir: Path,
+) -> dict[str, list[Sample]]:
+    """Per scenario (``passthrough`` first), one :class:`Sample` per round."""
+    chosen = [scenario(k) for k in (REFERENCE, *[k for k in keys if k != REFERENCE])]
+    traffic = make_traffic(1000)
+    out: dict[str, list[Sample]] = {s.key: [] for s in chosen}
+    with Stack(chosen, traffic, workdir / "stack") as stack:
+        for n in range(rounds):
+            print(f"round {n + 1}/{rounds}", flush=True)
+            for s in chosen:
+                port = stack.port(s.key)
+                requests = _requests(stack, s, traffic)
+                stack.alone(s.key)
+                open_loop(port, requests, rate=rate, duration_s=LATENCY_WARM_S)  # warm
+                with _switches(workdir, min_run) as stalls:
+                    result = open_loop(port, requests, rate=rate, duration_s=duration_s)
+                if result.errors(frozenset({"200"})):
+                    raise RuntimeError(f"{s.key}: errors: {result.statuses}")
+                sample = Sample(result, stalls)
+                out[s.key].append(sample)
+                f = sample.figures()
+                print(
+                    f"  {s.key:<20} p99 {f['p99']:5.2f} ms, clear of stalls {f['p99_clear']:5.2f}"
+                    f"  ({f['overlapped']:.1%} overlapped {f['stalls_per_s']:.1f} stalls/s)",
+                    flush=True,
+                )
+    return out
+
+
+def table(samples: dict[str, list[Sample]]) -> str:
+    """Markdown: per scenario, medians over rounds; *added* is less ``passthrough``'s figure of
+    the same round."""
+    ref = [x.figures() for x in samples[REFERENCE]]
+    head = (
+        "| scenario | p99 ms | added p99 ms | p99 clear of stalls ms | added, clear ms | "
+        "requests overlapping a stall | stalls/s | stall ms/s | longest ms | who |"
+    )
+    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for key, rows in samples.items():
+        figs = [x.figures() for x in rows]
+
+        def med(name: str, figs: list[dict[str, float]] = figs) -> float:
+            return statistics.median(f[name] for f in figs)
+
+        added = statistics.median(f["p99"] - r["p99"] for f, r in zip(figs, ref, strict=True))
+        added_clear = statistics.median(
+            f["p99_clear"] - r["p99_clear"] for f, r in zip(figs, ref, strict=True)
+        )
+        who: Counter[str] = Counter()
+        for x in rows:
+            for s in x.stalls:
+                who[s.comm] += round(s.seconds * 1e6)
+        total = sum(who.values()) or 1
+        names = ", ".join(f"{c} {us / total:.0%}" for c, us in who.most_common(3))
+        out.append(
+            f"| `{key}` | {med('p99'):.2f} | {added:.2f} | {med('p99_clear'):.2f} | "
+            f"{added_clear:.2f} | {med('overlapped'):.2%} | {med('stalls_per_s'):.1f} | "
+            f"{med('stall_ms_per_s'):.1f} | {med('longest_ms'):.1f} | {names or '-'} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS))
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-run-ms", type=float, default=0.5)
+    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    if shutil.which("perf") is None:
+        raise SystemExit("perf is missing: apt-get install linux-perf")
+    keys = [k for k in args.scenarios.split(",") if k]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="extproc-stalls-") as tmp:
+        samples = measure(
+            keys, rate=args.rate, duration_s=args.duration, rounds=args.rounds,
+            min_run=args.min_run_ms / 1000, workdir=Path(tmp),
+        )  # fmt: skip
+    report = (
+        f"# Foreign CPU stalls in the tail ({started})\n\n"
+        f"`python -m bench.stalls {' '.join(argv if argv is not None else sys.argv[1:])}`: "
+        f"{args.rate:g} req/s open loop for {args.duration:g} s per scenario and round, "
+        f"{args.rounds} rounds, each sidecar alone; a stall is a run of at least "
+        f"{args.min_run_ms:g} ms on a CPU by a task outside the benchmark. Medians over rounds.\n\n"
+        + table(samples)
+        + "\n"
+    )
+    print("\n" + report)
+    if args.out is not None:
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""bench.stalls: foreign CPU runs read from perf's context switches, and requests split by
+whether their span overlapped one."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.stalls import Stall, parse_switches, split_tail
+
+
+def _switch(pid: int, cpu: int, t: float, prev: str, nxt: str, next_pid: int) -> str:
+    return (
+        f"{pid:>6}/{pid:<6} [{cpu:03d}] {t:.6f}: prev_comm={prev} prev_pid={pid} prev_prio=120 "
+        f"prev_state=S ==> next_comm={nxt} next_pid={next_pid} next_prio=120"
+    )
+
+
+def test_a_foreign_run_is_a_stall_from_its_switch_in_to_its_switch_out() -> None:
+    lines = [
+        _switch(0, 0, 10.000000, "swapper/0", "kdamond.0", 107),  # idle -> kdamond
+        _switch(107, 0, 10.004000, "kdamond.0", "python", 500),  # kdamond ran 4 ms
+        _switch(500, 0, 10.004100, "python", "swapper/0", 0),  # ours: never a stall
+        _switch(0, 1, 10.001000, "swapper/1", "1_scheduler", 77),  # first seen on cpu 1
+        _switch(77, 1, 10.001200, "1_scheduler", "df", 88),  # 0.2 ms: under the minimum
+        _switch(88, 1, 10.002000, "df", "swapper/1", 0),  # 0.8 ms
+        "garbage line that perf would not print",
+    ]
+    stalls = parse_switches(lines, ours={500}, min_run=0.0005)
+    assert stalls == [
+        Stall(10.0, 10.004, 0, "kdamond.0", 107),
+        Stall(10.0012, 10.002, 1, "df", 88),
+    ]
+    assert stalls[0].seconds == pytest.approx(0.004)
+
+
+def test_the_first_switch_on_a_cpu_has_no_start_and_the_idle_task_is_not_foreign() -> None:
+    lines = [
+        _switch(107, 0, 10.004, "kdamond.0", "swapper/0", 0),  # its start was before the trace
+        _switch(0, 0, 11.000, "swapper/0", "python", 500),  # idle for a second: not a stall
+    ]
+    assert parse_switches(lines, ours={500}, min_run=0.0005) == []
+
+
+def test_a_command_name_with_spaces_is_read_whole() -> None:
+    lines = [
+        _switch(0, 0, 1.0, "swapper/0", "x", 9),
+        _switch(9, 0, 1.01, "Web Content", "swapper/0", 0),
+    ]
+    (stall,) = parse_switches(lines, ours=set(), min_run=0.0005)
+    assert stall.comm == "Web Content"
+
+
+def test_requests_that_overlap_a_stall_are_left_out_of_the_clear_ones() -> None:
+    stalls = [Stall(1.000, 1.004, 0, "kdamond.0", 107), Stall(2.000, 2.003, 1, "k", 2)]
+    spans = [
+        (0.990, 0.9905),  # before the first window
+        (0.999, 1.0045),  # runs into it
+        (1.002, 1.0050),  # sent during it
+        (1.5, 2.5),  # a long one reaching over the second window, sent before later ones
+        (1.6, 1.6004),  # after the first window, before the second: clear
+        (2.0035, 2.004),  # after the second window closed
+    ]
+    every, clear = split_tail(spans, stalls)
+    assert len(every) == 6
+    assert sorted(clear) == pytest.approx(sorted([0.0005, 0.0004, 0.0005]))
+
+
+def test_no_stalls_leaves_every_request_clear() -> None:
+    every, clear = split_tail([(1.0, 1.001), (1.1, 1.102)], [])
+    assert every == clear
+
+
+def test_a_process_forked_by_one_of_ours_is_ours() -> None:
+    lines = [
+        "   500/500    [000] 1.000000: comm=python pid=500 child_comm=python child_pid=600",
+        "   900/900    [000] 1.000100: comm=cron pid=900 child_comm=sh child_pid=901",
+        _switch(0, 0, 1.001, "swapper/0", "python", 600),
+        _switch(600, 0, 1.005, "python", "sh", 901),  # 4 ms of our child: not a stall
+        _switch(901, 0, 1.009, "sh", "swapper/0", 0),  # 4 ms of cron's: a stall
+    ]
+    (stall,) = parse_switches(lines, ours={500}, min_run=0.0005)
+    assert (stall.comm, stall.pid) == ("sh", 901)
