@@ -164,6 +164,14 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             row["open_loop"]["hooks"] = _hooks(lat)
             row["open_loop"]["gc"] = _gc(lat)
             row["open_loop"]["error_causes"] = _error_causes(lat)
+            clear = [
+                r[key]["stalls"]["p99_clear"] - r[REFERENCE_PASS]["stalls"]["p99_clear"]
+                for r in data["latency_rounds"]
+                if "stalls" in r.get(key, {}) and "stalls" in r.get(REFERENCE_PASS, {})
+            ]
+            if clear:  # --stalls: the same, for the requests no foreign task's run overlapped
+                row["open_loop"]["added_p99_clear_ms"] = _median(clear)
+                row["open_loop"]["added_p99_clear_ms_rounds"] = clear
             machine = [x["machine"] for x in lat if "machine" in x]  # runs before it: none
             if machine:
                 row["open_loop"]["machine"] = {
@@ -239,6 +247,14 @@ def _targets_of(
         if rounds:  # how firmly: the median of few noisy rounds can sit on either side
             within = sum(1 for r in rounds if r <= 2.0)
             add("open-loop rounds with added p99 <= 2 ms", f"{within} of {len(rounds)}", "-", None)
+        clear = head["open_loop"].get("added_p99_clear_ms")
+        if clear is not None:
+            add(
+                "the same, requests clear of foreign CPU stalls (`--stalls`, ms)",
+                clear,
+                "(report)",
+                None,
+            )
         floor = summary.get(REFERENCE_REDIS, {}).get("open_loop", {}).get("added_p99_ms")
         if floor is not None:
             add(
@@ -302,6 +318,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> str:
             f"| {client} | {_fmt(row['errors'])} |"
         )
     lines += _latency_table(settings, summary)
+    lines += _stalls_section(data)
     lines += _errors_section(data)
     lines += _batching_table(data)
     lines += _hot_table(data)
@@ -336,6 +353,33 @@ def _middle_half(values: Sequence[float] | None) -> str:
         return "-"
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return f"{q1:.2f}-{q3:.2f}"
+
+
+def _stalls_section(data: Mapping[str, Any]) -> list[str]:
+    """``--stalls``: per scenario, the open-loop tail with and without the requests that a
+    foreign task's long run on a CPU overlapped (bench.stalls)."""
+    rounds: dict[str, list[Mapping[str, Any]]] = {}
+    for r in data.get("latency_rounds", []):
+        for key, sample in r.items():
+            if "stalls" in sample:
+                rounds.setdefault(key, []).append(sample["stalls"])
+    if not rounds:
+        return []
+    from bench.stalls import table  # (bench.stalls imports bench.stack, which imports this)
+
+    return [
+        "",
+        "## Foreign CPU stalls in the open-loop tail (`--stalls`)",
+        "",
+        "perf recorded every CPU's context switches during each open-loop sample. A *stall* "
+        "is a run of 0.5 ms or more by a task outside the benchmark (the kernel's threads, the "
+        "machine's other processes); a request *overlapped* one when the run fell between its "
+        "scheduled send time and its reply. *Clear of stalls*: the p99 of the other requests. "
+        "The targets are judged on all requests; this says how much of their tail the machine "
+        "put there. Medians over rounds; *added* is less passthrough's figure of the same round.",
+        "",
+        *table(rounds).splitlines(),
+    ]
 
 
 def _latency_table(settings: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,9 @@ class Mode:
     #: started again and warmed (``_alone``); False: the others paused (SIGSTOP), quicker
     #: but a longer tail
     latency_alone: bool = True
+    #: record every CPU's context switches with perf during each open-loop sample and split
+    #: its requests by whether a foreign task's long run overlapped them (``bench.stalls``)
+    stalls: bool = False
 
 
 ALL = tuple(s.key for s in SCENARIOS if not s.optional)
@@ -513,15 +517,40 @@ def _alone(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> None:
         _fixed_rate(stack, s, traffic, mode, min(LATENCY_WARM_S, mode.latency_duration_s))
 
 
-def _latency(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> dict[str, Any]:
+#: the shortest run of a foreign task counted as a stall (``--stalls``)
+STALL_MIN_RUN_S = 0.0005
+
+
+def _latency(
+    stack: Stack, s: Scenario, traffic: Traffic, mode: Mode, workdir: Path
+) -> dict[str, Any]:
+    recorded: list[tuple[Any, LoadResult]] = []
+
     def load() -> LoadResult:
-        return _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
+        if not mode.stalls:
+            return _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
+        from bench.stalls import Switches
+
+        recording = Switches(workdir)
+        try:
+            result = _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
+        finally:
+            recording.stop()
+        recorded.append((recording, result))
+        return result
 
     if mode.latency_alone:
         _alone(stack, s, traffic, mode)
-        return _sample(stack, s, load)
-    with others_paused(stack, s.key):
-        return _sample(stack, s, load)
+        sample = _sample(stack, s, load)
+    else:
+        with others_paused(stack, s.key):
+            sample = _sample(stack, s, load)
+    if recorded:  # read after the sample, so that perf's parsing is in none of its figures
+        from bench.stalls import figures
+
+        recording, result = recorded[0]
+        sample["stalls"] = figures(result, recording.stalls(STALL_MIN_RUN_S))
+    return sample
 
 
 def _line(s: Scenario, sample: dict[str, Any]) -> str:
@@ -673,6 +702,16 @@ def run(
                 "sidecars are paused (SIGSTOP/SIGCONT); "
             )
             + "the closed-loop and paired rounds run with all of them alive",
+            **(
+                {
+                    "stalls": "every open-loop sample ran with perf recording every CPU's "
+                    "context switches (`--stalls`): each request is also judged clear of, "
+                    f"or overlapping, a run of {STALL_MIN_RUN_S * 1000:g} ms or more by a "
+                    "task outside the benchmark"
+                }
+                if mode.stalls
+                else {}
+            ),
         },
     }
     if base_sha is not None:
@@ -707,7 +746,7 @@ def run(
             )
             results = {}
             for s in latency_keys:
-                results[s.key] = _latency(stack, s, traffic, mode)
+                results[s.key] = _latency(stack, s, traffic, mode, raw)
                 print(_line(s, results[s.key]), flush=True)
             data["latency_rounds"].append(results)
         if stack.stopped:  # the latency phase left one sidecar running: all of them again
@@ -800,6 +839,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-duration", type=float, help="seconds per open-loop round")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
     parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help="record context switches with perf in each open-loop sample: how much of the "
+        "tail foreign tasks (the kernel's, other processes') put there (bench.stalls)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run every selected extproc scenario from commit REV (rows *-base), "
@@ -852,6 +897,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.scenarios:  # scenarios asked for by name all get the open-loop phase too
             overrides["latency_scenarios"] = None
+        if args.stalls:
+            if shutil.which("perf") is None:
+                raise SystemExit("--stalls needs perf: apt-get install linux-perf")
+            overrides["stalls"] = True
         if overrides:
             mode = Mode(**{**mode.__dict__, **overrides})
         keys = tuple(args.scenarios.split(",")) if args.scenarios else mode.scenarios

@@ -39,16 +39,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.load import LoadResult, open_loop
-from bench.run import LATENCY_WARM_S, _requests
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
 
-__all__ = ["Stall", "main", "parse_switches", "split_tail", "table"]
+__all__ = ["Stall", "Switches", "figures", "main", "parse_switches", "split_tail", "table"]
 
 DEFAULT_SCENARIOS = ("bare-http2-redis", "extproc-h2", "extproc-jwt-rl-h2", "extproc-jwt-rl")
 REFERENCE = "passthrough"
@@ -155,34 +155,72 @@ def _p99_ms(latencies: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000
 
 
-@contextlib.contextmanager
-def _switches(workdir: Path, min_run: float) -> Iterator[list[Stall]]:
-    """Record every CPU's context switches while the block runs; then fill the list with the
-    foreign stalls (runs of at least ``min_run`` seconds)."""
-    data = workdir / "switches.data"
-    recorder = subprocess.Popen(
-        ["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_process_fork",
-         "-k", "CLOCK_MONOTONIC", "-a", "-o", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    time.sleep(0.3)  # perf has opened its events
-    stalls: list[Stall] = []
-    ours = descendants(os.getpid())
-    try:
-        yield stalls
-    finally:
-        ours |= descendants(os.getpid())
-        recorder.send_signal(signal.SIGINT)
-        _, err = recorder.communicate(timeout=60)
-        if recorder.returncode not in (0, -signal.SIGINT) or not data.exists():
+class Switches:
+    """``perf`` recording every CPU's context switches and forks, from construction to
+    :meth:`stop`; :meth:`stalls` then reads the foreign runs out of it (apart, so that a
+    caller can stop the recording with its measurement and parse after it)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._data = workdir / "switches.data"
+        self._ours = descendants(os.getpid())
+        self._recorder = subprocess.Popen(
+            ["perf", "record", "-q", "-e", "sched:sched_switch", "-e",
+             "sched:sched_process_fork", "-k", "CLOCK_MONOTONIC", "-a", "-o", str(self._data)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(0.3)  # perf has opened its events
+
+    def stop(self) -> None:
+        self._ours |= descendants(os.getpid())
+        self._recorder.send_signal(signal.SIGINT)
+        _, err = self._recorder.communicate(timeout=60)
+        if self._recorder.returncode not in (0, -signal.SIGINT) or not self._data.exists():
             raise RuntimeError(f"perf record failed: {err.strip()[-500:]}")
+
+    def stalls(self, min_run: float) -> list[Stall]:
+        """The runs of at least ``min_run`` seconds by foreign tasks (after :meth:`stop`; the
+        recording is removed)."""
         with subprocess.Popen(
-            ["perf", "script", "-i", str(data), "-F", "pid,tid,cpu,time,trace"],
+            ["perf", "script", "-i", str(self._data), "-F", "pid,tid,cpu,time,trace"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         ) as script:  # fmt: skip
             assert script.stdout is not None
-            stalls.extend(parse_switches(script.stdout, ours, min_run))
-        data.unlink()
+            found = parse_switches(script.stdout, self._ours, min_run)
+        self._data.unlink()
+        return found
+
+
+@contextlib.contextmanager
+def _switches(workdir: Path, min_run: float) -> Iterator[list[Stall]]:
+    """Record while the block runs; then fill the list with the foreign stalls."""
+    recording = Switches(workdir)
+    stalls: list[Stall] = []
+    try:
+        yield stalls
+    finally:
+        recording.stop()
+        stalls.extend(recording.stalls(min_run))
+
+
+def figures(result: LoadResult, stalls: Sequence[Stall]) -> dict[str, Any]:
+    """One open-loop sample's split: p99 of all requests and of those clear of ``stalls``
+    (ms), the share that overlapped one, the stalls per second, their CPU ms per second, the
+    longest (ms), and each task name's share of the stalls' time."""
+    every, clear = split_tail(result.spans, stalls)
+    seconds = max(result.duration_s, 1e-9)
+    total = sum(s.seconds for s in stalls)
+    who: Counter[str] = Counter()
+    for s in stalls:
+        who[s.comm] += s.seconds
+    return {
+        "p99": _p99_ms(every),
+        "p99_clear": _p99_ms(clear),
+        "overlapped": 1 - len(clear) / max(1, len(every)),
+        "stalls_per_s": len(stalls) / seconds,
+        "stall_ms_per_s": total * 1000 / seconds,
+        "longest_ms": max((s.seconds for s in stalls), default=0.0) * 1000,
+        "who": {comm: t / total for comm, t in who.most_common(5)} if total else {},
+    }
 
 
 @dataclass(slots=True)
@@ -192,17 +230,8 @@ class Sample:
     result: LoadResult
     stalls: list[Stall]
 
-    def figures(self) -> dict[str, float]:
-        every, clear = split_tail(self.result.spans, self.stalls)
-        seconds = max(self.result.duration_s, 1e-9)
-        return {
-            "p99": _p99_ms(every),
-            "p99_clear": _p99_ms(clear),
-            "overlapped": 1 - len(clear) / max(1, len(every)),
-            "stalls_per_s": len(self.stalls) / seconds,
-            "stall_ms_per_s": sum(s.seconds for s in self.stalls) * 1000 / seconds,
-            "longest_ms": max((s.seconds for s in self.stalls), default=0.0) * 1000,
-        }
+    def figures(self) -> dict[str, Any]:
+        return figures(self.result, self.stalls)
 
 
 def measure(
@@ -215,6 +244,8 @@ def measure(
     workdir: Path,
 ) -> dict[str, list[Sample]]:
     """Per scenario (``passthrough`` first), one :class:`Sample` per round."""
+    from bench.run import LATENCY_WARM_S, _requests  # (bench.run imports this module)
+
     chosen = [scenario(k) for k in (REFERENCE, *[k for k in keys if k != REFERENCE])]
     traffic = make_traffic(1000)
     out: dict[str, list[Sample]] = {s.key: [] for s in chosen}
@@ -241,34 +272,36 @@ def measure(
     return out
 
 
-def table(samples: dict[str, list[Sample]]) -> str:
-    """Markdown: per scenario, medians over rounds; *added* is less ``passthrough``'s figure of
-    the same round."""
-    ref = [x.figures() for x in samples[REFERENCE]]
+def table(rounds: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Markdown from each scenario's :func:`figures`, one per round: medians over rounds;
+    *added* is less ``passthrough``'s figure of the same round (``-`` without it)."""
+    ref = rounds.get(REFERENCE)
     head = (
         "| scenario | p99 ms | added p99 ms | p99 clear of stalls ms | added, clear ms | "
         "requests overlapping a stall | stalls/s | stall ms/s | longest ms | who |"
     )
     out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for key, rows in samples.items():
-        figs = [x.figures() for x in rows]
 
-        def med(name: str, figs: list[dict[str, float]] = figs) -> float:
+    def added(figs: Sequence[Mapping[str, Any]], name: str) -> str:
+        if not ref or len(ref) != len(figs):
+            return "-"
+        diffs = [f[name] - r[name] for f, r in zip(figs, ref, strict=True)]
+        return f"{statistics.median(diffs):.2f}"
+
+    for key, figs in rounds.items():
+
+        def med(name: str, figs: Sequence[Mapping[str, Any]] = figs) -> float:
             return statistics.median(f[name] for f in figs)
 
-        added = statistics.median(f["p99"] - r["p99"] for f, r in zip(figs, ref, strict=True))
-        added_clear = statistics.median(
-            f["p99_clear"] - r["p99_clear"] for f, r in zip(figs, ref, strict=True)
-        )
-        who: Counter[str] = Counter()
-        for x in rows:
-            for s in x.stalls:
-                who[s.comm] += round(s.seconds * 1e6)
-        total = sum(who.values()) or 1
-        names = ", ".join(f"{c} {us / total:.0%}" for c, us in who.most_common(3))
+        who: Counter[str] = Counter()  # each round's shares, weighted by its stall time
+        for f in figs:
+            for comm, share in f["who"].items():
+                who[comm] += share * f["stall_ms_per_s"]
+        total = sum(who.values()) or 1.0
+        names = ", ".join(f"{c} {t / total:.0%}" for c, t in who.most_common(3))
         out.append(
-            f"| `{key}` | {med('p99'):.2f} | {added:.2f} | {med('p99_clear'):.2f} | "
-            f"{added_clear:.2f} | {med('overlapped'):.2%} | {med('stalls_per_s'):.1f} | "
+            f"| `{key}` | {med('p99'):.2f} | {added(figs, 'p99')} | {med('p99_clear'):.2f} | "
+            f"{added(figs, 'p99_clear')} | {med('overlapped'):.2%} | {med('stalls_per_s'):.1f} | "
             f"{med('stall_ms_per_s'):.1f} | {med('longest_ms'):.1f} | {names or '-'} |"
         )
     return "\n".join(out)
@@ -298,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.rate:g} req/s open loop for {args.duration:g} s per scenario and round, "
         f"{args.rounds} rounds, each sidecar alone; a stall is a run of at least "
         f"{args.min_run_ms:g} ms on a CPU by a task outside the benchmark. Medians over rounds.\n\n"
-        + table(samples)
+        + table({k: [x.figures() for x in v] for k, v in samples.items()})
         + "\n"
     )
     print("\n" + report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench import report
 from bench.stalls import Stall, parse_switches, split_tail
 
 
@@ -80,3 +81,54 @@ def test_a_process_forked_by_one_of_ours_is_ours() -> None:
     ]
     (stall,) = parse_switches(lines, ours={500}, min_run=0.0005)
     assert (stall.comm, stall.pid) == ("sh", 901)
+
+
+def _stalled(p99: float, clear: float, who: dict[str, float]) -> dict[str, object]:
+    figures = {"p99": p99, "p99_clear": clear, "overlapped": 0.01, "stalls_per_s": 2.0}
+    figures |= {"stall_ms_per_s": 8.0, "longest_ms": 4.0, "who": who}
+    return {
+        "latency_ms": {"p50": 0.5, "p90": 0.6, "p99": p99, "p99.9": p99 + 2},
+        "errors": 0,
+        "extra": {"achieved_rps": 1000.0},
+        "stalls": figures,
+    }
+
+
+def test_a_run_with_stalls_reports_the_clear_tail_and_whose_the_stalls_were() -> None:
+    sample = {"rps": 1.0, "latency_ms": {"p50": 1, "p90": 1, "p99": 1}, "errors": 0}
+    sample |= {"cpu_us": {"envoy": 1, "sidecar": 1, "redis": 0}, "redis_cmds_per_req": 0}
+    sample |= {"redis_round_trips_per_req": 0, "client_errors": 0, "requests": 1}
+    sample |= {"statuses": {}, "batching": None, "hooks": {}, "plugin_errors": {}}
+    data = {
+        "scenarios": [{"key": "passthrough"}, {"key": "extproc-jwt-rl-h2"}],
+        "rounds": [{"passthrough": sample, "extproc-jwt-rl-h2": sample}],
+        "latency_rounds": [
+            {
+                "passthrough": _stalled(0.3, 0.3, {"kdamond.0": 1.0}),
+                "extproc-jwt-rl-h2": _stalled(2.6, 1.5, {"kdamond.0": 0.75, "df": 0.25}),
+            },
+            {
+                "passthrough": _stalled(0.4, 0.3, {"kdamond.0": 1.0}),
+                "extproc-jwt-rl-h2": _stalled(2.2, 1.1, {"kdamond.0": 1.0}),
+            },
+        ],
+    }
+    summary = report.summarize(data)
+    ol = summary["extproc-jwt-rl-h2"]["open_loop"]
+    assert ol["added_p99_clear_ms_rounds"] == pytest.approx([1.2, 0.8])  # less passthrough's
+    assert ol["added_p99_clear_ms"] == pytest.approx(1.0)
+    targets = {row["target"]: row["value"] for row in report.targets(summary, {})}
+    clear_row = (
+        "`extproc-jwt-rl-h2`: the same, requests clear of foreign CPU stalls (`--stalls`, ms)"
+    )
+    assert targets[clear_row] == pytest.approx(1.0)
+    rows = [ln for ln in report._stalls_section(data) if ln.startswith("| `")]
+    assert rows[0].startswith("| `passthrough` | 0.35 | 0.00 | 0.30 | 0.00 | 1.00% |")
+    assert rows[1] == (
+        "| `extproc-jwt-rl-h2` | 2.40 | 2.05 | 1.30 | 1.00 | 1.00% | 2.0 | 8.0 | 4.0 "
+        "| kdamond.0 88%, df 12% |"
+    )
+
+
+def test_a_run_without_stalls_has_no_such_section_or_target() -> None:
+    assert report._stalls_section({"latency_rounds": [{"passthrough": {"errors": 0}}]}) == []
