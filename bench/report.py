@@ -365,14 +365,16 @@ def _stalls_section(data: Mapping[str, Any]) -> list[str]:
                 rounds.setdefault(key, []).append(sample["stalls"])
     if not rounds:
         return []
-    from bench.stalls import table  # (bench.stalls imports bench.stack, which imports this)
+    # (bench.stalls imports bench.stack, which imports this module)
+    from bench.stalls import MIN_RUN_S, table
 
     return [
         "",
         "## Foreign CPU stalls in the open-loop tail (`--stalls`)",
         "",
         "perf recorded every CPU's context switches during each open-loop sample. A *stall* "
-        "is a run of 0.5 ms or more by a task outside the benchmark (the kernel's threads, the "
+        f"is a run of {MIN_RUN_S * 1000:g} ms or more by a task outside the benchmark (the "
+        "kernel's threads, the "
         "machine's other processes); a request *overlapped* one when the run fell between its "
         "scheduled send time and its reply. *Clear of stalls*: the p99 of the other requests. "
         "The targets are judged on all requests; this says how much of their tail the machine "

@@ -42,6 +42,7 @@ from bench.stack import (
     scenario,
     with_baseline,
 )
+from bench.stalls import MIN_RUN_S, Switches, figures
 from bench.traffic import Traffic, make_traffic
 from extproc.observability.metrics import BoundHistogram
 
@@ -517,20 +518,14 @@ def _alone(stack: Stack, s: Scenario, traffic: Traffic, mode: Mode) -> None:
         _fixed_rate(stack, s, traffic, mode, min(LATENCY_WARM_S, mode.latency_duration_s))
 
 
-#: the shortest run of a foreign task counted as a stall (``--stalls``)
-STALL_MIN_RUN_S = 0.0005
-
-
 def _latency(
     stack: Stack, s: Scenario, traffic: Traffic, mode: Mode, workdir: Path
 ) -> dict[str, Any]:
-    recorded: list[tuple[Any, LoadResult]] = []
+    recorded: list[tuple[Switches, LoadResult]] = []
 
     def load() -> LoadResult:
         if not mode.stalls:
             return _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
-        from bench.stalls import Switches
-
         recording = Switches(workdir)
         try:
             result = _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
@@ -546,10 +541,8 @@ def _latency(
         with others_paused(stack, s.key):
             sample = _sample(stack, s, load)
     if recorded:  # read after the sample, so that perf's parsing is in none of its figures
-        from bench.stalls import figures
-
         recording, result = recorded[0]
-        sample["stalls"] = figures(result, recording.stalls(STALL_MIN_RUN_S))
+        sample["stalls"] = figures(result, recording.stalls(MIN_RUN_S))
     return sample
 
 
@@ -706,7 +699,7 @@ def run(
                 {
                     "stalls": "every open-loop sample ran with perf recording every CPU's "
                     "context switches (`--stalls`): each request is also judged clear of, "
-                    f"or overlapping, a run of {STALL_MIN_RUN_S * 1000:g} ms or more by a "
+                    f"or overlapping, a run of {MIN_RUN_S * 1000:g} ms or more by a "
                     "task outside the benchmark"
                 }
                 if mode.stalls
