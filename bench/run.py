@@ -31,7 +31,14 @@ from typing import Any, TypeVar
 
 from bench import report
 from bench.load import WRK_HINT, LoadResult, open_loop, open_loop_pair, run_wrk, wrk_binary
-from bench.procs import ProcError, cpu_seconds, machine_shares, machine_ticks, sdk_python
+from bench.procs import (
+    ProcError,
+    cpu_seconds,
+    kernel_facts,
+    machine_shares,
+    machine_ticks,
+    sdk_python,
+)
 from bench.report import BASE_SUFFIX
 from bench.stack import (
     SCENARIOS,
@@ -593,6 +600,7 @@ def machine() -> dict[str, str]:
         "nproc": str(os.cpu_count()),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        **kernel_facts(),
     }
 
 

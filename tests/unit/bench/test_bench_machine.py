@@ -3,10 +3,13 @@ and steal shares, their medians in the summary, and two columns of the latency t
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
 import pytest
 
 from bench import report
-from bench.procs import machine_shares, machine_ticks
+from bench.procs import kernel_facts, machine_shares, machine_ticks
 
 #           user nice system idle iowait irq softirq steal guest guest_nice
 BEFORE = "cpu  1000 10 200 5000 40 0 50 100 0 0\ncpu0 500 5 100 2500 20 0 25 50 0 0\n"
@@ -91,3 +94,53 @@ def test_the_latency_table_shows_the_middle_half_of_the_rounds() -> None:
     summary["extproc"]["open_loop"]["added_p99_ms_rounds"] = [1.0, 2.0, 3.0]
     [row] = [ln for ln in report._latency_table(settings, summary) if ln.startswith("| `")]
     assert "| 2.00 | - |" in row  # too few rounds for quartiles
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def _config(root: Path, *options: str) -> None:
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / "proc/config.gz", "wt") as f:
+        f.write("# comment\nCONFIG_NO_HZ=y\n" + "".join(f"{o}=y\n" for o in options))
+
+
+def test_the_kernel_s_damon_threads_and_preemption_are_read(tmp_path: Path) -> None:
+    damon = "sys/kernel/mm/damon/admin/kdamonds"
+    root = _tree(
+        tmp_path,
+        {
+            f"{damon}/nr_kdamonds": "2\n",
+            f"{damon}/0/state": "on\n",
+            f"{damon}/0/contexts/0/operations": "paddr\n",
+            f"{damon}/0/contexts/0/monitoring_attrs/intervals/sample_us": "500000\n",
+            f"{damon}/0/contexts/0/schemes/0/action": "pageout\n",
+            f"{damon}/1/state": "off\n",
+            "proc/cmdline": "console=ttyS0 quiet\n",
+        },
+    )
+    _config(root, "CONFIG_PREEMPT_NONE", "CONFIG_PREEMPT_DYNAMIC")
+    assert kernel_facts(root) == {
+        "kernel preemption": "none (the build's default)",
+        "kernel DAMON": "on (0: paddr, sampling every 500 ms, schemes pageout)",
+    }
+    (root / "proc/cmdline").write_text("quiet preempt=full\n")
+    assert kernel_facts(root)["kernel preemption"] == "full (preempt= on the command line)"
+    _tree(root, {"sys/kernel/debug/sched/preempt": "none voluntary (lazy) full\n"})
+    assert kernel_facts(root)["kernel preemption"] == "lazy"  # what debugfs says runs
+    (root / f"{damon}/0/state").write_text("off\n")
+    assert kernel_facts(root)["kernel DAMON"] == "off"
+
+
+def test_a_kernel_without_damon_or_its_config_says_so(tmp_path: Path) -> None:
+    assert kernel_facts(tmp_path) == {
+        "kernel preemption": "unknown",
+        "kernel DAMON": "not in this kernel (or not exposed)",
+    }
+    _config(tmp_path, "CONFIG_PREEMPT")
+    assert kernel_facts(tmp_path)["kernel preemption"] == "full"
