@@ -10,6 +10,7 @@ import pytest
 
 from bench import report
 from bench.procs import kernel_facts, machine_shares, machine_ticks
+from tests.support.bench_samples import closed_loop_sample
 
 #           user nice system idle iowait irq softirq steal guest guest_nice
 BEFORE = "cpu  1000 10 200 5000 40 0 50 100 0 0\ncpu0 500 5 100 2500 20 0 25 50 0 0\n"
@@ -43,10 +44,7 @@ def _latency_row(p99: float, machine: dict[str, float] | None) -> dict[str, obje
 
 
 def test_the_summary_takes_medians_and_the_table_shows_them() -> None:
-    sample = {"rps": 1.0, "latency_ms": {"p50": 1, "p90": 1, "p99": 1}, "errors": 0}
-    sample |= {"cpu_us": {"envoy": 1, "sidecar": 1, "redis": 0}, "redis_cmds_per_req": 0}
-    sample |= {"redis_round_trips_per_req": 0, "client_errors": 0, "requests": 1}
-    sample |= {"statuses": {}, "batching": None, "hooks": {}, "plugin_errors": {}}
+    sample = closed_loop_sample()
     data = {
         "scenarios": [{"key": "passthrough"}, {"key": "extproc"}],
         "rounds": [{"passthrough": sample, "extproc": sample}],

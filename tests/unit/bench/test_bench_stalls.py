@@ -7,6 +7,7 @@ import pytest
 
 from bench import report
 from bench.stalls import Stall, parse_switches, split_tail
+from tests.support.bench_samples import closed_loop_sample
 
 
 def _switch(pid: int, cpu: int, t: float, prev: str, nxt: str, next_pid: int) -> str:
@@ -95,10 +96,7 @@ def _stalled(p99: float, clear: float, who: dict[str, float]) -> dict[str, objec
 
 
 def test_a_run_with_stalls_reports_the_clear_tail_and_whose_the_stalls_were() -> None:
-    sample = {"rps": 1.0, "latency_ms": {"p50": 1, "p90": 1, "p99": 1}, "errors": 0}
-    sample |= {"cpu_us": {"envoy": 1, "sidecar": 1, "redis": 0}, "redis_cmds_per_req": 0}
-    sample |= {"redis_round_trips_per_req": 0, "client_errors": 0, "requests": 1}
-    sample |= {"statuses": {}, "batching": None, "hooks": {}, "plugin_errors": {}}
+    sample = closed_loop_sample()
     data = {
         "scenarios": [{"key": "passthrough"}, {"key": "extproc-jwt-rl-h2"}],
         "rounds": [{"passthrough": sample, "extproc-jwt-rl-h2": sample}],
