@@ -10,15 +10,16 @@ requests through a sidecar - the p99 itself. This tool measures that for any mac
 For each scenario (each sidecar alone, started again and warmed at the rate, as in
 ``bench.run``'s open-loop phase; ``passthrough`` always first, the reference for *added*): the
 open-loop generator at ``--rate`` for ``--duration`` seconds while ``perf`` records every
-context switch on every CPU (``sched:sched_switch``, on the monotonic clock the generator uses).
-A *foreign stall* is a run of at least ``--min-run-ms`` (0.5) by a task that is not the
-benchmark's (this process, and every process under it: Envoy, the sidecars, Redis, perf) and not
-the idle task. Each request is a span from its scheduled send time to its reply; the report
+context switch and fork on every CPU (``sched:sched_switch``, ``sched:sched_process_fork``, on
+the monotonic clock the generator uses). A *foreign stall* is a run of at least
+``--min-run-ms`` (0.5) by a task that is not the benchmark's (this process, every process
+under it - Envoy, the sidecars, Redis, perf - and any process one of them forked) and not the
+idle task. Each request is a span from its scheduled send time to its reply; the report
 gives, per scenario, the p99 of all requests and of those that overlap no foreign stall, both
 also less passthrough's (medians over rounds), the share of requests that overlapped one, and
 who stalled. The *all requests* figure is the one the targets are judged on; the other says how
-much of it the machine's own threads put there. ``perf`` costs every context switch a little
-(a few µs per request here), alike in every row.
+much of it the machine's own threads put there. ``perf`` costs every context switch a little,
+alike in every row (how much was not measured).
 
 Run: ``python -m bench.stalls [--scenarios a,b] [--rate 1000] [--duration 6] [--rounds 3]
 [--out FILE.md]``. Needs ``perf`` (Debian: ``linux-perf``) and the right to trace every CPU
