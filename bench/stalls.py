@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import LoadResult, open_loop
+from bench.procs import process_tree
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
 
@@ -109,26 +110,6 @@ def parse_switches(lines: Iterable[str], ours: set[int], min_run: float) -> list
     return stalls
 
 
-def descendants(root: int) -> set[int]:
-    """``root`` and every process under it, now (from ``/proc``)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                grew = True
-    return found
-
-
 def split_tail(
     spans: Sequence[tuple[float, float]], stalls: Sequence[Stall]
 ) -> tuple[list[float], list[float]]:
@@ -168,7 +149,7 @@ class Switches:
 
     def __init__(self, workdir: Path) -> None:
         self._data = workdir / "switches.data"
-        self._ours = descendants(os.getpid())
+        self._ours = set(process_tree(os.getpid()))
         self._recorder = subprocess.Popen(
             ["perf", "record", "-q", "-e", "sched:sched_switch", "-e",
              "sched:sched_process_fork", "-k", "CLOCK_MONOTONIC", "-a", "-o", str(self._data)],
@@ -177,7 +158,7 @@ class Switches:
         time.sleep(0.3)  # perf has opened its events
 
     def stop(self) -> None:
-        self._ours |= descendants(os.getpid())
+        self._ours |= set(process_tree(os.getpid()))
         self._recorder.send_signal(signal.SIGINT)
         _, err = self._recorder.communicate(timeout=60)
         if self._recorder.returncode not in (0, -signal.SIGINT) or not self._data.exists():
