@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -161,8 +161,7 @@ class _Target:
         self.free: collections.deque[_Conn] = collections.deque(self.conns)
         #: requests scheduled while every connection was busy: (scheduled time, index)
         self.backlog: collections.deque[tuple[float, int]] = collections.deque()
-        self.latencies: list[float] = []
-        #: (scheduled, replied) of each answered request
+        #: (scheduled, replied) of each answered request: its latency is the difference
         self.spans: list[tuple[float, float]] = []
         #: per request, how late it was written (from its scheduled time): the sender's own
         #: lateness and any wait for a free connection, charged to the server like a slow reply
@@ -262,7 +261,6 @@ def _run_open_loop(
                     if got is None or c.scheduled is None:
                         continue
                     status, close = got
-                    t.latencies.append(now - c.scheduled)
                     t.spans.append((c.scheduled, now))
                     t.statuses[status] += 1
                     t.last_reply = now
@@ -304,15 +302,18 @@ def _run_open_loop(
     return [_result(t, rate, start, clock) for t in tgts]
 
 
-def _result(t: _Target, rate: float, start: float, clock: Callable[[], float]) -> LoadResult:
-    elapsed = (t.last_reply if t.latencies else clock()) - start
-    latencies = sorted(t.latencies)
-    late = sorted(t.late)
+def percentile_ms(ordered: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile of ``ordered`` (seconds, sorted), in milliseconds: the value
+    below which ``p`` % of them lie (NaN for none)."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
 
-    def pct(p: float, of: list[float] = latencies) -> float:
-        if not of:
-            return float("nan")
-        return of[min(len(of) - 1, int(p / 100 * len(of)))] * 1000
+
+def _result(t: _Target, rate: float, start: float, clock: Callable[[], float]) -> LoadResult:
+    elapsed = (t.last_reply if t.spans else clock()) - start
+    latencies = sorted(done - sent for sent, done in t.spans)
+    late = sorted(t.late)
 
     return LoadResult(
         requests=len(latencies),
@@ -320,18 +321,18 @@ def _result(t: _Target, rate: float, start: float, clock: Callable[[], float]) -
         statuses=dict(t.statuses),
         socket_errors=t.socket_errors,
         latency_ms={
-            "p50": pct(50),
-            "p90": pct(90),
-            "p95": pct(95),
-            "p98": pct(98),
-            "p99": pct(99),
-            "p99.9": pct(99.9),
+            "p50": percentile_ms(latencies, 50),
+            "p90": percentile_ms(latencies, 90),
+            "p95": percentile_ms(latencies, 95),
+            "p98": percentile_ms(latencies, 98),
+            "p99": percentile_ms(latencies, 99),
+            "p99.9": percentile_ms(latencies, 99.9),
         },
         extra={
             "rate": rate,
             "achieved_rps": len(latencies) / elapsed if elapsed > 0 else 0.0,
-            "send_late_p50_ms": pct(50, late),
-            "send_late_p99_ms": pct(99, late),
+            "send_late_p50_ms": percentile_ms(late, 50),
+            "send_late_p99_ms": percentile_ms(late, 99),
         },
         spans=sorted(t.spans),
     )

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import LoadResult, open_loop
+from bench.load import LoadResult, open_loop, percentile_ms
 from bench.procs import process_tree
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
@@ -135,13 +135,6 @@ def split_tail(
     return every, clear
 
 
-def _p99_ms(latencies: list[float]) -> float:
-    ordered = sorted(latencies)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000
-
-
 class Switches:
     """``perf`` recording every CPU's context switches and forks, from construction to
     :meth:`stop`; :meth:`stalls` then reads the foreign runs out of it (apart, so that a
@@ -200,8 +193,8 @@ def figures(result: LoadResult, stalls: Sequence[Stall]) -> dict[str, Any]:
     for s in stalls:
         who[s.comm] += s.seconds
     return {
-        "p99": _p99_ms(every),
-        "p99_clear": _p99_ms(clear),
+        "p99": percentile_ms(sorted(every), 99),
+        "p99_clear": percentile_ms(sorted(clear), 99),
         "overlapped": 1 - len(clear) / max(1, len(every)),
         "stalls_per_s": len(stalls) / seconds,
         "stall_ms_per_s": total * 1000 / seconds,
