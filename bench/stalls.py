@@ -203,17 +203,6 @@ def figures(result: LoadResult, stalls: Sequence[Stall]) -> dict[str, Any]:
     }
 
 
-@dataclass(slots=True)
-class Sample:
-    """One scenario's round: the generator's result and the stalls during it."""
-
-    result: LoadResult
-    stalls: list[Stall]
-
-    def figures(self) -> dict[str, Any]:
-        return figures(self.result, self.stalls)
-
-
 def measure(
     keys: Sequence[str],
     *,
@@ -222,13 +211,13 @@ def measure(
     rounds: int,
     min_run: float,
     workdir: Path,
-) -> dict[str, list[Sample]]:
-    """Per scenario (``passthrough`` first), one :class:`Sample` per round."""
+) -> dict[str, list[dict[str, Any]]]:
+    """Per scenario (``passthrough`` first), its :func:`figures` of each round."""
     from bench.run import LATENCY_WARM_S, _requests  # (bench.run imports this module)
 
     chosen = [scenario(k) for k in (REFERENCE, *[k for k in keys if k != REFERENCE])]
     traffic = make_traffic(1000)
-    out: dict[str, list[Sample]] = {s.key: [] for s in chosen}
+    out: dict[str, list[dict[str, Any]]] = {s.key: [] for s in chosen}
     with Stack(chosen, traffic, workdir / "stack") as stack:
         for n in range(rounds):
             print(f"round {n + 1}/{rounds}", flush=True)
@@ -241,9 +230,8 @@ def measure(
                     result = open_loop(port, requests, rate=rate, duration_s=duration_s)
                 if result.errors(frozenset({"200"})):
                     raise RuntimeError(f"{s.key}: errors: {result.statuses}")
-                sample = Sample(result, stalls)
-                out[s.key].append(sample)
-                f = sample.figures()
+                f = figures(result, stalls)
+                out[s.key].append(f)
                 print(
                     f"  {s.key:<20} p99 {f['p99']:5.2f} ms, clear of stalls {f['p99_clear']:5.2f}"
                     f"  ({f['overlapped']:.1%} overlapped {f['stalls_per_s']:.1f} stalls/s)",
@@ -311,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.rate:g} req/s open loop for {args.duration:g} s per scenario and round, "
         f"{args.rounds} rounds, each sidecar alone; a stall is a run of at least "
         f"{args.min_run_ms:g} ms on a CPU by a task outside the benchmark. Medians over rounds.\n\n"
-        + table({k: [x.figures() for x in v] for k, v in samples.items()})
+        + table(samples)
         + "\n"
     )
     print("\n" + report)
