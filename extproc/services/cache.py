@@ -11,6 +11,7 @@ Redis failure reach its caller: a failed or slow L2 read is a miss, a failed L2 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
@@ -164,6 +165,8 @@ class TieredCache(Generic[V]):
         prefix: str = "extproc:cache:",
         l2_timeout: float = 0.05,
         l1_max_ttl: float = 300.0,
+        write_window: float = 0.005,
+        write_batch: int = 128,
     ) -> None:
         self.l1 = l1
         self.redis = redis
@@ -172,9 +175,16 @@ class TieredCache(Generic[V]):
         self._prefix = prefix
         self._l2_timeout = l2_timeout
         self._l1_max_ttl = l1_max_ttl
+        self._write_window = write_window
+        self._write_batch = write_batch
         self.l2_errors = 0
         self.l2_hits = 0
+        #: pipelines of background writes sent (each one Redis round trip)
+        self.l2_write_batches = 0
         self._pending: set[asyncio.Task[Any]] = set()
+        #: background writes waiting for the next pipeline, by key (a later one replaces)
+        self._writes: dict[str, tuple[V, float]] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     def get_nowait(self, key: str) -> V | None:
         return self.l1.get_nowait(key)
@@ -259,20 +269,49 @@ class TieredCache(Generic[V]):
             self.l2_errors += 1
 
     def set_background(self, key: str, value: V, ttl: float) -> None:
-        """L1 now, L2 in a background task (the request does not wait for Redis)."""
+        """L1 now, L2 later, in one pipeline with the other background writes of the next
+        ``write_window`` (at most ``write_batch`` in a pipeline): the request does not wait
+        for Redis, and a burst of new or refreshed entries costs a round trip, not one each."""
         self.l1.set_nowait(key, value, min(ttl, self._l1_max_ttl))
         if self.redis is None or ttl <= 0:
             return
-        self._keep(asyncio.get_running_loop().create_task(self._write_l2(key, value, ttl)))
+        self._writes.pop(key, None)  # a later write replaces, and goes last
+        self._writes[key] = (value, ttl)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_writes())
+            self._keep(self._flusher)
 
-    async def _write_l2(self, key: str, value: V, ttl: float) -> None:
-        assert self.redis is not None
+    async def _flush_writes(self) -> None:
         try:
-            data = self._encode(value)
+            await asyncio.sleep(self._write_window)
+            while self._writes:
+                keys = list(itertools.islice(self._writes, self._write_batch))
+                await self._write_l2([(key, *self._writes.pop(key)) for key in keys])
+        finally:
+            self._flusher = None
+
+    async def _write_l2(self, batch: list[tuple[str, V, float]]) -> None:
+        """One pipeline of SETs. A write that fails (to encode, or with its pipeline) is
+        dropped and counted. Nobody waits for it, so its bound cancels it outright."""
+        assert self.redis is not None
+        pipe = self.redis.pipeline(transaction=False)
+        queued = 0
+        for key, value, ttl in batch:
+            try:
+                data = self._encode(value)
+            except Exception:
+                self.l2_errors += 1
+                continue
+            pipe.set(self._prefix + key, data, px=max(1, int(ttl * 1000)))
+            queued += 1
+        if not queued:
+            return
+        self.l2_write_batches += 1
+        try:
             async with asyncio.timeout(self._l2_timeout):
-                await self.redis.set(self._prefix + key, data, px=max(1, int(ttl * 1000)))
+                await pipe.execute()
         except Exception:
-            self.l2_errors += 1
+            self.l2_errors += queued
 
     async def delete(self, key: str) -> None:
         self.l1.delete_nowait(key)
@@ -287,9 +326,11 @@ class TieredCache(Generic[V]):
         self.l1.delete_nowait(key)
 
     async def aclose(self) -> None:
-        """Wait (briefly) for background L2 writes."""
+        """Wait (briefly) for background L2 writes, those still gathering included."""
         if self._pending:
-            await asyncio.wait(list(self._pending), timeout=self._l2_timeout * 2)
+            await asyncio.wait(
+                list(self._pending), timeout=self._write_window + self._l2_timeout * 2
+            )
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

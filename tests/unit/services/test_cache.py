@@ -86,6 +86,8 @@ class FakeRedis:
         #: seconds a call cancelled while it hangs takes to clean up, shielded (as redis-py
         #: drops the connection and gives it back to its pool under a lock)
         self.cleanup = 0.0
+        #: pipelines executed (each one round trip)
+        self.pipelines = 0
 
     async def _maybe_fail(self) -> None:
         if self.hang:
@@ -111,7 +113,7 @@ class FakeRedis:
 
         class Pipe:
             def __init__(self) -> None:
-                self.ops: list[tuple[str, str]] = []
+                self.ops: list[tuple[Any, ...]] = []
 
             def get(self, key: str) -> None:
                 self.ops.append(("get", key))
@@ -119,15 +121,22 @@ class FakeRedis:
             def pttl(self, key: str) -> None:
                 self.ops.append(("pttl", key))
 
+            def set(self, key: str, value: bytes, px: int) -> None:
+                self.ops.append(("set", key, value, px))
+
             async def execute(self) -> list[Any]:
+                redis.pipelines += 1
                 await redis._maybe_fail()
                 out: list[Any] = []
-                for op, key in self.ops:
+                for op, key, *args in self.ops:
                     item = redis.data.get(key)
                     if op == "get":
                         out.append(item[0] if item else None)
-                    else:
+                    elif op == "pttl":
                         out.append(item[1] if item else -2)
+                    else:
+                        redis.data[key] = (args[0], args[1])
+                        out.append(True)
                 return out
 
         return Pipe()
@@ -245,6 +254,52 @@ async def test_background_write() -> None:
     assert c.get_nowait("k") == "v"
     await c.aclose()
     assert redis.data["t:k"] == (b"v", 10_000)
+
+
+async def test_background_writes_share_a_pipeline() -> None:
+    """A burst of new or refreshed entries (tokens first seen together expire together) is
+    one round trip per ``write_batch``, not one each; a key written twice goes once, with the
+    later value."""
+    redis = FakeRedis()
+    c = TieredCache(
+        MemoryCache(100),
+        redis,
+        encode=str.encode,
+        decode=bytes.decode,  # type: ignore[arg-type]
+        prefix="t:",
+        write_batch=20,
+    )
+    for i in range(50):
+        c.set_background(f"k{i}", f"v{i}", 10)
+    c.set_background("k3", "newer", 20)
+    assert c.get_nowait("k3") == "newer" and redis.pipelines == 0  # nothing sent yet
+    await c.aclose()
+    assert redis.pipelines == c.l2_write_batches == 3  # 20 + 20 + 10
+    assert len(redis.data) == 50 and redis.data["t:k3"] == (b"newer", 20_000)
+    assert redis.data["t:k49"] == (b"v49", 10_000) and c.l2_errors == 0
+
+
+async def test_a_background_write_that_fails_is_dropped_and_counted() -> None:
+    def encode(value: str) -> bytes:
+        if value == "bad":
+            raise ValueError("cannot encode")
+        return value.encode()
+
+    redis = FakeRedis()
+    c = TieredCache(MemoryCache(10), redis, encode=encode, decode=bytes.decode, prefix="t:")  # type: ignore[arg-type]
+    c.set_background("a", "ok", 10)
+    c.set_background("b", "bad", 10)
+    await c.aclose()
+    assert redis.data == {"t:a": (b"ok", 10_000)} and c.l2_errors == 1
+    redis.fail = True
+    c.set_background("c", "v", 10)
+    c.set_background("d", "v", 10)
+    await c.aclose()
+    assert c.l2_errors == 3 and c.get_nowait("d") == "v"  # L1 still has them
+    redis.fail, redis.hang = False, True
+    c.set_background("e", "v", 10)
+    await c.aclose()  # bounded by l2_timeout: the hung pipeline is cancelled
+    assert c.l2_errors == 4 and not c._pending
 
 
 async def test_without_redis_it_is_l1_only() -> None:
