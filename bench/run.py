@@ -172,16 +172,20 @@ MODES = {
 # ---------------------------------------------------------------------------- measuring
 
 
-def _redis_calls(stack: Stack) -> dict[str, int]:
-    """Calls per Redis command so far, less the harness's own (INFO ...)."""
+def _redis_calls(stack: Stack) -> tuple[dict[str, int], int]:
+    """Calls per Redis command so far, less the harness's and clients' own (INFO, PING,
+    connection set-up ...), and the round trips of those calls: the server's reply writes
+    (one per client per batch of commands one read brought in) less one per own call."""
     if stack.redis is None:
-        return {}
-    stats = stack.redis.command_stats()
-    return {
-        name: int(v.get("calls", 0))
-        for name, v in stats.items()
-        if not name.split("|")[0].startswith(_OWN_REDIS_COMMANDS)
-    }
+        return {}, 0
+    stats, writes = stack.redis.counters()
+    calls, own = {}, 0
+    for name, v in stats.items():
+        if name.split("|")[0].startswith(_OWN_REDIS_COMMANDS):
+            own += int(v.get("calls", 0))
+        else:
+            calls[name] = int(v.get("calls", 0))
+    return calls, writes - own
 
 
 _HOOK_FAMILY = "extproc_plugin_duration_seconds"
@@ -363,11 +367,11 @@ def _cpu(stack: Stack, key: str) -> dict[str, float]:
 
 def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
     metrics = _sidecar_metrics(stack, s.key)
-    before, calls = _cpu(stack, s.key), _redis_calls(stack)
+    before, (calls, trips) = _cpu(stack, s.key), _redis_calls(stack)
     machine_before = machine_ticks()
     result: LoadResult = load()
     machine = machine_shares(machine_before, machine_ticks())
-    after, calls_after = _cpu(stack, s.key), _redis_calls(stack)
+    after, (calls_after, trips_after) = _cpu(stack, s.key), _redis_calls(stack)
     metrics_after = _sidecar_metrics(stack, s.key)
     batching = _batching(metrics, metrics_after)
     n = max(1, result.requests)
@@ -390,7 +394,8 @@ def _sample(stack: Stack, s: Scenario, load: Any) -> dict[str, Any]:
         "errors": result.errors(_allowed(s)),
         "client_errors": result.client_errors(),
         "cpu_us": {k: (after[k] - before[k]) / n * 1e6 for k in before},
-        "redis_round_trips_per_req": _client_commands(commands) / n,
+        "redis_round_trips_per_req": (trips_after - trips) / n,
+        "redis_client_cmds_per_req": _client_commands(commands) / n,
         "redis_cmds_per_req": sum(commands.values()) / n,
         "redis_commands": commands,
         "batching": batching,

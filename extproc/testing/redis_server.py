@@ -223,9 +223,20 @@ class RedisServer:
 
     def command_stats(self) -> dict[str, dict[str, float]]:
         """``INFO commandstats`` as ``{"evalsha": {"calls": 12.0, "usec": ...}, ...}``."""
-        raw = _command(self.port, "INFO", "commandstats").decode()
+        return self.counters()[0]
+
+    def counters(self) -> tuple[dict[str, dict[str, float]], int]:
+        """:meth:`command_stats` and the server's ``total_writes_processed``, read at one
+        instant. Redis writes a client's replies once for all the commands of it that one read
+        brought in, so the writes count round trips: a pipeline of 50 SETs is one, where
+        ``commandstats`` counts 50. (This read's own reply is written after it is taken: a
+        read between two others is one write and one ``info`` call in their difference.)"""
+        raw = _command(self.port, "INFO", "stats", "commandstats").decode()
         stats: dict[str, dict[str, float]] = {}
+        writes = 0
         for line in raw.splitlines():
+            if line.startswith("total_writes_processed:"):
+                writes = int(line.partition(":")[2])
             if not line.startswith("cmdstat_"):
                 continue
             name, _, fields = line[len("cmdstat_") :].partition(":")
@@ -235,7 +246,7 @@ class RedisServer:
                 with contextlib.suppress(ValueError):
                     values[key] = float(value)
             stats[name] = values
-        return stats
+        return stats, writes
 
     def calls(self, command: str) -> int:
         return int(self.command_stats().get(command, {}).get("calls", 0))

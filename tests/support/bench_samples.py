@@ -15,6 +15,7 @@ def closed_loop_sample() -> dict[str, Any]:
         "cpu_us": {"envoy": 1, "sidecar": 1, "redis": 0},
         "redis_cmds_per_req": 0,
         "redis_round_trips_per_req": 0,
+        "redis_client_cmds_per_req": 0,
         "client_errors": 0,
         "requests": 1,
         "statuses": {},

@@ -3,9 +3,11 @@ fastest bare servicer of the run whatever its transport."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from bench import report
+from bench.run import _redis_calls
 
 
 def _row(rps: float, **ratios: float) -> dict[str, Any]:
@@ -80,3 +82,31 @@ def test_the_added_p99_target_says_in_how_many_rounds_it_was_met() -> None:
     del row["open_loop"]["added_p99_ms_rounds"]  # a run from before the field
     rows = {t["target"]: t for t in report.targets({"extproc-jwt-rl-h2": row}, {})}
     assert not any("rounds with" in name for name in rows)
+
+
+def test_target_4_is_judged_on_round_trips_and_the_commands_are_reported_beside() -> None:
+    row = _row(4800)
+    row["redis_round_trips_per_req"] = 0.06  # a pipeline of writes is one
+    row["redis_client_cmds_per_req"] = 0.12  # ... and each of its commands here
+    rows = {t["target"]: t for t in report.targets({"extproc-jwt-rl-h2": row}, {})}
+    trips = rows["`extproc-jwt-rl-h2`: Redis round trips per request at saturation"]
+    assert trips["value"] == 0.06 and trips["met"] is True
+    cmds = rows[
+        "`extproc-jwt-rl-h2`: Redis commands per request at saturation (pipelined ones each)"
+    ]
+    assert cmds["value"] == 0.12 and cmds["met"] is None
+
+
+def test_round_trips_are_the_servers_reply_writes_less_the_own_commands() -> None:
+    stats = {
+        "evalsha": {"calls": 10.0},
+        "set": {"calls": 50.0},
+        "info": {"calls": 3.0},
+        "ping": {"calls": 2.0},
+        "client|setinfo": {"calls": 1.0},
+    }
+    stack = SimpleNamespace(redis=SimpleNamespace(counters=lambda: (stats, 17)))
+    calls, trips = _redis_calls(stack)  # type: ignore[arg-type]
+    assert calls == {"evalsha": 10, "set": 50}
+    assert trips == 17 - 6  # 10 script calls and one pipeline of 50 SETs: 11
+    assert _redis_calls(SimpleNamespace(redis=None)) == ({}, 0)  # type: ignore[arg-type]
