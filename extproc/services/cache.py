@@ -317,6 +317,7 @@ class TieredCache(Generic[V]):
         self.l1.delete_nowait(key)
         if self.redis is None:
             return
+        self._writes.pop(key, None)  # a write still gathering would bring it back
         redis = self.redis
         try:
             await self._bounded(lambda: redis.delete(self._prefix + key), self._budget())

@@ -279,6 +279,18 @@ async def test_background_writes_share_a_pipeline() -> None:
     assert redis.data["t:k49"] == (b"v49", 10_000) and c.l2_errors == 0
 
 
+async def test_a_delete_cancels_a_write_still_gathering() -> None:
+    """A token verified and, within the window, found bad (its re-verification failed) must
+    not come back in Redis when the window ends."""
+    redis = FakeRedis()
+    c = tiered(redis)
+    c.set_background("k", "v", 10)
+    c.set_background("other", "v", 10)
+    await c.delete("k")
+    await c.aclose()
+    assert "t:k" not in redis.data and "t:other" in redis.data
+
+
 async def test_a_background_write_that_fails_is_dropped_and_counted() -> None:
     def encode(value: str) -> bytes:
         if value == "bad":
