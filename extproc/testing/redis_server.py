@@ -227,10 +227,10 @@ class RedisServer:
 
     def counters(self) -> tuple[dict[str, dict[str, float]], int]:
         """:meth:`command_stats` and the server's ``total_writes_processed``, read at one
-        instant. Redis writes a client's replies once for all the commands of it that one read
+        instant. Redis writes a client's replies once for all of its commands that one read
         brought in, so the writes count round trips: a pipeline of 50 SETs is one, where
-        ``commandstats`` counts 50. (This read's own reply is written after it is taken: a
-        read between two others is one write and one ``info`` call in their difference.)"""
+        ``commandstats`` counts 50. Each reading is itself one write and one ``info`` call,
+        both counted by the next reading."""
         raw = _command(self.port, "INFO", "stats", "commandstats").decode()
         stats: dict[str, dict[str, float]] = {}
         writes = 0
