@@ -538,11 +538,8 @@ def _latency(
     def load() -> LoadResult:
         if not mode.stalls:
             return _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
-        recording = Switches(workdir)
-        try:
+        with Switches(workdir) as recording:
             result = _fixed_rate(stack, s, traffic, mode, mode.latency_duration_s)
-        finally:
-            recording.stop()
         recorded.append((recording, result))
         return result
 

@@ -29,7 +29,6 @@ Run: ``python -m bench.stalls [--scenarios a,b] [--rate 1000] [--duration 6] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -40,10 +39,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bench.load import LoadResult, open_loop, percentile_ms
 from bench.procs import process_tree
@@ -137,8 +136,9 @@ def split_tail(
 
 class Switches:
     """``perf`` recording every CPU's context switches and forks, from construction to
-    :meth:`stop`; :meth:`stalls` then reads the foreign runs out of it (apart, so that a
-    caller can stop the recording with its measurement and parse after it)."""
+    :meth:`stop` (or the end of a ``with`` block); :meth:`stalls` then reads the foreign runs
+    out of it (apart, so that a caller can stop the recording with its measurement and parse
+    after it)."""
 
     def __init__(self, workdir: Path) -> None:
         self._data = workdir / "switches.data"
@@ -149,6 +149,12 @@ class Switches:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(0.3)  # perf has opened its events
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self._ours |= set(process_tree(os.getpid()))
@@ -168,18 +174,6 @@ class Switches:
             found = parse_switches(script.stdout, self._ours, min_run)
         self._data.unlink()
         return found
-
-
-@contextlib.contextmanager
-def _switches(workdir: Path, min_run: float) -> Iterator[list[Stall]]:
-    """Record while the block runs; then fill the list with the foreign stalls."""
-    recording = Switches(workdir)
-    stalls: list[Stall] = []
-    try:
-        yield stalls
-    finally:
-        recording.stop()
-        stalls.extend(recording.stalls(min_run))
 
 
 def figures(result: LoadResult, stalls: Sequence[Stall]) -> dict[str, Any]:
@@ -226,11 +220,11 @@ def measure(
                 requests = _requests(stack, s, traffic)
                 stack.alone(s.key)
                 open_loop(port, requests, rate=rate, duration_s=LATENCY_WARM_S)  # warm
-                with _switches(workdir, min_run) as stalls:
+                with Switches(workdir) as recording:
                     result = open_loop(port, requests, rate=rate, duration_s=duration_s)
                 if result.errors(frozenset({"200"})):
                     raise RuntimeError(f"{s.key}: errors: {result.statuses}")
-                f = figures(result, stalls)
+                f = figures(result, recording.stalls(min_run))
                 out[s.key].append(f)
                 print(
                     f"  {s.key:<20} p99 {f['p99']:5.2f} ms, clear of stalls {f['p99_clear']:5.2f}"

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.stalls import _switches
+from bench.stalls import Switches
 
 _BURN = (
     "import time; open('/proc/self/comm', 'w').write({name!r}); time.sleep({delay}); "
@@ -32,9 +32,10 @@ def test_a_foreign_busy_process_is_seen_and_ours_is_not(tmp_path: Path) -> None:
     # the outsider belongs to init, as a machine's own daemons do
     code = _burn("stall-outsider", 0.6, delay=0.6)
     subprocess.run(["sh", "-c", f'{sys.executable} -c "{code}" >/dev/null 2>&1 &'], check=True)
-    with _switches(tmp_path, 0.0005) as stalls:
+    with Switches(tmp_path) as recording:
         subprocess.run([sys.executable, "-c", _burn("stall-ours", 0.3)], check=True)
         time.sleep(1.2)  # the outsider's delay and burn are over
+    stalls = recording.stalls(0.0005)
     names = {s.comm for s in stalls}
     assert "stall-outsider" in names
     assert "stall-ours" not in names  # exited before the end: known by its fork
