@@ -18,12 +18,16 @@ idle task. Each request is a span from its scheduled send time to its reply; the
 gives, per scenario, the p99 of all requests and of those that overlap no foreign stall, both
 also less passthrough's (medians over rounds), the share of requests that overlapped one, and
 who stalled. The *all requests* figure is the one the targets are judged on; the other says how
-much of it the machine's own threads put there. ``perf`` costs every context switch a little,
-alike in every row (how much was not measured).
+much of it the machine's own threads put there.
+
+``perf`` costs every context switch a little. ``--perf-cost`` measures how much: each scenario
+runs twice a round, once recorded and once not (which goes first alternates by round), and a
+second table gives, per scenario, the p50 and p99 and the CPU per request (sidecar and Envoy)
+of both, with the median of the rounds' differences.
 
 Run: ``python -m bench.stalls [--scenarios a,b] [--rate 1000] [--duration 6] [--rounds 3]
-[--out FILE.md]``. Needs ``perf`` (Debian: ``linux-perf``) and the right to trace every CPU
-(root, or ``kernel.perf_event_paranoid`` -1).
+[--perf-cost] [--out FILE.md]``. Needs ``perf`` (Debian: ``linux-perf``) and the right to trace
+every CPU (root, or ``kernel.perf_event_paranoid`` -1).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
 
 __all__ = [
-    "MIN_RUN_S", "Stall", "Switches", "figures", "main", "parse_switches", "split_tail", "table",
+    "MIN_RUN_S", "Stall", "Switches", "figures", "main", "parse_switches", "perf_cost_table",
+    "split_tail", "table",
 ]  # fmt: skip
 
 DEFAULT_SCENARIOS = ("bare-http2-redis", "extproc-h2", "extproc-jwt-rl-h2", "extproc-jwt-rl")
@@ -205,30 +210,53 @@ def measure(
     rounds: int,
     min_run: float,
     workdir: Path,
+    perf_cost: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per scenario (``passthrough`` first), its :func:`figures` of each round."""
-    from bench.run import LATENCY_WARM_S, _requests  # (bench.run imports this module)
+    """Per scenario (``passthrough`` first), its :func:`figures` of each round; with
+    ``perf_cost``, each round's figures also hold ``unrecorded``: the same scenario run again
+    without ``perf`` (before the recorded run in odd rounds, after it in even ones), and both
+    hold ``p50`` and the CPU µs per request of the sidecar and of Envoy."""
+    from bench.run import LATENCY_WARM_S, _cpu, _requests  # (bench.run imports this module)
 
     chosen = [scenario(k) for k in (REFERENCE, *[k for k in keys if k != REFERENCE])]
     traffic = make_traffic(1000)
     out: dict[str, list[dict[str, Any]]] = {s.key: [] for s in chosen}
     with Stack(chosen, traffic, workdir / "stack") as stack:
+
+        def run(key: str, requests: list[bytes], recorded: bool) -> dict[str, Any]:
+            before = _cpu(stack, key)
+            if recorded:
+                with Switches(workdir) as recording:
+                    result = open_loop(stack.port(key), requests, rate=rate, duration_s=duration_s)
+            else:
+                result = open_loop(stack.port(key), requests, rate=rate, duration_s=duration_s)
+            cpu = {name: t - before[name] for name, t in _cpu(stack, key).items()}
+            if result.errors(frozenset({"200"})):
+                raise RuntimeError(f"{key}: errors: {result.statuses}")
+            f = figures(result, recording.stalls(min_run)) if recorded else {}
+            f["p99"], f["p50"] = result.latency_ms["p99"], result.latency_ms["p50"]
+            f["cpu_us"] = {name: t * 1e6 / max(1, result.requests) for name, t in cpu.items()}
+            return f
+
         for n in range(rounds):
             print(f"round {n + 1}/{rounds}", flush=True)
             for s in chosen:
-                port = stack.port(s.key)
                 requests = _requests(stack, s, traffic)
                 stack.alone(s.key)
-                open_loop(port, requests, rate=rate, duration_s=LATENCY_WARM_S)  # warm
-                with Switches(workdir) as recording:
-                    result = open_loop(port, requests, rate=rate, duration_s=duration_s)
-                if result.errors(frozenset({"200"})):
-                    raise RuntimeError(f"{s.key}: errors: {result.statuses}")
-                f = figures(result, recording.stalls(min_run))
+                open_loop(stack.port(s.key), requests, rate=rate, duration_s=LATENCY_WARM_S)
+                plain = None
+                if perf_cost and n % 2:
+                    plain = run(s.key, requests, recorded=False)
+                f = run(s.key, requests, recorded=True)
+                if perf_cost and plain is None:
+                    plain = run(s.key, requests, recorded=False)
+                if plain is not None:
+                    f["unrecorded"] = plain
                 out[s.key].append(f)
                 print(
                     f"  {s.key:<20} p99 {f['p99']:5.2f} ms, clear of stalls {f['p99_clear']:5.2f}"
-                    f"  ({f['overlapped']:.1%} overlapped {f['stalls_per_s']:.1f} stalls/s)",
+                    f"  ({f['overlapped']:.1%} overlapped {f['stalls_per_s']:.1f} stalls/s)"
+                    + (f"; unrecorded p99 {plain['p99']:5.2f}" if plain is not None else ""),
                     flush=True,
                 )
     return out
@@ -269,6 +297,49 @@ def table(rounds: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     return "\n".join(out)
 
 
+def perf_cost_table(rounds: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Markdown: what recording cost, per scenario, from the rounds of a ``--perf-cost`` run
+    (each round's figures with their ``unrecorded`` twin; ``""`` without them). Each cell is
+    *recorded / unrecorded*, medians over rounds; *cost* columns are the median of the rounds'
+    differences; *added* is less ``passthrough``'s figure of the same round and kind."""
+    if not rounds or not all("unrecorded" in f for figs in rounds.values() for f in figs):
+        return ""
+    ref = rounds.get(REFERENCE)
+    out = [
+        "| scenario | p50 ms | p99 ms | p99 cost ms | added p99 ms | added p99 cost ms | "
+        "sidecar CPU µs/req | Envoy CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def med(values: Iterable[float]) -> float:
+        return float(statistics.median(values))
+
+    for key, figs in rounds.items():
+        plain = [f["unrecorded"] for f in figs]
+
+        def pair(
+            get: Any, digits: int = 2, figs: Sequence[Any] = figs, plain: Sequence[Any] = plain
+        ) -> str:
+            return f"{med(map(get, figs)):.{digits}f} / {med(map(get, plain)):.{digits}f}"
+
+        cost = med(f["p99"] - u["p99"] for f, u in zip(figs, plain, strict=True))
+        added = added_cost = "-"
+        if ref and key != REFERENCE and len(ref) == len(figs):
+            on = [f["p99"] - r["p99"] for f, r in zip(figs, ref, strict=True)]
+            off = [
+                f["unrecorded"]["p99"] - r["unrecorded"]["p99"]
+                for f, r in zip(figs, ref, strict=True)
+            ]
+            added = f"{med(on):.2f} / {med(off):.2f}"
+            added_cost = f"{med(a - b for a, b in zip(on, off, strict=True)):+.2f}"
+        out.append(
+            f"| `{key}` | {pair(lambda f: f['p50'])} | {pair(lambda f: f['p99'])} | {cost:+.2f} | "
+            f"{added} | {added_cost} | {pair(lambda f: f['cpu_us']['sidecar'], 0)} | "
+            f"{pair(lambda f: f['cpu_us']['envoy'], 0)} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS))
@@ -276,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-ms", type=float, default=MIN_RUN_S * 1000)
+    parser.add_argument(
+        "--perf-cost", action="store_true",
+        help="run each scenario a second time each round, unrecorded, and report the difference",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
     if shutil.which("perf") is None:
@@ -285,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="extproc-stalls-") as tmp:
         samples = measure(
             keys, rate=args.rate, duration_s=args.duration, rounds=args.rounds,
-            min_run=args.min_run_ms / 1000, workdir=Path(tmp),
+            min_run=args.min_run_ms / 1000, workdir=Path(tmp), perf_cost=args.perf_cost,
         )  # fmt: skip
     report = (
         f"# Foreign CPU stalls in the tail ({started})\n\n"
@@ -296,6 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         + table(samples)
         + "\n"
     )
+    if cost := perf_cost_table(samples):
+        report += (
+            "\n## What recording cost\n\nEach scenario also ran unrecorded in every round (first "
+            "in odd rounds, second in even ones). Each cell: recorded / unrecorded, medians over "
+            "rounds; *cost*: the median of the rounds' differences.\n\n" + cost + "\n"
+        )
     print("\n" + report)
     if args.out is not None:
         args.out.write_text(report)

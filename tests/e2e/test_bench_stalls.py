@@ -13,6 +13,8 @@ from pathlib import Path
 
 from bench.stalls import Switches
 
+REPO = Path(__file__).resolve().parents[2]
+
 _BURN = (
     "import time; open('/proc/self/comm', 'w').write({name!r}); time.sleep({delay}); "
     "end = time.monotonic() + {seconds}; "
@@ -42,3 +44,27 @@ def test_a_foreign_busy_process_is_seen_and_ours_is_not(tmp_path: Path) -> None:
     burned = sum(s.seconds for s in stalls if s.comm == "stall-outsider")
     assert 0.2 < burned <= 0.7  # most of its 0.6 s, in runs of at least 0.5 ms each
     assert not list(tmp_path.glob("*.data"))  # the recording is removed
+
+
+def test_perf_cost_runs_each_scenario_recorded_and_not(tmp_path: Path) -> None:
+    """``--perf-cost`` for real, two rounds (both orders): the second table has a row per
+    scenario with recorded / unrecorded figures, and the sidecar's CPU is read in both."""
+    assert shutil.which("perf"), "perf is missing: apt-get install linux-perf"
+    out = tmp_path / "stalls.md"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench.stalls", "--scenarios", "extproc-h2", "--rate", "200",
+            "--duration", "1", "--rounds", "2", "--perf-cost", "--out", str(out),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = out.read_text()
+    cost = report.split("## What recording cost", 1)[1]
+    rows = {ln.split("|")[1].strip(): ln for ln in cost.splitlines() if ln.startswith("| `")}
+    assert set(rows) == {"`passthrough`", "`extproc-h2`"}
+    cells = [c.strip() for c in rows["`extproc-h2`"].strip("|").split("|")]
+    p99_on, p99_off = (float(v) for v in cells[2].split(" / "))
+    assert 0 < p99_on < 1000 and 0 < p99_off < 1000
+    sidecar_on, sidecar_off = (float(v) for v in cells[6].split(" / "))
+    assert sidecar_on > 0 and sidecar_off > 0  # the sidecar's own CPU, in both runs

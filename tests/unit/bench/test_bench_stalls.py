@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import report
+from bench import report, stalls
 from bench.stalls import Stall, parse_switches, split_tail
 from tests.support.bench_samples import closed_loop_sample
 
@@ -130,3 +130,39 @@ def test_a_run_with_stalls_reports_the_clear_tail_and_whose_the_stalls_were() ->
 
 def test_a_run_without_stalls_has_no_such_section_or_target() -> None:
     assert report._stalls_section({"latency_rounds": [{"passthrough": {"errors": 0}}]}) == []
+
+
+def _costed(p50: float, p99: float, sidecar: float, plain: tuple[float, float, float]) -> dict:
+    def one(p50: float, p99: float, sidecar: float) -> dict[str, object]:
+        return {"p50": p50, "p99": p99, "cpu_us": {"sidecar": sidecar, "envoy": 50.0}}
+
+    return one(p50, p99, sidecar) | {"unrecorded": one(*plain)}
+
+
+def test_the_perf_cost_table_gives_recorded_and_unrecorded_and_the_rounds_differences() -> None:
+    rounds = {
+        "passthrough": [
+            _costed(0.2, 0.4, 0.0, (0.2, 0.3, 0.0)),
+            _costed(0.2, 0.5, 0.0, (0.2, 0.3, 0.0)),
+        ],
+        "extproc-h2": [
+            _costed(0.5, 1.4, 110.0, (0.45, 1.0, 100.0)),
+            _costed(0.6, 1.8, 130.0, (0.55, 1.6, 120.0)),
+        ],
+    }
+    rows = [ln for ln in stalls.perf_cost_table(rounds).splitlines() if ln.startswith("| `")]
+    # passthrough: p99 0.45 / 0.30 (medians), cost the median of 0.1 and 0.2
+    assert (
+        rows[0] == "| `passthrough` | 0.20 / 0.20 | 0.45 / 0.30 | +0.15 | - | - | 0 / 0 | 50 / 50 |"
+    )
+    # extproc-h2 added: recorded 1.0 and 1.3 (median 1.15), unrecorded 0.7 and 1.3 (1.0);
+    # the added cost is the median of the rounds' own differences, 0.3 and 0.0
+    assert rows[1] == (
+        "| `extproc-h2` | 0.55 / 0.50 | 1.60 / 1.30 | +0.30 | 1.15 / 1.00 | +0.15 "
+        "| 120 / 110 | 50 / 50 |"
+    )
+
+
+def test_without_unrecorded_twins_there_is_no_perf_cost_table() -> None:
+    assert stalls.perf_cost_table({"passthrough": [{"p99": 0.3, "p50": 0.2}]}) == ""
+    assert stalls.perf_cost_table({}) == ""
