@@ -165,7 +165,7 @@ class TieredCache(Generic[V]):
         prefix: str = "extproc:cache:",
         l2_timeout: float = 0.05,
         l1_max_ttl: float = 300.0,
-        write_window: float = 0.005,
+        write_window: float = 0.02,
         write_batch: int = 128,
     ) -> None:
         self.l1 = l1

@@ -96,6 +96,7 @@ class TokenCache:
             prefix=config.redis_prefix,
             l2_timeout=config.redis_timeout_ms / 1000,
             l1_max_ttl=config.max_ttl_s,
+            write_window=config.redis_write_window_ms / 1000,
         )
 
     @property

@@ -331,6 +331,15 @@ class TokenCacheConfig(PluginConfig):
     )
     redis_prefix: str = Field("extproc:jwt:", max_length=64, description="Redis key prefix")
     redis_timeout_ms: int = Field(20, ge=1, le=1000, description="bound on each Redis call")
+    redis_write_window_ms: float = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="new and refreshed entries reach Redis this long after they were made, "
+        "in one pipeline with the others of the window (at most 128 a pipeline): a longer "
+        "window costs fewer round trips when entries come spread out, and leaves a token "
+        "that long longer unknown to the other workers",
+    )
 
 
 class JwtAuthConfig(PluginConfig):

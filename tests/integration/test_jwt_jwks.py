@@ -322,15 +322,22 @@ async def test_redis_second_tier_shares_validated_tokens(k1: KeyPair) -> None:
 
 class _TwoWorkers:
     """Two plugin instances (two workers) on one real Redis and one real JWKS server, each
-    with its own monotonic clock; ``algorithms`` None: the provider's default."""
+    with its own monotonic clock; ``algorithms`` None: the provider's default; ``token_cache``
+    the plugin's settings of that name."""
 
     def __init__(
-        self, redis_server: Any, redis: Any, server: JwksServer, algorithms: list[str] | None
+        self,
+        redis_server: Any,
+        redis: Any,
+        server: JwksServer,
+        algorithms: list[str] | None,
+        token_cache: dict[str, Any] | None = None,
     ) -> None:
         self.redis_server = redis_server
         self.redis = redis
         self.server = server
         self.algorithms = algorithms
+        self.token_cache = token_cache or {}
         self.clocks = [Clock(10_000.0), Clock(10_000.0)]
         self.made: list[tuple[JwtAuthPlugin, Any]] = []
 
@@ -338,7 +345,9 @@ class _TwoWorkers:
         provider: dict[str, Any] = {"issuer": ISSUER, "jwks": {"uri": self.server.url}}
         if self.algorithms is not None:
             provider["algorithms"] = self.algorithms
-        cfg = JwtAuthConfig.model_validate({"providers": {"idp": provider}})
+        cfg = JwtAuthConfig.model_validate(
+            {"providers": {"idp": provider}, "token_cache": self.token_cache}
+        )
         for clock in self.clocks:
             plugin = JwtAuthPlugin(cfg)
             ctx = make_plugin_context("jwt_auth", cfg, redis=self.redis, clock=clock)
@@ -375,7 +384,9 @@ class _TwoWorkers:
 
 
 @contextlib.asynccontextmanager
-async def two_workers(key: KeyPair, algorithms: list[str] | None) -> AsyncIterator[_TwoWorkers]:
+async def two_workers(
+    key: KeyPair, algorithms: list[str] | None, token_cache: dict[str, Any] | None = None
+) -> AsyncIterator[_TwoWorkers]:
     from redis.asyncio import Redis
 
     from extproc.testing.redis_server import RedisServer
@@ -383,7 +394,7 @@ async def two_workers(key: KeyPair, algorithms: list[str] | None) -> AsyncIterat
     with RedisServer() as rs:
         redis = Redis.from_url(rs.url)
         async with JwksServer([key]) as server:
-            workers = _TwoWorkers(rs, redis, server, algorithms)
+            workers = _TwoWorkers(rs, redis, server, algorithms, token_cache)
             try:
                 await workers.start()
                 yield workers
@@ -392,6 +403,33 @@ async def two_workers(key: KeyPair, algorithms: list[str] | None) -> AsyncIterat
                     await plugin.shutdown()
                     await ctx.http.aclose()
                 await redis.aclose()
+
+
+@pytest.mark.redis
+async def test_new_tokens_reach_redis_together_after_the_write_window(k1: KeyPair) -> None:
+    """``token_cache.redis_write_window_ms``: tokens verified within the window reach Redis
+    when it ends, in one pipeline, and not before (the other worker verifies them itself
+    meanwhile)."""
+    async with two_workers(k1, None, {"redis_write_window_ms": 400}) as workers:
+        a, redis = workers.a, workers.redis
+        assert a.token_cache is not None and a.token_cache.tiered._write_window == 0.4
+        for n in range(3):
+            token = TokenFactory(k1, issuer=ISSUER).mint({"sub": f"s{n}"})
+            assert isinstance(await a.on_request(event(token)), Continue)
+            await asyncio.sleep(0.05)
+        assert await redis.keys("extproc:jwt:*") == []  # still gathering
+        await a.token_cache.aclose()  # waits for the window's end and its pipeline
+        assert len(await redis.keys("extproc:jwt:*")) == 3
+        assert a.token_cache.tiered.l2_write_batches == 1
+
+
+def test_the_write_window_is_bounded() -> None:
+    provider = {"issuer": ISSUER, "jwks": {"uri": "http://127.0.0.1:1/jwks"}}
+    for bad in (-1, 1001):
+        with pytest.raises(ValidationError):
+            JwtAuthConfig.model_validate(
+                {"providers": {"p": provider}, "token_cache": {"redis_write_window_ms": bad}}
+            )
 
 
 @pytest.mark.redis
