@@ -214,8 +214,8 @@ def measure(
 ) -> dict[str, list[dict[str, Any]]]:
     """Per scenario (``passthrough`` first), its :func:`figures` of each round; with
     ``perf_cost``, each round's figures also hold ``unrecorded``: the same scenario run again
-    without ``perf`` (before the recorded run in odd rounds, after it in even ones), and both
-    hold ``p50`` and the CPU µs per request of the sidecar and of Envoy."""
+    without ``perf`` (after the recorded run in rounds 1, 3, 5 ..., before it in rounds 2, 4
+    ...), and both hold ``p50`` and the CPU µs per request of the sidecar and of Envoy."""
     from bench.run import LATENCY_WARM_S, _cpu, _requests  # (bench.run imports this module)
 
     chosen = [scenario(k) for k in (REFERENCE, *[k for k in keys if k != REFERENCE])]
@@ -373,9 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if cost := perf_cost_table(samples):
         report += (
-            "\n## What recording cost\n\nEach scenario also ran unrecorded in every round (first "
-            "in odd rounds, second in even ones). Each cell: recorded / unrecorded, medians over "
-            "rounds; *cost*: the median of the rounds' differences.\n\n" + cost + "\n"
+            "\n## What recording cost\n\nEach scenario also ran unrecorded in every round (after "
+            "the recorded run in rounds 1, 3, 5 ..., before it in rounds 2, 4 ...). Each cell: "
+            "recorded / unrecorded, medians over rounds; *cost*: the median of the rounds' "
+            "differences.\n\n" + cost + "\n"
         )
     print("\n" + report)
     if args.out is not None:
