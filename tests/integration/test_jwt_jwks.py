@@ -408,16 +408,21 @@ async def two_workers(
 @pytest.mark.redis
 async def test_new_tokens_reach_redis_together_after_the_write_window(k1: KeyPair) -> None:
     """``token_cache.redis_write_window_ms``: tokens verified within the window reach Redis
-    when it ends, in one pipeline, and not before (the other worker verifies them itself
-    meanwhile)."""
-    async with two_workers(k1, None, {"redis_write_window_ms": 400}) as workers:
-        a, redis = workers.a, workers.redis
-        assert a.token_cache is not None and a.token_cache.tiered._write_window == 0.4
-        for n in range(3):
-            token = TokenFactory(k1, issuer=ISSUER).mint({"sub": f"s{n}"})
+    when it ends, in one pipeline, and not before: meanwhile the other worker finds nothing
+    there and verifies a token itself."""
+    async with two_workers(k1, None, {"redis_write_window_ms": 1000}) as workers:
+        a, b, redis = workers.a, workers.b, workers.redis
+        assert a.token_cache is not None and b.token_cache is not None
+        assert a.token_cache.tiered._write_window == 1.0
+        tokens = [TokenFactory(k1, issuer=ISSUER).mint({"sub": f"s{n}"}) for n in range(3)]
+        for token in tokens:
             assert isinstance(await a.on_request(event(token)), Continue)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         assert await redis.keys("extproc:jwt:*") == []  # still gathering
+        reads = await _get_calls(redis)
+        assert isinstance(await b.on_request(event(tokens[0])), Continue)
+        assert await _get_calls(redis) == reads + 1  # b looked in Redis ...
+        assert b.token_cache.tiered.l2_hits == 0  # ... found nothing, and verified it itself
         await a.token_cache.aclose()  # waits for the window's end and its pipeline
         assert len(await redis.keys("extproc:jwt:*")) == 3
         assert a.token_cache.tiered.l2_write_batches == 1
