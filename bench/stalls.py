@@ -33,6 +33,7 @@ every CPU (root, or ``kernel.perf_event_paranoid`` -1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -225,16 +226,17 @@ def measure(
 
         def run(key: str, requests: list[bytes], recorded: bool) -> dict[str, Any]:
             before = _cpu(stack, key)
-            if recorded:
-                with Switches(workdir) as recording:
-                    result = open_loop(stack.port(key), requests, rate=rate, duration_s=duration_s)
-            else:
+            with Switches(workdir) if recorded else contextlib.nullcontext() as recording:
                 result = open_loop(stack.port(key), requests, rate=rate, duration_s=duration_s)
             cpu = {name: t - before[name] for name, t in _cpu(stack, key).items()}
             if result.errors(frozenset({"200"})):
                 raise RuntimeError(f"{key}: errors: {result.statuses}")
-            f = figures(result, recording.stalls(min_run)) if recorded else {}
-            f["p99"], f["p50"] = result.latency_ms["p99"], result.latency_ms["p50"]
+            f: dict[str, Any] = (
+                figures(result, recording.stalls(min_run))
+                if recording is not None
+                else {"p99": result.latency_ms["p99"]}  # as figures' p99 of all requests
+            )
+            f["p50"] = result.latency_ms["p50"]
             f["cpu_us"] = {name: t * 1e6 / max(1, result.requests) for name, t in cpu.items()}
             return f
 
