@@ -66,7 +66,7 @@ class Scenario:
     key: str
     title: str
     #: none | native | bare-idiomatic | bare-fast | bare-coalesced | bare-http2 |
-    #: bare-http2-redis | extproc | sdk (and the optional bare-eof, bare-h2lib)
+    #: bare-http2-redis | extproc | sdk (and the optional bare-eof, bare-fast-redis, bare-h2lib)
     backend: str
     #: plugins of an extproc backend: () | ("hdr",) | ("noop",) | ("jwt",) | ("jwt", "rl")
     plugins: tuple[str, ...] = ()
@@ -92,12 +92,14 @@ class Scenario:
     hot_limit: int | None = None
     #: ``server.transport`` (grpcio: grpc.aio; http2: extproc's own HTTP/2)
     transport: str = "grpcio"
+    #: bare-fast / bare-http2: µs of Python spun per request (a stand-in for a plugin's work)
+    burn_us: float = 0.0
     #: run the sidecar from this source tree (``--baseline``: an earlier commit) instead
     source: Path | None = None
 
     @property
     def needs_redis(self) -> bool:
-        return "rl" in self.plugins or self.backend == "bare-http2-redis"
+        return "rl" in self.plugins or self.backend in ("bare-http2-redis", "bare-fast-redis")
 
     @property
     def denies(self) -> bool:
@@ -137,6 +139,24 @@ SCENARIOS: tuple[Scenario, ...] = (
         "bare-http2 + one Redis round trip (INCR) per request: the floor of a Redis-backed "
         "decision",
         "bare-http2-redis",
+    ),
+    Scenario(
+        "bare-fast-redis",
+        "bare-fast + one Redis round trip (INCR) per request: grpc.aio's floor of a "
+        "Redis-backed decision",
+        "bare-fast-redis",
+        optional=True,
+    ),
+    *(
+        Scenario(
+            f"{base}-burn{us}",
+            f"{base} spinning {us} µs of Python per request (a stand-in for a plugin's work)",
+            base,
+            optional=True,
+            burn_us=float(us),
+        )
+        for base in ("bare-fast", "bare-http2")
+        for us in (100, 300)
     ),
     Scenario(
         "bare-h2lib",
@@ -628,7 +648,9 @@ class Stack:
             run.proc = sidecar
             self._stack.callback(sidecar.stop)
             return sidecar.start
-        if s.backend in ("bare-idiomatic", "bare-fast", "bare-coalesced", "bare-eof"):
+        if s.backend in (
+            "bare-idiomatic", "bare-fast", "bare-fast-redis", "bare-coalesced", "bare-eof"
+        ):  # fmt: skip
             style = s.backend.removeprefix("bare-")
             argv = [
                 sys.executable,
@@ -639,12 +661,18 @@ class Stack:
                 "--listen",
                 address,
             ]
+            if s.backend == "bare-fast-redis" and self.redis is not None:
+                argv += ["--redis", f"127.0.0.1:{self.redis.port}"]
+            if s.burn_us:
+                argv += ["--burn-us", str(s.burn_us)]
         elif s.backend in ("bare-http2", "bare-http2-redis", "bare-h2lib"):
             style = {"bare-http2": "own", "bare-http2-redis": "own-redis"}.get(s.backend, "h2lib")
             argv = [sys.executable, "-m", "bench.servicers.h2_bare", "--style", style]
             argv += ["--listen", address]
             if self.redis is not None and s.needs_redis:
                 argv += ["--redis", f"127.0.0.1:{self.redis.port}"]
+            if s.burn_us:
+                argv += ["--burn-us", str(s.burn_us)]
         else:  # sdk
             python = ensure_sdk_venv(self.workdir / "sdk-pip.log")
             argv = [str(python), str(REPO / "bench" / "servicers" / "sdk_noop.py"), address]

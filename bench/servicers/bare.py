@@ -11,12 +11,19 @@
   so that grpc.aio sends that last reply and the status in one batch. extproc does both.
 * ``eof``: ``fast`` as a stream-stream handler reading until Envoy closes the stream (what
   ``fast`` was before extproc learnt to end streams early; kept for comparison).
+* ``fast-redis``: ``fast`` plus one Redis round trip (``INCR`` of one key over extproc's
+  pipelined connection, as ``bench.servicers.h2_bare --style own-redis`` does) before it
+  answers the request headers: the floor of a Redis-backed decision on grpc.aio.
 * ``coalesced``: ``fast``, plus the reply coalescing extproc does (:mod:`extproc.coalesce`):
   on a saturated worker replies wait up to 3 ms (scaled) so many streams' replies are written
   in one loop iteration. It is the fastest servicer we know how to write, so it is the floor
   the targets are measured against once it is faster than ``fast``.
 
     python -m bench.servicers.bare --style fast --listen 127.0.0.1:50051
+
+``--burn-us N`` (``fast``): the handler first spins N µs of Python on the loop's thread
+(:func:`bench.servicers.h2_bare.burn`), a stand-in for a plugin's work: how much a µs of
+Python costs the process on grpc.aio, against the same on ``transport: http2``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import grpc
@@ -97,7 +105,12 @@ def _slow_reply(raw: bytes) -> bytes | None:
     return pb.ProcessingResponse(**{_REPLY_FIELD[phase]: _REPLY_TYPE[phase]()}).SerializeToString()
 
 
-def _fast_process(max_hold: float | None = None, until_eof: bool = False) -> Any:
+def _fast_process(
+    max_hold: float | None = None,
+    until_eof: bool = False,
+    redis: str | None = None,
+    burn_us: float = 0.0,
+) -> Any:
     """The read/write loop; with ``max_hold``, each reply first waits for its coalescing
     round (:class:`extproc.coalesce.ReplyCoalescer`). The reply to the request headers is
     returned: registered stream-unary, grpc.aio sends it with the status in one batch, which
@@ -108,6 +121,20 @@ def _fast_process(max_hold: float | None = None, until_eof: bool = False) -> Any
         from extproc.coalesce import ReplyCoalescer
 
         hold = ReplyCoalescer(max_hold).hold
+    round_trip = None
+    if redis is not None:
+        from bench.servicers.h2_bare import FLOOR_KEY
+        from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
+
+        host, _, port = redis.rpartition(":")
+        pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
+        incr = pack_command("INCR", FLOOR_KEY)
+        round_trip = partial(pipe.execute_packed, incr)
+    spin = None
+    if burn_us:
+        from bench.servicers.h2_bare import burn
+
+        spin = partial(burn, burn_us)
 
     async def process(_: Any, context: grpc.aio.ServicerContext) -> bytes | None:
         read, write, eof, replies = context.read, context.write, grpc.aio.EOF, _REPLIES
@@ -121,6 +148,10 @@ def _fast_process(max_hold: float | None = None, until_eof: bool = False) -> Any
                 reply = _slow_reply(raw)
                 if reply is None:
                     continue
+            if spin is not None and raw[0] == _REQUEST_HEADERS_TAG:
+                spin()
+            if round_trip is not None and raw[0] == _REQUEST_HEADERS_TAG:
+                await round_trip()
             if hold is not None:
                 held = hold(loop)
                 if held is not None:
@@ -132,9 +163,11 @@ def _fast_process(max_hold: float | None = None, until_eof: bool = False) -> Any
     return process
 
 
-def _fast_handler(coalesced: bool = False, until_eof: bool = False) -> grpc.GenericRpcHandler:
+def _fast_handler(
+    coalesced: bool = False, until_eof: bool = False, redis: str | None = None, burn_us: float = 0.0
+) -> grpc.GenericRpcHandler:
     # no request_deserializer / response_serializer: the handler sees and writes bytes
-    process = _fast_process(0.003 if coalesced else None, until_eof)
+    process = _fast_process(0.003 if coalesced else None, until_eof, redis, burn_us)
     if until_eof:
         method = grpc.stream_stream_rpc_method_handler(process)
     else:
@@ -142,7 +175,7 @@ def _fast_handler(coalesced: bool = False, until_eof: bool = False) -> grpc.Gene
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
 
 
-async def serve(style: str, listen: str) -> None:
+async def serve(style: str, listen: str, redis: str | None = None, burn_us: float = 0.0) -> None:
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 10_000)]
     )
@@ -150,7 +183,7 @@ async def serve(style: str, listen: str) -> None:
         pb_grpc.add_ExternalProcessorServicer_to_server(IdiomaticServicer(), server)  # type: ignore[no-untyped-call]
     else:
         server.add_generic_rpc_handlers(
-            (_fast_handler(style == "coalesced", until_eof=style == "eof"),)
+            (_fast_handler(style == "coalesced", style == "eof", redis, burn_us),)
         )
     if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
         raise OSError(f"cannot listen on {listen}")
@@ -166,13 +199,23 @@ async def serve(style: str, listen: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--style", choices=("idiomatic", "fast", "coalesced", "eof"), required=True)
+    parser.add_argument(
+        "--style", choices=("idiomatic", "fast", "fast-redis", "coalesced", "eof"), required=True
+    )
     parser.add_argument("--listen", required=True, help="host:port or unix:/path")
+    parser.add_argument("--redis", help="host:port of the Redis of --style fast-redis")
+    parser.add_argument(
+        "--burn-us", type=float, default=0.0, help="--style fast: Python spun per request (µs)"
+    )
     args = parser.parse_args()
+    if args.burn_us and args.style != "fast":
+        parser.error("--burn-us goes with --style fast")
+    if (args.style == "fast-redis") != (args.redis is not None):
+        parser.error("--redis goes with --style fast-redis, and only with it")
     if args.style != "idiomatic":
         import uvloop
 
-        uvloop.run(serve(args.style, args.listen))
+        uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us))
     else:
         asyncio.run(serve(args.style, args.listen))
 

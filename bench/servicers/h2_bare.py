@@ -17,6 +17,10 @@ first tag byte, the stream ended with the reply to the request headers):
 
     python -m bench.servicers.h2_bare --style own --listen 127.0.0.1:50051
     python -m bench.servicers.h2_bare --style own-redis --redis 127.0.0.1:6379 --listen ...
+
+``--burn-us N`` (``own``): the handler first spins N µs of Python on the loop's thread, a
+stand-in for a plugin's work: how much a µs of Python costs the process on this transport
+(``bench.servicers.bare --burn-us`` is the same on grpc.aio).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -135,8 +140,16 @@ class _Connection(asyncio.Protocol):
             self.answered.add(sid)
 
 
-def _handler(ask: Callable[[], Awaitable[object]] | None = None) -> Any:
-    """The ``own`` handler; with ``ask``, awaited before the reply to the request headers."""
+def burn(us: float) -> None:
+    """Spin ``us`` microseconds of Python (bytecode, the GIL held as a plugin holds it)."""
+    end = time.perf_counter() + us / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+def _handler(ask: Callable[[], Awaitable[object]] | None = None, burn_us: float = 0.0) -> Any:
+    """The ``own`` handler; with ``ask``, awaited before the reply to the request headers;
+    with ``burn_us``, that much Python spun first (:func:`burn`)."""
 
     async def process(call: Any) -> bytes | None:
         read, eof, replies = call.read, grpc.aio.EOF, _REPLIES
@@ -150,6 +163,8 @@ def _handler(ask: Callable[[], Awaitable[object]] | None = None) -> Any:
                 if reply is None:
                     continue
             if raw[0] == _REQUEST_HEADERS_TAG:
+                if burn_us:
+                    burn(burn_us)
                 if ask is not None:
                     await ask()
                 return reply
@@ -173,7 +188,7 @@ def _own_redis_process(redis: str) -> Any:
     return _handler(lambda: pipe.execute_packed(incr))
 
 
-async def serve(style: str, listen: str, redis: str | None = None) -> None:
+async def serve(style: str, listen: str, redis: str | None = None, burn_us: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
     host, _, port = listen.rpartition(":")
     stop = asyncio.Event()
@@ -187,7 +202,7 @@ async def serve(style: str, listen: str, redis: str | None = None) -> None:
                 raise SystemExit("--style own-redis needs --redis host:port")
             handler = _own_redis_process(redis)
         else:
-            handler = _own_process
+            handler = _handler(burn_us=burn_us) if burn_us else _own_process
         own = Http2Server({f"/{SERVICE}/Process": handler})
         await own.listen(listen)
         print(f"bare http2 servicer ({style}) on {listen}", flush=True)
@@ -205,10 +220,15 @@ def main() -> None:
     parser.add_argument("--style", choices=("own", "own-redis", "h2lib"), required=True)
     parser.add_argument("--listen", required=True, help="host:port")
     parser.add_argument("--redis", help="host:port of the Redis of --style own-redis")
+    parser.add_argument(
+        "--burn-us", type=float, default=0.0, help="--style own: Python spun per request (µs)"
+    )
     args = parser.parse_args()
+    if args.burn_us and args.style != "own":
+        parser.error("--burn-us goes with --style own")
     import uvloop
 
-    uvloop.run(serve(args.style, args.listen, args.redis))
+    uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,32 @@ async def test_each_request_costs_one_incr_before_its_reply() -> None:
 async def test_the_floor_needs_a_redis_address() -> None:
     with pytest.raises(SystemExit, match="needs --redis"):
         await h2_bare.serve("own-redis", "127.0.0.1:0", None)
+
+
+async def test_grpc_aio_floor_costs_one_incr_before_the_request_headers_reply() -> None:
+    """``bench.servicers.bare --style fast-redis``: the same floor on grpc.aio's handler."""
+    with RedisServer() as server:
+        process = bare._fast_process(redis=f"127.0.0.1:{server.port}")
+        call = _Call([_message("request_headers")])
+        assert await process(None, call) == bare._REPLIES[bare._REQUEST_HEADERS_TAG]
+        assert server.command_stats()["incr"]["calls"] == 1
+        call = _Call([_message("request_trailers"), _message("request_headers")])
+        await process(None, call)
+        assert len(call.written) == 1  # the trailers' reply, with no INCR before it
+        assert server.command_stats()["incr"]["calls"] == 2
+
+
+async def test_burn_spins_python_before_the_request_headers_reply_only() -> None:
+    """``--burn-us``: the stand-in for a plugin's work is spent per request, on both
+    transports' handlers, and only for the request headers."""
+    import time
+
+    grpc_aio = bare._fast_process(burn_us=50_000)
+    for process in (h2_bare._handler(burn_us=50_000), lambda call: grpc_aio(None, call)):
+        t0 = time.perf_counter()
+        await process(_Call([_message("request_trailers")]))
+        assert time.perf_counter() - t0 < 0.025
+        t0 = time.perf_counter()
+        reply = await process(_Call([_message("request_headers")]))
+        assert time.perf_counter() - t0 >= 0.050
+        assert reply == bare._REPLIES[bare._REQUEST_HEADERS_TAG]

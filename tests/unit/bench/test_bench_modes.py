@@ -154,3 +154,12 @@ def test_every_scenario_and_its_baseline_twin_get_a_distinct_valid_key_prefix() 
     assert len(set(prefixes)) == len(keys)
     assert all(len(p) <= 32 for p in prefixes)  # rate_limit's limit
     assert _key_prefix("extproc-jwt-rl") == "extproc_jwt_rl"  # short ones unchanged
+
+
+def test_the_floor_and_burn_variants_are_optional_and_set_what_their_servicers_need() -> None:
+    assert scenario("bare-fast-redis").needs_redis and scenario("bare-fast-redis").optional
+    for key, backend in (("bare-fast-burn300", "bare-fast"), ("bare-http2-burn100", "bare-http2")):
+        s = scenario(key)
+        assert (s.backend, s.optional, s.needs_redis) == (backend, True, False)
+        assert s.burn_us == float(key.rpartition("burn")[2])
+    assert scenario("bare-fast").burn_us == 0.0
