@@ -155,8 +155,14 @@ SCENARIOS: tuple[Scenario, ...] = (
             optional=True,
             burn_us=float(us),
         )
-        for base in ("bare-fast", "bare-http2")
-        for us in (100, 300)
+        for base, us in (
+            ("bare-fast", 100),
+            ("bare-fast", 300),
+            ("bare-http2", 100),
+            ("bare-http2", 300),
+            ("bare-fast-redis", 300),
+            ("bare-http2-redis", 300),
+        )
     ),
     Scenario(
         "bare-h2lib",

@@ -13,7 +13,11 @@ are grouped by process role and name with digits dropped (``worker-1``'s ``grpc_
 ...). Per request: CPU µs and run-queue wait µs of each group; "rest" is the machine's busy time
 not in any of them (wrk, the harness, the kernel's soft interrupts).
 
-Run: ``python -m bench.threads [--scenarios a,b] [--rounds 3] [--duration 8]``.
+With ``--rate R`` the load is the open-loop generator at R requests/s instead (as in
+``bench.run``'s latency phase): where a request's CPU and wake-ups go below saturation, where
+the latency target is measured.
+
+Run: ``python -m bench.threads [--scenarios a,b] [--rounds 3] [--duration 8] [--rate R]``.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load import run_wrk
+from bench.load import LoadResult, open_loop, run_wrk
 from bench.procs import CLK_TCK, machine_shares, machine_ticks
+from bench.run import _requests
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
 
@@ -136,10 +141,17 @@ def _roles(stack: Stack, key: str) -> dict[int, str]:
 
 
 def measure(
-    keys: Sequence[str], *, rounds: int, duration_s: float, connections: int, workdir: Path
+    keys: Sequence[str],
+    *,
+    rounds: int,
+    duration_s: float,
+    connections: int,
+    workdir: Path,
+    rate: float | None = None,
 ) -> list[Row]:
     """Per scenario, medians over ``rounds``: req/s, the machine's idle share, the rest's
-    µs/req, and each group's figures."""
+    µs/req, and each group's figures. ``rate``: open loop at that many requests/s instead of
+    wrk's closed loop."""
     chosen = [scenario(k) for k in keys]
     traffic = make_traffic(1000)
     script = traffic.write_wrk_script(workdir)
@@ -152,10 +164,17 @@ def measure(
                 if stack.alone(s.key) or round_no == 0:
                     run_wrk(stack.port(s.key), script, duration_s=WARM_S, connections=connections)
                 roles = _roles(stack, s.key)
+                requests = _requests(stack, s, traffic) if rate else []
                 before, ticks = read_threads(roles), machine_ticks()
-                result = run_wrk(
-                    stack.port(s.key), script, duration_s=duration_s, connections=connections
-                )
+                result: LoadResult
+                if rate:
+                    result = open_loop(
+                        stack.port(s.key), requests, rate=rate, duration_s=duration_s
+                    )
+                else:
+                    result = run_wrk(
+                        stack.port(s.key), script, duration_s=duration_s, connections=connections
+                    )
                 after, ticks_after = read_threads(roles), machine_ticks()
                 if result.errors(frozenset({"200"})):
                     raise RuntimeError(f"{s.key}: errors: {result.statuses}")
@@ -196,17 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rate", type=float, help="open loop at this many req/s (not wrk)")
     args = parser.parse_args(argv)
     keys = [k for k in args.scenarios.split(",") if k]
     with tempfile.TemporaryDirectory(prefix="extproc-threads-") as tmp:
         rows = measure(
             keys, rounds=args.rounds, duration_s=args.duration,
-            connections=args.connections, workdir=Path(tmp),
+            connections=args.connections, workdir=Path(tmp), rate=args.rate,
         )  # fmt: skip
+    load = f"open loop at {args.rate:g} req/s" if args.rate else f"wrk -c {args.connections}"
     print(
-        f"\nCPU and run-queue wait per request by thread group (schedstat), wrk -c "
-        f"{args.connections} for {args.duration:g} s, medians of {args.rounds} interleaved "
-        f"rounds:\n"
+        f"\nCPU and run-queue wait per request by thread group (schedstat), {load} for "
+        f"{args.duration:g} s, medians of {args.rounds} interleaved rounds:\n"
     )
     print(table(rows))
     return 0

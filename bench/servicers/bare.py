@@ -21,8 +21,9 @@
 
     python -m bench.servicers.bare --style fast --listen 127.0.0.1:50051
 
-``--burn-us N`` (``fast``): the handler first spins N µs of Python on the loop's thread
-(:func:`bench.servicers.h2_bare.burn`), a stand-in for a plugin's work: how much a µs of
+``--burn-us N`` (``fast``, ``fast-redis``): the handler first spins N µs of Python on the
+loop's thread (:func:`bench.servicers.h2_bare.burn`; before the round trip, with
+``fast-redis``), a stand-in for a plugin's work: how much a µs of
 Python costs the process on grpc.aio, against the same on ``transport: http2``.
 """
 
@@ -32,7 +33,6 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
 import grpc
@@ -121,20 +121,9 @@ def _fast_process(
         from extproc.coalesce import ReplyCoalescer
 
         hold = ReplyCoalescer(max_hold).hold
-    round_trip = None
-    if redis is not None:
-        from bench.servicers.h2_bare import FLOOR_KEY
-        from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
+    from bench.servicers.h2_bare import burn, floor_round_trip
 
-        host, _, port = redis.rpartition(":")
-        pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
-        incr = pack_command("INCR", FLOOR_KEY)
-        round_trip = partial(pipe.execute_packed, incr)
-    spin = None
-    if burn_us:
-        from bench.servicers.h2_bare import burn
-
-        spin = partial(burn, burn_us)
+    round_trip = floor_round_trip(redis) if redis is not None else None
 
     async def process(_: Any, context: grpc.aio.ServicerContext) -> bytes | None:
         read, write, eof, replies = context.read, context.write, grpc.aio.EOF, _REPLIES
@@ -148,10 +137,11 @@ def _fast_process(
                 reply = _slow_reply(raw)
                 if reply is None:
                     continue
-            if spin is not None and raw[0] == _REQUEST_HEADERS_TAG:
-                spin()
-            if round_trip is not None and raw[0] == _REQUEST_HEADERS_TAG:
-                await round_trip()
+            if raw[0] == _REQUEST_HEADERS_TAG:
+                if burn_us:
+                    burn(burn_us)
+                if round_trip is not None:
+                    await round_trip()
             if hold is not None:
                 held = hold(loop)
                 if held is not None:
@@ -205,11 +195,14 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="host:port or unix:/path")
     parser.add_argument("--redis", help="host:port of the Redis of --style fast-redis")
     parser.add_argument(
-        "--burn-us", type=float, default=0.0, help="--style fast: Python spun per request (µs)"
+        "--burn-us",
+        type=float,
+        default=0.0,
+        help="--style fast(-redis): Python spun per request (µs)",
     )
     args = parser.parse_args()
-    if args.burn_us and args.style != "fast":
-        parser.error("--burn-us goes with --style fast")
+    if args.burn_us and args.style not in ("fast", "fast-redis"):
+        parser.error("--burn-us goes with --style fast or fast-redis")
     if (args.style == "fast-redis") != (args.redis is not None):
         parser.error("--redis goes with --style fast-redis, and only with it")
     if args.style != "idiomatic":

@@ -18,9 +18,10 @@ first tag byte, the stream ended with the reply to the request headers):
     python -m bench.servicers.h2_bare --style own --listen 127.0.0.1:50051
     python -m bench.servicers.h2_bare --style own-redis --redis 127.0.0.1:6379 --listen ...
 
-``--burn-us N`` (``own``): the handler first spins N µs of Python on the loop's thread, a
-stand-in for a plugin's work: how much a µs of Python costs the process on this transport
-(``bench.servicers.bare --burn-us`` is the same on grpc.aio).
+``--burn-us N`` (``own``, ``own-redis``): the handler first spins N µs of Python on the
+loop's thread (before the round trip, with ``own-redis``), a stand-in for a plugin's work:
+how much a µs of Python costs the process on this transport (``bench.servicers.bare
+--burn-us`` is the same on grpc.aio).
 """
 
 from __future__ import annotations
@@ -179,13 +180,19 @@ _own_process = _handler()
 FLOOR_KEY = "bench:floor"
 
 
-def _own_redis_process(redis: str) -> Any:
+def floor_round_trip(redis: str) -> Callable[[], Awaitable[object]]:
+    """One ``INCR`` of :data:`FLOOR_KEY` over extproc's pipelined connection to ``redis``
+    (host:port), to await: the round trip of the Redis floors on both transports."""
     from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
 
     host, _, port = redis.rpartition(":")
     pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
     incr = pack_command("INCR", FLOOR_KEY)
-    return _handler(lambda: pipe.execute_packed(incr))
+    return lambda: pipe.execute_packed(incr)
+
+
+def _own_redis_process(redis: str, burn_us: float = 0.0) -> Any:
+    return _handler(floor_round_trip(redis), burn_us)
 
 
 async def serve(style: str, listen: str, redis: str | None = None, burn_us: float = 0.0) -> None:
@@ -200,7 +207,7 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
         if style == "own-redis":
             if not redis:
                 raise SystemExit("--style own-redis needs --redis host:port")
-            handler = _own_redis_process(redis)
+            handler = _own_redis_process(redis, burn_us)
         else:
             handler = _handler(burn_us=burn_us) if burn_us else _own_process
         own = Http2Server({f"/{SERVICE}/Process": handler})
@@ -221,11 +228,14 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="host:port")
     parser.add_argument("--redis", help="host:port of the Redis of --style own-redis")
     parser.add_argument(
-        "--burn-us", type=float, default=0.0, help="--style own: Python spun per request (µs)"
+        "--burn-us",
+        type=float,
+        default=0.0,
+        help="--style own(-redis): Python spun per request (µs)",
     )
     args = parser.parse_args()
-    if args.burn_us and args.style != "own":
-        parser.error("--burn-us goes with --style own")
+    if args.burn_us and args.style not in ("own", "own-redis"):
+        parser.error("--burn-us goes with --style own or own-redis")
     import uvloop
 
     uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us))

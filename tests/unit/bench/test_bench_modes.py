@@ -163,3 +163,6 @@ def test_the_floor_and_burn_variants_are_optional_and_set_what_their_servicers_n
         assert (s.backend, s.optional, s.needs_redis) == (backend, True, False)
         assert s.burn_us == float(key.rpartition("burn")[2])
     assert scenario("bare-fast").burn_us == 0.0
+    # spun Python before one round trip: the floor of a Redis-backed decision plus the CPU
+    s = scenario("bare-http2-redis-burn300")
+    assert (s.backend, s.burn_us, s.needs_redis) == ("bare-http2-redis", 300.0, True)
