@@ -188,21 +188,14 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
 
 
 def main() -> None:
+    from bench.servicers import h2_bare
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--style", choices=("idiomatic", "fast", "fast-redis", "coalesced", "eof"), required=True
     )
     parser.add_argument("--listen", required=True, help="host:port or unix:/path")
-    parser.add_argument("--redis", help="host:port of the Redis of --style fast-redis")
-    parser.add_argument(
-        "--burn-us",
-        type=float,
-        default=0.0,
-        help="--style fast(-redis): Python spun per request (µs)",
-    )
-    args = parser.parse_args()
-    if args.burn_us and args.style not in ("fast", "fast-redis"):
-        parser.error("--burn-us goes with --style fast or fast-redis")
+    args = h2_bare.parse_floor_arguments(parser, "fast")
     if (args.style == "fast-redis") != (args.redis is not None):
         parser.error("--redis goes with --style fast-redis, and only with it")
     if args.style != "idiomatic":

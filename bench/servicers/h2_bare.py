@@ -222,20 +222,23 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
     server.close()
 
 
+def parse_floor_arguments(parser: argparse.ArgumentParser, plain: str) -> argparse.Namespace:
+    """Add ``--redis`` (the Redis of style ``<plain>-redis``) and ``--burn-us`` (styles
+    ``plain`` and ``<plain>-redis`` only) to a bare servicer's ``parser``, and parse."""
+    floors = (plain, f"{plain}-redis")
+    parser.add_argument("--redis", help=f"host:port of the Redis of --style {floors[1]}")
+    parser.add_argument("--burn-us", type=float, default=0.0, help="µs of Python spun per request")
+    args = parser.parse_args()
+    if args.burn_us and args.style not in floors:
+        parser.error(f"--burn-us goes with --style {floors[0]} or {floors[1]}")
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--style", choices=("own", "own-redis", "h2lib"), required=True)
     parser.add_argument("--listen", required=True, help="host:port")
-    parser.add_argument("--redis", help="host:port of the Redis of --style own-redis")
-    parser.add_argument(
-        "--burn-us",
-        type=float,
-        default=0.0,
-        help="--style own(-redis): Python spun per request (µs)",
-    )
-    args = parser.parse_args()
-    if args.burn_us and args.style not in ("own", "own-redis"):
-        parser.error("--burn-us goes with --style own or own-redis")
+    args = parse_floor_arguments(parser, "own")
     import uvloop
 
     uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us))
