@@ -667,23 +667,20 @@ class Stack:
                 "--listen",
                 address,
             ]
-            if s.backend == "bare-fast-redis" and self.redis is not None:
-                argv += ["--redis", f"127.0.0.1:{self.redis.port}"]
-            if s.burn_us:
-                argv += ["--burn-us", str(s.burn_us)]
         elif s.backend in ("bare-http2", "bare-http2-redis", "bare-h2lib"):
             style = {"bare-http2": "own", "bare-http2-redis": "own-redis"}.get(s.backend, "h2lib")
             argv = [sys.executable, "-m", "bench.servicers.h2_bare", "--style", style]
             argv += ["--listen", address]
-            if self.redis is not None and s.needs_redis:
-                argv += ["--redis", f"127.0.0.1:{self.redis.port}"]
-            if s.burn_us:
-                argv += ["--burn-us", str(s.burn_us)]
         else:  # sdk
             python = ensure_sdk_venv(self.workdir / "sdk-pip.log")
             argv = [str(python), str(REPO / "bench" / "servicers" / "sdk_noop.py"), address]
             env = dict(os.environ, DD_TRACE_ENABLED="false")
             env.pop("PYTHONPATH", None)
+        if s.backend.startswith("bare-"):  # both bare servicers take the floor's options
+            if self.redis is not None and s.needs_redis:
+                argv += ["--redis", f"127.0.0.1:{self.redis.port}"]
+            if s.burn_us:
+                argv += ["--burn-us", str(s.burn_us)]
         self.commands.append(" ".join(argv))
         proc = Proc(s.key, argv, self.workdir, env=env, cwd=REPO)
         run.proc = proc

@@ -22,7 +22,7 @@
     python -m bench.servicers.bare --style fast --listen 127.0.0.1:50051
 
 ``--burn-us N`` (``fast``, ``fast-redis``): the handler first spins N µs of Python on the
-loop's thread (:func:`bench.servicers.h2_bare.burn`; before the round trip, with
+loop's thread (:func:`burn`; before the round trip, with
 ``fast-redis``), a stand-in for a plugin's work: how much a µs of
 Python costs the process on grpc.aio, against the same on ``transport: http2``.
 """
@@ -32,7 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -105,6 +106,29 @@ def _slow_reply(raw: bytes) -> bytes | None:
     return pb.ProcessingResponse(**{_REPLY_FIELD[phase]: _REPLY_TYPE[phase]()}).SerializeToString()
 
 
+def burn(us: float) -> None:
+    """Spin ``us`` microseconds of Python (bytecode, the GIL held as a plugin holds it)."""
+    end = time.perf_counter() + us / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+#: the key the Redis floors (``fast-redis``, h2_bare's ``own-redis``) count in (one key: the
+#: round trip is the point)
+FLOOR_KEY = "bench:floor"
+
+
+def floor_round_trip(redis: str) -> Callable[[], Awaitable[object]]:
+    """One ``INCR`` of :data:`FLOOR_KEY` over extproc's pipelined connection to ``redis``
+    (host:port), to await: the round trip of the Redis floors on both transports."""
+    from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
+
+    host, _, port = redis.rpartition(":")
+    pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
+    incr = pack_command("INCR", FLOOR_KEY)
+    return lambda: pipe.execute_packed(incr)
+
+
 def _fast_process(
     max_hold: float | None = None,
     until_eof: bool = False,
@@ -121,8 +145,6 @@ def _fast_process(
         from extproc.coalesce import ReplyCoalescer
 
         hold = ReplyCoalescer(max_hold).hold
-    from bench.servicers.h2_bare import burn, floor_round_trip
-
     round_trip = floor_round_trip(redis) if redis is not None else None
 
     async def process(_: Any, context: grpc.aio.ServicerContext) -> bytes | None:
@@ -187,15 +209,25 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
     await server.stop(1.0)
 
 
-def main() -> None:
-    from bench.servicers import h2_bare
+def parse_floor_arguments(parser: argparse.ArgumentParser, plain: str) -> argparse.Namespace:
+    """Add ``--redis`` (the Redis of style ``<plain>-redis``) and ``--burn-us`` (styles
+    ``plain`` and ``<plain>-redis`` only) to a bare servicer's ``parser``, and parse."""
+    floors = (plain, f"{plain}-redis")
+    parser.add_argument("--redis", help=f"host:port of the Redis of --style {floors[1]}")
+    parser.add_argument("--burn-us", type=float, default=0.0, help="µs of Python spun per request")
+    args = parser.parse_args()
+    if args.burn_us and args.style not in floors:
+        parser.error(f"--burn-us goes with --style {floors[0]} or {floors[1]}")
+    return args
 
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--style", choices=("idiomatic", "fast", "fast-redis", "coalesced", "eof"), required=True
     )
     parser.add_argument("--listen", required=True, help="host:port or unix:/path")
-    args = h2_bare.parse_floor_arguments(parser, "fast")
+    args = parse_floor_arguments(parser, "fast")
     if (args.style == "fast-redis") != (args.redis is not None):
         parser.error("--redis goes with --style fast-redis, and only with it")
     if args.style != "idiomatic":

@@ -21,7 +21,7 @@ first tag byte, the stream ended with the reply to the request headers):
 ``--burn-us N`` (``own``, ``own-redis``): the handler first spins N µs of Python on the
 loop's thread (before the round trip, with ``own-redis``), a stand-in for a plugin's work:
 how much a µs of Python costs the process on this transport (``bench.servicers.bare
---burn-us`` is the same on grpc.aio).
+--burn-us`` is the same on grpc.aio; the floors' helpers live there).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,7 +45,15 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
-from bench.servicers.bare import _REPLIES, _REQUEST_HEADERS_TAG, SERVICE, _slow_reply
+from bench.servicers.bare import (
+    _REPLIES,
+    _REQUEST_HEADERS_TAG,
+    SERVICE,
+    _slow_reply,
+    burn,
+    floor_round_trip,
+    parse_floor_arguments,
+)
 
 _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _OK = ((b"grpc-status", b"0"),)
@@ -141,16 +148,9 @@ class _Connection(asyncio.Protocol):
             self.answered.add(sid)
 
 
-def burn(us: float) -> None:
-    """Spin ``us`` microseconds of Python (bytecode, the GIL held as a plugin holds it)."""
-    end = time.perf_counter() + us / 1e6
-    while time.perf_counter() < end:
-        pass
-
-
 def _handler(ask: Callable[[], Awaitable[object]] | None = None, burn_us: float = 0.0) -> Any:
     """The ``own`` handler; with ``ask``, awaited before the reply to the request headers;
-    with ``burn_us``, that much Python spun first (:func:`burn`)."""
+    with ``burn_us``, that much Python spun first (:func:`~bench.servicers.bare.burn`)."""
 
     async def process(call: Any) -> bytes | None:
         read, eof, replies = call.read, grpc.aio.EOF, _REPLIES
@@ -175,20 +175,6 @@ def _handler(ask: Callable[[], Awaitable[object]] | None = None, burn_us: float 
 
 
 _own_process = _handler()
-
-#: the key the ``own-redis`` servicer counts in (one key: the round trip is the point)
-FLOOR_KEY = "bench:floor"
-
-
-def floor_round_trip(redis: str) -> Callable[[], Awaitable[object]]:
-    """One ``INCR`` of :data:`FLOOR_KEY` over extproc's pipelined connection to ``redis``
-    (host:port), to await: the round trip of the Redis floors on both transports."""
-    from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
-
-    host, _, port = redis.rpartition(":")
-    pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
-    incr = pack_command("INCR", FLOOR_KEY)
-    return lambda: pipe.execute_packed(incr)
 
 
 def _own_redis_process(redis: str, burn_us: float = 0.0) -> Any:
@@ -220,18 +206,6 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
     print(f"bare h2lib servicer on {listen}", flush=True)
     await stop.wait()
     server.close()
-
-
-def parse_floor_arguments(parser: argparse.ArgumentParser, plain: str) -> argparse.Namespace:
-    """Add ``--redis`` (the Redis of style ``<plain>-redis``) and ``--burn-us`` (styles
-    ``plain`` and ``<plain>-redis`` only) to a bare servicer's ``parser``, and parse."""
-    floors = (plain, f"{plain}-redis")
-    parser.add_argument("--redis", help=f"host:port of the Redis of --style {floors[1]}")
-    parser.add_argument("--burn-us", type=float, default=0.0, help="µs of Python spun per request")
-    args = parser.parse_args()
-    if args.burn_us and args.style not in floors:
-        parser.error(f"--burn-us goes with --style {floors[0]} or {floors[1]}")
-    return args
 
 
 def main() -> None:
