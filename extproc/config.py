@@ -107,7 +107,10 @@ class ServerSettings(_Strict):
         None, description="serve gRPC over TLS (files are re-read when they change)"
     )
     loop_lag_threshold_ms: float = Field(
-        50.0, gt=0, description="an event-loop stall longer than this is reported"
+        50.0,
+        ge=0,
+        description="an event-loop stall longer than this is reported, naming the plugin hook "
+        "that blocked; 0: no watchdog (no heartbeat, no thread, no loop-lag metrics)",
     )
     transport: Literal["grpcio", "http2"] = Field(
         "grpcio",

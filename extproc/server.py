@@ -331,7 +331,6 @@ class Server:
         settings = self.loaded.config.server
         await self._connect_redis(self.loaded.config)
         await self.runtime.start(self.loaded)
-        self._plugins_changed()
         self._start_observability()
         assert self.servicer is not None
         if settings.transport == "http2":
@@ -339,14 +338,16 @@ class Server:
         else:
             await self._start_grpcio(settings)
         await self._set_health()
-        self.watchdog = LoopLagWatchdog(
-            self.services.registry,
-            settings.loop_lag_threshold_ms / 1000,
-            self._hook_codes,
-            busy=_busy(self.servicer),
-        )
-        self.servicer.watchdog = self.watchdog
-        self.watchdog.start()
+        if settings.loop_lag_threshold_ms:
+            self.watchdog = LoopLagWatchdog(
+                self.services.registry,
+                settings.loop_lag_threshold_ms / 1000,
+                self._hook_codes,
+                busy=_busy(self.servicer),
+            )
+            self.servicer.watchdog = self.watchdog
+            self.watchdog.start()
+        self._plugins_changed()
         self._gc_pauses = GcPauses(self.services.registry)
         self._gc_pauses.install()
         self._tasks.append(asyncio.ensure_future(self._health_loop()))
@@ -465,7 +466,10 @@ class Server:
         self._server = server
 
     def _plugins_changed(self) -> None:
-        """Create the per-plugin stall series at 0 so they exist before the first stall."""
+        """Create the per-plugin stall series at 0 so they exist before the first stall (none
+        without a watchdog)."""
+        if self.watchdog is None:
+            return
         stalls = self.services.registry.counter(
             "extproc_loop_stalls_total", "event-loop stalls past the threshold", ("plugin",)
         )
@@ -545,8 +549,8 @@ class Server:
         if loaded.config.server != self.loaded.config.server:
             log.warning(
                 "server settings changed: the plugin chain, its time budget and reply "
-                "coalescing are reloaded now; listen addresses, the transport, TLS and stream "
-                "limits apply after a restart"
+                "coalescing are reloaded now; listen addresses, the transport, TLS, stream "
+                "limits and the loop-lag watchdog apply after a restart"
             )
         if (loaded.config.tracing, loaded.config.metrics) != self._exporters:
             log.warning("tracing and metrics exporter settings apply after a restart")

@@ -367,6 +367,35 @@ async def test_watchdog_sees_a_block_while_the_worker_is_idle(tmp_path: Path) ->
     assert 'extproc_loop_stalls_total{plugin="(none)"} 1' in metrics
 
 
+async def test_loop_lag_threshold_zero_runs_no_watchdog(tmp_path: Path) -> None:
+    """``loop_lag_threshold_ms: 0`` turns the watchdog off: no thread, no heartbeat, no
+    loop-lag series; the same blocking plugin is answered all the same and nobody names it."""
+    import threading
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"server: {{loop_lag_threshold_ms: 0, transport: {CURRENT['transport']}}}\n"
+        "plugins:\n"
+        "  - plugin: tests.support.plugins:BlockPlugin\n"
+        "    timeout_ms: 100\n"
+        "    fail: open\n"
+        "    config: {path: /block, seconds: 0.2}\n"
+    )
+    async with running(cfg) as (server, target):
+        envoy = FakeEnvoy.connect(target, MODE)
+        try:
+            reply = await envoy.request(path="/block")
+        finally:
+            await envoy.aclose()
+        threads = {t.name for t in threading.enumerate()}
+        metrics = server.services.registry.render_prometheus()
+    assert server.watchdog is None and server.servicer.watchdog is None
+    assert "extproc-watchdog" not in threads
+    assert "extproc_loop_lag_seconds" not in metrics
+    assert "extproc_loop_stalls_total{" not in metrics
+    assert not reply.immediate  # the blocked hook still answered: the request went on
+
+
 async def test_slow_plugin_gets_override_message_timeout_only_when_envoy_allows(
     tmp_path: Path,
 ) -> None:
