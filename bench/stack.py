@@ -85,6 +85,8 @@ class Scenario:
     trace_ratio: float | None = None
     #: more of rate_limit's ``batch`` settings (development comparisons)
     batch_extra: tuple[tuple[str, Any], ...] = ()
+    #: more ``server`` settings (development comparisons)
+    server_extra: tuple[tuple[str, Any], ...] = ()
     #: rate_limit's ``grant_ahead`` (allow keys far below their limits before Redis answers)
     grant_ahead: bool = False
     #: rate_limit counts all traffic under one key (``key: [method]``) limited to this many
@@ -268,6 +270,23 @@ SCENARIOS: tuple[Scenario, ...] = (
         optional=True,
     ),
     Scenario(
+        "extproc-jwt-rl-nowd",
+        "extproc-jwt-rl without the loop-lag watchdog (loop_lag_threshold_ms: 0)",
+        "extproc",
+        ("jwt", "rl"),
+        server_extra=(("loop_lag_threshold_ms", 0),),
+        optional=True,
+    ),
+    Scenario(
+        "extproc-jwt-rl-wd1s",
+        "extproc-jwt-rl with a 1 s loop-lag threshold (the watchdog's thread looks ~1/s, "
+        "not ~20/s; the loop still beats 100/s)",
+        "extproc",
+        ("jwt", "rl"),
+        server_extra=(("loop_lag_threshold_ms", 1000),),
+        optional=True,
+    ),
+    Scenario(
         "extproc-jwt-rl-ahead",
         "extproc-jwt-rl with grant_ahead (opt-in; answers before Redis, counts all the same)",
         "extproc",
@@ -322,6 +341,7 @@ HTTP2_TWINS: tuple[tuple[str, bool], ...] = (
     ("extproc-jwt-rl-mw0", False),
     ("extproc-jwt-rl-if8", False),
     ("extproc-jwt-rl-nt", False),
+    ("extproc-jwt-rl-nowd", False),
     ("extproc-jwt-rl-ahead", True),
     ("extproc-jwt-rl-ahead-w2", False),
     ("extproc-jwt-rl-hot", False),
@@ -514,6 +534,7 @@ def sidecar_config(
         server["coalesce_replies_ms"] = s.coalesce_ms
     if s.transport != "grpcio":
         server["transport"] = s.transport
+    server.update(s.server_extra)
     config: dict[str, Any] = {"version": 1, "server": server, "plugins": plugins}
     ratio = TRACE_RATIO if s.trace_ratio is None else s.trace_ratio
     if otlp_endpoint and ratio:

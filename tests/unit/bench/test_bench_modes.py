@@ -91,6 +91,26 @@ def test_the_tracing_off_variant_has_no_tracing_section_and_the_rest_alike() -> 
     assert strip == [{**p, "config": {**p["config"], "key_prefix": ""}} for p in on["plugins"]]
 
 
+def test_the_watchdog_off_variant_differs_only_in_its_threshold_and_loads() -> None:
+    import json
+
+    from bench.stack import sidecar_config
+    from bench.traffic import make_traffic
+    from extproc.config import parse_config
+
+    traffic = make_traffic(2)
+    for suffix in ("", "-h2"):
+        on = sidecar_config(scenario(f"extproc-jwt-rl{suffix}"), traffic, "redis://x", "")
+        off = sidecar_config(scenario(f"extproc-jwt-rl-nowd{suffix}"), traffic, "redis://x", "")
+        assert off["server"].pop("loop_lag_threshold_ms") == 0
+        assert off["server"] == on["server"]
+        strip = [{**p, "config": {**p["config"], "key_prefix": ""}} for p in off["plugins"]]
+        assert strip == [{**p, "config": {**p["config"], "key_prefix": ""}} for p in on["plugins"]]
+        off["server"]["loop_lag_threshold_ms"] = 0
+        loaded = parse_config(json.dumps(off), "off.yaml")
+        assert loaded.config.server.loop_lag_threshold_ms == 0
+
+
 def test_the_grant_ahead_variant_differs_only_there_and_loads() -> None:
     import json
 

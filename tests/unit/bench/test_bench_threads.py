@@ -149,3 +149,77 @@ def test_each_sample_has_its_sidecar_alone_warmed_after_a_restart(
     bench_threads.measure(["a"], rounds=2, duration_s=8.0, connections=4, workdir=tmp_path)
     # alone from the start: warmed once
     assert events == ["alone a", "warm a", "measure a", "alone a", "measure a"]
+
+
+def test_with_a_rate_each_sample_is_the_open_loop_at_that_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--rate R``: wrk only warms; the measured load is the open-loop generator at R req/s
+    for the duration, on the scenario's own requests, and the figures are per request it
+    sent (a thread's CPU over the open loop's count, not wrk's)."""
+    from bench import threads as bench_threads
+    from bench.load import LoadResult
+
+    calls: list[tuple[str, int, float, float]] = []
+    cpu = {"n": 0}
+
+    class FakeStack:
+        envoy = type("P", (), {"pid": 1})()
+        redis = None
+
+        def __init__(self, chosen: object, traffic: object, workdir: Path) -> None:
+            pass
+
+        def __enter__(self) -> FakeStack:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def alone(self, key: str) -> bool:
+            return False
+
+        def port(self, key: str) -> int:
+            return 7
+
+        def sidecar_pids(self, key: str) -> list[int]:
+            return [17]
+
+    class FakeTraffic:
+        def write_wrk_script(self, workdir: Path) -> Path:
+            return workdir / "mix.lua"
+
+    def fake_wrk(port: int, script: Path, *, duration_s: float, connections: int) -> LoadResult:
+        calls.append(("wrk", port, duration_s, 0.0))
+        return LoadResult(10_000, duration_s, {"200": 10_000}, 0, {})
+
+    def fake_open_loop(
+        port: int, requests: list[bytes], *, rate: float, duration_s: float
+    ) -> LoadResult:
+        assert requests == [b"GET /a"]
+        calls.append(("open", port, duration_s, rate))
+        return LoadResult(2_000, duration_s, {"200": 2_000}, 0, {})
+
+    def fake_read_threads(roles: dict[int, str]) -> dict[str, ThreadTime]:
+        assert roles == {1: "envoy", 17: "sidecar"}
+        cpu["n"] += 1  # before: 0 ns; after: 1 s of the loop's CPU, 4,000 wake-ups
+        spent = cpu["n"] % 2 == 0
+        return {"sidecar/main [17]": ThreadTime(10**9 if spent else 0, 0, 4_000 if spent else 0)}
+
+    monkeypatch.setattr(bench_threads, "Stack", FakeStack)
+    monkeypatch.setattr(bench_threads, "make_traffic", lambda n: FakeTraffic())
+    monkeypatch.setattr(bench_threads, "run_wrk", fake_wrk)
+    monkeypatch.setattr(bench_threads, "open_loop", fake_open_loop)
+    monkeypatch.setattr(bench_threads, "_requests", lambda stack, s, traffic: [b"GET /a"])
+    monkeypatch.setattr(bench_threads, "scenario", lambda key: type("S", (), {"key": key})())
+    monkeypatch.setattr(bench_threads, "read_threads", fake_read_threads)
+    monkeypatch.setattr(bench_threads, "machine_ticks", lambda: (0, 0))
+    monkeypatch.setattr(bench_threads, "machine_shares", lambda a, b: {"idle": 0.5})
+    [row] = bench_threads.measure(
+        ["a"], rounds=1, duration_s=2.0, connections=4, workdir=tmp_path, rate=1_000.0
+    )
+    assert calls == [("wrk", 7, bench_threads.WARM_S, 0.0), ("open", 7, 2.0, 1_000.0)]
+    key, rps, _, _, groups = row
+    assert (key, rps) == ("a", 1_000.0)
+    cpu_us, wait_us, runs, count = groups["sidecar/main"]
+    assert (cpu_us, wait_us, runs, count) == (500.0, 0.0, 2.0, 1)  # per 2,000 sent, not 10,000
