@@ -314,16 +314,21 @@ async def test_streams_in_flight_counts_the_worker_s_open_streams(tmp_path: Path
             await asyncio.sleep(0.01)
 
 
-async def test_watchdog_names_the_plugin_that_blocks_the_loop(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"server: {{loop_lag_threshold_ms: 100, transport: {CURRENT['transport']}}}\n"
+def _block_config(path: Path, threshold_ms: float, seconds: float) -> Path:
+    """A sidecar whose one plugin blocks the loop for ``seconds`` on ``/block``."""
+    path.write_text(
+        f"server: {{loop_lag_threshold_ms: {threshold_ms}, transport: {CURRENT['transport']}}}\n"
         "plugins:\n"
         "  - plugin: tests.support.plugins:BlockPlugin\n"
         "    timeout_ms: 100\n"
         "    fail: open\n"
-        "    config: {path: /block, seconds: 0.5}\n"
+        f"    config: {{path: /block, seconds: {seconds}}}\n"
     )
+    return path
+
+
+async def test_watchdog_names_the_plugin_that_blocks_the_loop(tmp_path: Path) -> None:
+    cfg = _block_config(tmp_path / "c.yaml", 100, 0.5)
     async with running(cfg) as (server, target):
         envoy = FakeEnvoy.connect(target, MODE)
         try:
@@ -372,15 +377,7 @@ async def test_loop_lag_threshold_zero_runs_no_watchdog(tmp_path: Path) -> None:
     loop-lag series; the same blocking plugin is answered all the same and nobody names it."""
     import threading
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"server: {{loop_lag_threshold_ms: 0, transport: {CURRENT['transport']}}}\n"
-        "plugins:\n"
-        "  - plugin: tests.support.plugins:BlockPlugin\n"
-        "    timeout_ms: 100\n"
-        "    fail: open\n"
-        "    config: {path: /block, seconds: 0.2}\n"
-    )
+    cfg = _block_config(tmp_path / "c.yaml", 0, 0.2)
     async with running(cfg) as (server, target):
         envoy = FakeEnvoy.connect(target, MODE)
         try:

@@ -82,6 +82,57 @@ def test_medians_and_the_table() -> None:
     assert len(lines) == 4  # w: x is below 1 µs in both columns
 
 
+class _FakeStack:
+    """``bench.threads``' view of a stack: Envoy pid 1, sidecar pid 10 + its port; ``alone``
+    says whether it had to start the sidecar again (another one ran alone before it)."""
+
+    envoy = type("P", (), {"pid": 1})()
+    redis = None
+    ports: dict[str, int] = {}
+    events: list[str] = []
+    current: str | None = None
+
+    def __init__(self, chosen: object, traffic: object, workdir: Path) -> None:
+        pass
+
+    def __enter__(self) -> _FakeStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def alone(self, key: str) -> bool:
+        started = self.current is not None and self.current != key
+        self.current = key
+        self.events.append(f"alone {key}")
+        return started
+
+    def port(self, key: str) -> int:
+        return self.ports[key]
+
+    def sidecar_pids(self, key: str) -> list[int]:
+        return [10 + self.ports[key]]
+
+
+class _FakeTraffic:
+    def write_wrk_script(self, workdir: Path) -> Path:
+        return workdir / "mix.lua"
+
+
+def _fake_harness(
+    monkeypatch: pytest.MonkeyPatch, ports: dict[str, int], events: list[str]
+) -> None:
+    """Everything ``bench.threads.measure`` starts or reads, but the load and the threads."""
+    from bench import threads as bench_threads
+
+    stack = type("Stack", (_FakeStack,), {"ports": ports, "events": events})
+    monkeypatch.setattr(bench_threads, "Stack", stack)
+    monkeypatch.setattr(bench_threads, "make_traffic", lambda n: _FakeTraffic())
+    monkeypatch.setattr(bench_threads, "scenario", lambda key: type("S", (), {"key": key})())
+    monkeypatch.setattr(bench_threads, "machine_ticks", lambda: (0, 0))
+    monkeypatch.setattr(bench_threads, "machine_shares", lambda a, b: {"idle": 0.5})
+
+
 def test_each_sample_has_its_sidecar_alone_warmed_after_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -92,49 +143,14 @@ def test_each_sample_has_its_sidecar_alone_warmed_after_a_restart(
 
     events: list[str] = []
 
-    class FakeStack:
-        envoy = type("P", (), {"pid": 1})()
-        redis = None
-        ports = {"a": 1, "b": 2}
-        current: str | None = None
-
-        def __init__(self, chosen: object, traffic: object, workdir: Path) -> None:
-            pass
-
-        def __enter__(self) -> FakeStack:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def alone(self, key: str) -> bool:
-            started = self.current is not None and self.current != key
-            self.current = key
-            events.append(f"alone {key}")
-            return started
-
-        def port(self, key: str) -> int:
-            return self.ports[key]
-
-        def sidecar_pids(self, key: str) -> list[int]:
-            return [10 + self.ports[key]]
-
-    class FakeTraffic:
-        def write_wrk_script(self, workdir: Path) -> Path:
-            return workdir / "mix.lua"
-
     def fake_wrk(port: int, script: Path, *, duration_s: float, connections: int) -> LoadResult:
         kind = "warm" if duration_s == bench_threads.WARM_S else "measure"
         events.append(f"{kind} {'ab'[port - 1]}")
         return LoadResult(100, duration_s, {"200": 100}, 0, {})
 
-    monkeypatch.setattr(bench_threads, "Stack", FakeStack)
-    monkeypatch.setattr(bench_threads, "make_traffic", lambda n: FakeTraffic())
+    _fake_harness(monkeypatch, {"a": 1, "b": 2}, events)
     monkeypatch.setattr(bench_threads, "run_wrk", fake_wrk)
-    monkeypatch.setattr(bench_threads, "scenario", lambda key: type("S", (), {"key": key})())
     monkeypatch.setattr(bench_threads, "read_threads", lambda roles: {})
-    monkeypatch.setattr(bench_threads, "machine_ticks", lambda: (0, 0))
-    monkeypatch.setattr(bench_threads, "machine_shares", lambda a, b: {"idle": 0.5})
     rows = bench_threads.measure(
         ["a", "b"], rounds=2, duration_s=8.0, connections=4, workdir=tmp_path
     )
@@ -163,32 +179,6 @@ def test_with_a_rate_each_sample_is_the_open_loop_at_that_rate(
     calls: list[tuple[str, int, float, float]] = []
     cpu = {"n": 0}
 
-    class FakeStack:
-        envoy = type("P", (), {"pid": 1})()
-        redis = None
-
-        def __init__(self, chosen: object, traffic: object, workdir: Path) -> None:
-            pass
-
-        def __enter__(self) -> FakeStack:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def alone(self, key: str) -> bool:
-            return False
-
-        def port(self, key: str) -> int:
-            return 7
-
-        def sidecar_pids(self, key: str) -> list[int]:
-            return [17]
-
-    class FakeTraffic:
-        def write_wrk_script(self, workdir: Path) -> Path:
-            return workdir / "mix.lua"
-
     def fake_wrk(port: int, script: Path, *, duration_s: float, connections: int) -> LoadResult:
         calls.append(("wrk", port, duration_s, 0.0))
         return LoadResult(10_000, duration_s, {"200": 10_000}, 0, {})
@@ -206,15 +196,11 @@ def test_with_a_rate_each_sample_is_the_open_loop_at_that_rate(
         spent = cpu["n"] % 2 == 0
         return {"sidecar/main [17]": ThreadTime(10**9 if spent else 0, 0, 4_000 if spent else 0)}
 
-    monkeypatch.setattr(bench_threads, "Stack", FakeStack)
-    monkeypatch.setattr(bench_threads, "make_traffic", lambda n: FakeTraffic())
+    _fake_harness(monkeypatch, {"a": 7}, [])
     monkeypatch.setattr(bench_threads, "run_wrk", fake_wrk)
     monkeypatch.setattr(bench_threads, "open_loop", fake_open_loop)
     monkeypatch.setattr(bench_threads, "_requests", lambda stack, s, traffic: [b"GET /a"])
-    monkeypatch.setattr(bench_threads, "scenario", lambda key: type("S", (), {"key": key})())
     monkeypatch.setattr(bench_threads, "read_threads", fake_read_threads)
-    monkeypatch.setattr(bench_threads, "machine_ticks", lambda: (0, 0))
-    monkeypatch.setattr(bench_threads, "machine_shares", lambda a, b: {"idle": 0.5})
     [row] = bench_threads.measure(
         ["a"], rounds=1, duration_s=2.0, connections=4, workdir=tmp_path, rate=1_000.0
     )
