@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -146,15 +147,58 @@ class Switches:
     out of it (apart, so that a caller can stop the recording with its measurement and parse
     after it)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, start_timeout: float = 60.0) -> None:
         self._data = workdir / "switches.data"
         self._ours = set(process_tree(os.getpid()))
-        self._recorder = subprocess.Popen(
-            ["perf", "record", "-q", "-e", "sched:sched_switch", "-e",
-             "sched:sched_process_fork", "-k", "CLOCK_MONOTONIC", "-a", "-o", str(self._data)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        time.sleep(0.3)  # perf has opened its events
+        # perf starts with its events off and turns them on when told, answering "ack" once
+        # they are on: from then on every fork is recorded. (A fixed wait was not enough on a
+        # slow machine: a child forked before perf was up went unrecorded, so its runs looked
+        # foreign.)
+        ctl_r, ctl_w = os.pipe()
+        ack_r, ack_w = os.pipe()
+        try:
+            self._recorder = subprocess.Popen(
+                ["perf", "record", "-q", "-D", "-1", "--control", f"fd:{ctl_r},{ack_w}",
+                 "-e", "sched:sched_switch", "-e", "sched:sched_process_fork",
+                 "-k", "CLOCK_MONOTONIC", "-a", "-o", str(self._data)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                pass_fds=(ctl_r, ack_w),
+            )  # fmt: skip
+        finally:
+            os.close(ctl_r)
+            os.close(ack_w)
+        #: perf's ends of the control pipes: open until it has stopped (perf 6.1 exits when
+        #: its control pipe closes)
+        self._control: tuple[int, ...] = (ctl_w, ack_r)
+        try:
+            os.write(ctl_w, b"enable\n")
+            self._await_ack(ack_r, start_timeout)
+        except BaseException:
+            self._recorder.kill()
+            _, err = self._recorder.communicate(timeout=60)
+            self._close_control()
+            raise RuntimeError(f"perf record did not start: {err.strip()[-500:]}") from None
+
+    def _close_control(self) -> None:
+        for fd in self._control:
+            os.close(fd)
+        self._control = ()
+
+    def _await_ack(self, ack: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        got = b""
+        while b"\n" not in got:  # perf 6.1 writes "ack\n\0"
+            left = deadline - time.monotonic()
+            if left <= 0 or self._recorder.poll() is not None:
+                raise TimeoutError("perf did not acknowledge 'enable'")
+            ready, _, _ = select.select([ack], [], [], min(left, 0.5))
+            if ready:
+                chunk = os.read(ack, 16)
+                if not chunk:
+                    raise EOFError("perf closed its acknowledgement pipe")
+                got += chunk
+        if got.partition(b"\n")[0].strip(b"\0 ") != b"ack":
+            raise RuntimeError(f"perf answered {got!r} to 'enable'")
 
     def __enter__(self) -> Self:
         return self
@@ -166,6 +210,7 @@ class Switches:
         self._ours |= set(process_tree(os.getpid()))
         self._recorder.send_signal(signal.SIGINT)
         _, err = self._recorder.communicate(timeout=60)
+        self._close_control()
         if self._recorder.returncode not in (0, -signal.SIGINT) or not self._data.exists():
             raise RuntimeError(f"perf record failed: {err.strip()[-500:]}")
 
