@@ -151,9 +151,9 @@ class Switches:
         self._data = workdir / "switches.data"
         self._ours = set(process_tree(os.getpid()))
         # perf starts with its events off and turns them on when told, answering "ack" once
-        # they are on: from then on every fork is recorded. (A fixed wait was not enough on a
-        # slow machine: a child forked before perf was up went unrecorded, so its runs looked
-        # foreign.)
+        # they are on: from then on every fork is recorded. (A fixed wait of 0.3 s failed
+        # once on a slow machine, most likely because a child forked before perf was up went
+        # unrecorded, so that its runs looked foreign.)
         ctl_r, ctl_w = os.pipe()
         ack_r, ack_w = os.pipe()
         try:
@@ -164,6 +164,10 @@ class Switches:
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 pass_fds=(ctl_r, ack_w),
             )  # fmt: skip
+        except BaseException:
+            os.close(ctl_w)
+            os.close(ack_r)
+            raise
         finally:
             os.close(ctl_r)
             os.close(ack_w)

@@ -166,3 +166,47 @@ def test_the_perf_cost_table_gives_recorded_and_unrecorded_and_the_rounds_differ
 def test_without_unrecorded_twins_there_is_no_perf_cost_table() -> None:
     assert stalls.perf_cost_table({"passthrough": [{"p99": 0.3, "p50": 0.2}]}) == ""
     assert stalls.perf_cost_table({}) == ""
+
+
+def test_the_recording_starts_on_perfs_ack_and_refuses_any_other_answer() -> None:
+    """``Switches`` waits for perf's answer to ``enable`` on the acknowledgement pipe: "ack"
+    (perf 6.1 adds a NUL after the newline) starts it; another answer, a closed pipe, or a
+    perf that exited are errors, not a recording that silently misses the first forks."""
+    import os
+
+    from bench.stalls import Switches
+
+    class Running:
+        def poll(self) -> int | None:
+            return None
+
+    class Exited:
+        def poll(self) -> int | None:
+            return 1
+
+    def answer(data: bytes | None, recorder: object = None) -> None:
+        read, write = os.pipe()
+        try:
+            if data is not None:
+                os.write(write, data)
+            else:
+                os.close(write)
+                write = -1
+            switches = Switches.__new__(Switches)
+            switches._recorder = recorder or Running()  # type: ignore[assignment]
+            switches._await_ack(read, timeout=0.2)
+        finally:
+            os.close(read)
+            if write >= 0:
+                os.close(write)
+
+    answer(b"ack\n\0")
+    answer(b"ack\n")
+    with pytest.raises(RuntimeError, match="nope"):
+        answer(b"nope\n")
+    with pytest.raises(EOFError):
+        answer(None)
+    with pytest.raises(TimeoutError):
+        answer(b"ac")  # no newline within the timeout
+    with pytest.raises(TimeoutError):
+        answer(b"", Exited())
