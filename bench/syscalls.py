@@ -20,7 +20,9 @@ Run: ``python -m bench.syscalls [--scenarios a,b] [--rate 300] [--duration 8] [-
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -100,8 +102,8 @@ def count_syscalls(
             for pid in pids:
                 argv += ["-p", str(pid)]
             tracer = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-            time.sleep(0.5)  # attached
             try:
+                await_attached(tracer, pids)
                 requests = _requests(stack, s, traffic)
                 result = open_loop(port, requests, rate=rate, duration_s=duration_s)
             finally:
@@ -114,6 +116,35 @@ def count_syscalls(
             answered = sum(result.statuses.values())
             rows.append((s.key, float(answered), parse_strace_summary(out.read_text())))
     return rows
+
+
+_ATTACHED = re.compile(rb"^strace: Process (\d+) attached", re.MULTILINE)
+
+
+def await_attached(
+    tracer: subprocess.Popen[str], pids: Sequence[int], timeout: float = 30.0
+) -> None:
+    """Return once strace says it has attached to every one of ``pids`` (its "Process N
+    attached" lines on stderr, read from the pipe's descriptor: what is read here is not in
+    ``communicate``'s later). A fixed wait of 0.5 s was not always enough on a slow machine,
+    most likely: the calls of the first requests went uncounted (0.99 writes per request,
+    once)."""
+    assert tracer.stderr is not None
+    fd = tracer.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while not set(pids) <= {int(m) for m in _ATTACHED.findall(seen)}:
+        left = deadline - time.monotonic()
+        if left <= 0 or tracer.poll() is not None:
+            raise RuntimeError(f"strace did not attach to {list(pids)}: {seen[-300:]!r}")
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(
+                    f"strace did not attach to {list(pids)} (its stderr closed): {seen[-300:]!r}"
+                )
+            seen += chunk
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,10 +29,12 @@ def test_counts_the_calls_of_a_bare_servicer_per_request() -> None:
     cells = [c.strip() for c in row.strip("|").split("|")]
     requests, total, epoll, read, write = (float(c.replace(",", "")) for c in cells[1:6])
     assert requests >= 150  # 100 req/s for 2 s, less what a slow start loses
-    # a request at a light load: at least one loop turn, one read and one write (the reply);
-    # and not hundreds (a runaway loop, or another process's calls counted)
-    assert 1 <= epoll <= 20 and 1 <= read <= 20 and 1 <= write <= 20
-    assert 3 <= total <= 100
+    # a request at a light load: about one loop turn, one read and one write (the reply) at
+    # least; and not hundreds (a runaway loop, or another process's calls counted). With a
+    # margin of a few per cent: 0.99 writes per request were seen once on a slow machine,
+    # when the harness still slept 0.5 s for strace to attach instead of waiting for it
+    assert 0.9 <= epoll <= 20 and 0.9 <= read <= 20 and 0.9 <= write <= 20
+    assert 2.7 <= total <= 100
 
 
 def test_baseline_traces_each_extproc_scenario_and_its_twin_from_the_commit() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.syscalls import parse_strace_summary, table
 
 SUMMARY = """\
@@ -35,3 +37,32 @@ def test_per_request_table() -> None:
     head, _, row = out.splitlines()
     assert head.split(" | ")[2:4] == ["all calls / request", "epoll_pwait"]
     assert row == ("| `extproc-h2` | 300 | 20.34 | 4.00 | 2.00 | 2.00 | 12.00 | 0.33 | 0.01 |")
+
+
+def test_the_count_starts_once_strace_has_attached_to_every_process() -> None:
+    """``await_attached`` reads strace's "Process N attached" lines, two in one write
+    included, and returns once every pid is named; a tracer that ends first is an error."""
+    import subprocess
+    import sys
+
+    from bench.syscalls import await_attached
+
+    script = (
+        "import sys, time; sys.stderr.write('strace: Process 5 attached\\n"
+        "strace: Process 6 attached with 3 threads\\n'); sys.stderr.flush(); time.sleep(2)"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True
+    ) as tracer:
+        await_attached(tracer, [5, 6], timeout=10)
+        assert tracer.poll() is None  # returned on the lines, not when the tracer ended
+        tracer.kill()
+    with (
+        subprocess.Popen(
+            [sys.executable, "-c", script.replace("time.sleep(2)", "pass")],
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as tracer,
+        pytest.raises(RuntimeError, match=r"did not attach to \[7\]"),
+    ):
+        await_attached(tracer, [7], timeout=10)
