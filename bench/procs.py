@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import venv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from extproc.testing.processes import stop_popen
@@ -27,6 +28,7 @@ __all__ = [
     "cpu_seconds",
     "ensure_sdk_venv",
     "process_tree",
+    "read_until",
     "sdk_python",
     "wait_tcp",
     "which_or_hint",
@@ -105,6 +107,30 @@ def wait_tcp(host: str, port: int, timeout: float, alive: Proc | None = None) ->
         if time.monotonic() > deadline:
             raise ProcError(f"nothing listens on {host}:{port} after {timeout}s")
         time.sleep(0.05)
+
+
+def read_until(
+    proc: subprocess.Popen[str],
+    fd: int,
+    done: Callable[[bytes], bool],
+    timeout: float,
+) -> bytes:
+    """Read the pipe ``fd`` from ``proc`` (a tracer saying it is ready) until ``done`` holds
+    for all read so far, and return that. Raises :class:`TimeoutError` when ``timeout``
+    seconds pass or ``proc`` exits first, :class:`EOFError` when the pipe closes first."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while not done(seen):
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise TimeoutError(f"not ready: {seen[-300:]!r}")
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise EOFError(f"the pipe closed: {seen[-300:]!r}")
+            seen += chunk
+    return seen
 
 
 class Proc:

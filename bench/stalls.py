@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import os
 import re
-import select
 import shutil
 import signal
 import statistics
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from bench.load import LoadResult, open_loop, percentile_ms
-from bench.procs import process_tree
+from bench.procs import process_tree, read_until
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
 
@@ -189,18 +188,8 @@ class Switches:
         self._control = ()
 
     def _await_ack(self, ack: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        got = b""
-        while b"\n" not in got:  # perf 6.1 writes "ack\n\0"
-            left = deadline - time.monotonic()
-            if left <= 0 or self._recorder.poll() is not None:
-                raise TimeoutError("perf did not acknowledge 'enable'")
-            ready, _, _ = select.select([ack], [], [], min(left, 0.5))
-            if ready:
-                chunk = os.read(ack, 16)
-                if not chunk:
-                    raise EOFError("perf closed its acknowledgement pipe")
-                got += chunk
+        # perf 6.1 writes "ack\n\0"
+        got = read_until(self._recorder, ack, lambda seen: b"\n" in seen, timeout)
         if got.partition(b"\n")[0].strip(b"\0 ") != b"ack":
             raise RuntimeError(f"perf answered {got!r} to 'enable'")
 

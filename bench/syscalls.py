@@ -20,19 +20,17 @@ Run: ``python -m bench.syscalls [--scenarios a,b] [--rate 300] [--duration 8] [-
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.load import open_loop, run_wrk
+from bench.procs import read_until
 from bench.run import _requests
 from bench.stack import Stack, baseline_tree, scenario, with_baseline
 from bench.traffic import make_traffic
@@ -130,21 +128,14 @@ def await_attached(
     most likely: the calls of the first requests went uncounted (0.99 writes per request,
     once)."""
     assert tracer.stderr is not None
-    fd = tracer.stderr.fileno()
-    deadline = time.monotonic() + timeout
-    seen = b""
-    while not set(pids) <= {int(m) for m in _ATTACHED.findall(seen)}:
-        left = deadline - time.monotonic()
-        if left <= 0 or tracer.poll() is not None:
-            raise RuntimeError(f"strace did not attach to {list(pids)}: {seen[-300:]!r}")
-        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError(
-                    f"strace did not attach to {list(pids)} (its stderr closed): {seen[-300:]!r}"
-                )
-            seen += chunk
+
+    def named(seen: bytes) -> bool:
+        return set(pids) <= {int(m) for m in _ATTACHED.findall(seen)}
+
+    try:
+        read_until(tracer, tracer.stderr.fileno(), named, timeout)
+    except (TimeoutError, EOFError) as exc:
+        raise RuntimeError(f"strace did not attach to {list(pids)}: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
