@@ -210,14 +210,17 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
 
 
 def parse_floor_arguments(parser: argparse.ArgumentParser, plain: str) -> argparse.Namespace:
-    """Add ``--redis`` (the Redis of style ``<plain>-redis``) and ``--burn-us`` (styles
-    ``plain`` and ``<plain>-redis`` only) to a bare servicer's ``parser``, and parse."""
+    """Add ``--redis`` (the Redis of style ``<plain>-redis``, needed there and only there)
+    and ``--burn-us`` (styles ``plain`` and ``<plain>-redis`` only) to a bare servicer's
+    ``parser``, and parse."""
     floors = (plain, f"{plain}-redis")
     parser.add_argument("--redis", help=f"host:port of the Redis of --style {floors[1]}")
     parser.add_argument("--burn-us", type=float, default=0.0, help="µs of Python spun per request")
     args = parser.parse_args()
     if args.burn_us and args.style not in floors:
         parser.error(f"--burn-us goes with --style {floors[0]} or {floors[1]}")
+    if (args.style == floors[1]) != (args.redis is not None):
+        parser.error(f"--redis goes with --style {floors[1]}, and only with it")
     return args
 
 
@@ -228,8 +231,6 @@ def main() -> None:
     )
     parser.add_argument("--listen", required=True, help="host:port or unix:/path")
     args = parse_floor_arguments(parser, "fast")
-    if (args.style == "fast-redis") != (args.redis is not None):
-        parser.error("--redis goes with --style fast-redis, and only with it")
     if args.style != "idiomatic":
         import uvloop
 

@@ -174,9 +174,6 @@ def _handler(ask: Callable[[], Awaitable[object]] | None = None, burn_us: float 
     return process
 
 
-_own_process = _handler()
-
-
 def _own_redis_process(redis: str, burn_us: float = 0.0) -> Any:
     return _handler(floor_round_trip(redis), burn_us)
 
@@ -195,7 +192,7 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
                 raise SystemExit("--style own-redis needs --redis host:port")
             handler = _own_redis_process(redis, burn_us)
         else:
-            handler = _handler(burn_us=burn_us) if burn_us else _own_process
+            handler = _handler(burn_us=burn_us)
         own = Http2Server({f"/{SERVICE}/Process": handler})
         await own.listen(listen)
         print(f"bare http2 servicer ({style}) on {listen}", flush=True)
