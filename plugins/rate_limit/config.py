@@ -243,7 +243,8 @@ class BatchConfig(PluginConfig):
     (a slow or crowded machine) would make every request wait for a batch of one or two. And
     only where requests queue: in the worker (4 or more streams in flight in it) or for the
     CPU (Linux PSI of the sidecar's cgroup, else of the machine: some task waits for a core
-    at least half of the time).
+    at least half of the time). That pressure opens a window (scaled by it) even when the
+    worker itself keeps up: several workers on a full machine each read as unsaturated.
     The admin ``/status`` shows the window in force (``batch_window_ms``); the
     ``batch_size`` and ``batch_wait_seconds`` histograms the result. ``max_wait_ms: 0`` never
     waits for company.
@@ -258,7 +259,9 @@ class BatchConfig(PluginConfig):
             "longest a batch gathers when the worker's CPU is saturated (in proportion to how"
             " saturated) and there is a queue: 4 or more streams in flight in the worker, or"
             " the CPU under pressure (some task waiting for a core at least half of the time,"
-            " Linux PSI of the sidecar's cgroup, else of the machine); with spare CPU a request"
+            " Linux PSI of the sidecar's cgroup, else of the machine; under that pressure it"
+            " gathers, in proportion to it, even when the worker is not saturated itself);"
+            " with spare CPU a request"
             " waits at most in_flight_wait_ms for a round"
             " trip in flight and not at all when none is. A batch also waits for a free slot"
             " when max_in_flight round trips are out"

@@ -476,6 +476,44 @@ async def test_saturated_worker_without_a_queue_sends_at_once() -> None:
     assert store.batches == [[1], [2], [2]]
 
 
+async def test_worker_keeping_up_on_a_full_machine_gathers_for_the_pressure() -> None:
+    """The loop does not read saturated (several workers share the cores, each keeps up with
+    what reaches it), but the CPU is under pressure: a window in proportion to the pressure,
+    still only at a rate that fills it. Below ``min_pressure`` it sends at once."""
+    store = GatedStore(auto=True)
+    machine = {"pressure": 0.49}
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        saturation=idle,
+        max_wait=0.04,
+        min_gather=0,
+        pressure=lambda: machine["pressure"],
+        min_pressure=0.5,
+    )
+    async with asyncio.timeout(0.015):
+        assert await b.submit(1, FAR) == 10
+    assert b.window == 0.0 and b.saturation == 0.0
+    machine["pressure"] = 0.5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    futures = [b.submit(2, FAR)]
+    assert b.window == pytest.approx(0.02)  # 0.5 x max_wait
+    assert b.saturation == 0.0  # the loop's own reading, for /status
+    futures.append(b.submit(3, FAR))
+    assert await asyncio.gather(*futures) == [20, 30]
+    assert loop.time() - started >= 0.015
+    assert store.batches == [[1], [2, 3]]
+    # the arrival rate still decides: too few requests for company, no window
+    slow: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_wait=0.04, pressure=lambda: 1.0, min_pressure=0.5
+    )
+    for i in range(3):  # ~20 a second x 40 ms = 0.8 < 4
+        async with asyncio.timeout(0.03):
+            assert await slow.submit(i, FAR) == i * 10
+        await asyncio.sleep(RATE_INTERVAL)
+    assert slow.window == 0.0
+
+
 async def test_saturated_worker_sends_a_full_batch_at_once() -> None:
     store = GatedStore(auto=True)
     b: Batcher[int, int] = Batcher(
