@@ -426,8 +426,10 @@ class RateLimitPlugin(Plugin):
             # rate that fills it with company
             out["batch_saturation"] = self._batcher.saturation
             # ... and, when few streams are in flight in this worker, opened only while the
-            # CPU is under pressure (PSI share as last read, of the sidecar's cgroup, else of
-            # the machine: it is read only when such a window would open; 0 without PSI)
+            # CPU is under pressure; with the loop not saturated at all, that pressure opens
+            # and sizes the window itself (PSI share as last read, of the sidecar's cgroup,
+            # else of the machine, at most every 50 ms, on requests: it is not read while a
+            # saturated worker has a backlog; 0 without PSI)
             out["cpu_pressure"] = cpu_pressure().share
             out["arrival_rate"] = self._batcher.arrival_rate
         return out
