@@ -251,6 +251,7 @@ class Batcher(Generic[T, R]):
         now = loop.time()
         self._queue.append(_Entry(item, future, deadline, now, time.perf_counter()))
         self._idle.clear()
+        rate = self._arrivals.tick(now) if self.min_gather else 0.0
         self.saturation = level = self._saturation()
         if level:
             if (
@@ -259,14 +260,13 @@ class Batcher(Generic[T, R]):
                 and self._pressed() is None
             ):
                 level = 0.0  # a busy worker keeping up on a machine that does too: no queue
-        elif (pressed := self._pressed()) is not None:
+        elif rate * self.max_wait >= self.min_gather and (pressed := self._pressed()) is not None:
             # this worker keeps up, but the machine is full: the queue is for the CPU it shares
+            # (not asked at a rate that no window could fill: light load reads no PSI)
             level = pressed
         window = level * self.max_wait
-        if self.min_gather:
-            rate = self._arrivals.tick(now)
-            if window and rate * window < self.min_gather:
-                window = 0.0  # waiting would save (almost) no round trip: send as with spare CPU
+        if window and rate * window < self.min_gather:
+            window = 0.0  # waiting would save (almost) no round trip: send as with spare CPU
         self.window = window
         if self._gathering:
             self._pump()

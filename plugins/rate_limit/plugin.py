@@ -429,7 +429,8 @@ class RateLimitPlugin(Plugin):
             # CPU is under pressure; with the loop not saturated at all, that pressure opens
             # and sizes the window itself (PSI share as last read, of the sidecar's cgroup,
             # else of the machine, at most every 50 ms, on requests: it is not read while a
-            # saturated worker has a backlog; 0 without PSI)
+            # saturated worker has a backlog, nor at an arrival rate that no window could
+            # fill; 0 without PSI)
             out["cpu_pressure"] = cpu_pressure().share
             out["arrival_rate"] = self._batcher.arrival_rate
         return out
