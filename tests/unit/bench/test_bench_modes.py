@@ -76,6 +76,12 @@ def test_a_warm_up_together_loads_every_sidecar_at_the_same_time(
     assert "passthrough" not in out
 
 
+def _plugins_but_the_key_prefix(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """A sidecar config's plugins with each one's key prefix blanked: it follows the
+    scenario's key, so variants of one scenario differ there by design."""
+    return [{**p, "config": {**p["config"], "key_prefix": ""}} for p in config["plugins"]]
+
+
 def test_the_tracing_off_variant_has_no_tracing_section_and_the_rest_alike() -> None:
     from bench.stack import sidecar_config
     from bench.traffic import make_traffic
@@ -87,8 +93,7 @@ def test_the_tracing_off_variant_has_no_tracing_section_and_the_rest_alike() -> 
     assert "tracing" not in off
     assert off["server"] == on["server"] and off["server"]["transport"] == "http2"
     # the same plugins but for the key prefix, which follows the scenario's key
-    strip = [{**p, "config": {**p["config"], "key_prefix": ""}} for p in off["plugins"]]
-    assert strip == [{**p, "config": {**p["config"], "key_prefix": ""}} for p in on["plugins"]]
+    assert _plugins_but_the_key_prefix(off) == _plugins_but_the_key_prefix(on)
 
 
 def test_the_watchdog_off_variant_differs_only_in_its_threshold_and_loads() -> None:
@@ -104,8 +109,7 @@ def test_the_watchdog_off_variant_differs_only_in_its_threshold_and_loads() -> N
         off = sidecar_config(scenario(f"extproc-jwt-rl-nowd{suffix}"), traffic, "redis://x", "")
         assert off["server"].pop("loop_lag_threshold_ms") == 0
         assert off["server"] == on["server"]
-        strip = [{**p, "config": {**p["config"], "key_prefix": ""}} for p in off["plugins"]]
-        assert strip == [{**p, "config": {**p["config"], "key_prefix": ""}} for p in on["plugins"]]
+        assert _plugins_but_the_key_prefix(off) == _plugins_but_the_key_prefix(on)
         off["server"]["loop_lag_threshold_ms"] = 0
         loaded = parse_config(json.dumps(off), "off.yaml")
         assert loaded.config.server.loop_lag_threshold_ms == 0
@@ -122,11 +126,10 @@ def test_the_grant_ahead_variant_differs_only_there_and_loads() -> None:
     traffic = make_traffic(2)
     base = sidecar_config(scenario("extproc-jwt-rl-h2"), traffic, "redis://x", "http://otlp")
     ahead = sidecar_config(scenario("extproc-jwt-rl-ahead-h2"), traffic, "redis://x", "http://o")
-    rl = {p["plugin"]: p["config"] for p in ahead["plugins"]}["rate_limit"]
-    assert rl["grant_ahead"] == {"enabled": True, "max_age_ms": 300_000}
-    rest = {k: v for k, v in rl.items() if k not in ("grant_ahead", "key_prefix")}
-    plain = {p["plugin"]: p["config"] for p in base["plugins"]}["rate_limit"]
-    assert rest == {k: v for k, v in plain.items() if k != "key_prefix"}
+    plugins = _plugins_but_the_key_prefix(ahead)  # copies: ``ahead`` is loaded below
+    rl = next(p["config"] for p in plugins if p["plugin"] == "rate_limit")
+    assert rl.pop("grant_ahead") == {"enabled": True, "max_age_ms": 300_000}
+    assert plugins == _plugins_but_the_key_prefix(base)
     assert ahead["server"] == base["server"]
     assert "extproc-jwt-rl-ahead-h2" in ALL  # in the full run, beside extproc-jwt-rl-h2
     # the file the sidecar is given is one it accepts (a config error raises)
