@@ -96,6 +96,8 @@ class Scenario:
     transport: str = "grpcio"
     #: bare-fast / bare-http2: µs of Python spun per request (a stand-in for a plugin's work)
     burn_us: float = 0.0
+    #: the Redis floors: each round trip runs the rate limiter's script (one hit), not INCR
+    redis_script: bool = False
     #: run the sidecar from this source tree (``--baseline``: an earlier commit) instead
     source: Path | None = None
 
@@ -148,6 +150,16 @@ SCENARIOS: tuple[Scenario, ...] = (
         "Redis-backed decision",
         "bare-fast-redis",
         optional=True,
+    ),
+    *(
+        Scenario(
+            f"{base}-script",
+            f"{base} with the rate limiter's script (EVALSHA, one hit) as the round trip",
+            base,
+            optional=True,
+            redis_script=True,
+        )
+        for base in ("bare-http2-redis", "bare-fast-redis")
     ),
     *(
         Scenario(
@@ -702,6 +714,8 @@ class Stack:
                 argv += ["--redis", f"127.0.0.1:{self.redis.port}"]
             if s.burn_us:
                 argv += ["--burn-us", str(s.burn_us)]
+            if s.redis_script:
+                argv += ["--redis-script"]
         self.commands.append(" ".join(argv))
         proc = Proc(s.key, argv, self.workdir, env=env, cwd=REPO)
         run.proc = proc

@@ -118,15 +118,41 @@ def burn(us: float) -> None:
 FLOOR_KEY = "bench:floor"
 
 
-def floor_round_trip(redis: str) -> Callable[[], Awaitable[object]]:
+#: how many keys the ``--redis-script`` floor spreads its hits over (the rate limiter's
+#: scenarios count a key per user, and :func:`bench.traffic.make_traffic` makes 1,000)
+FLOOR_SCRIPT_KEYS = 1_000
+
+
+def floor_round_trip(redis: str, script: bool = False) -> Callable[[], Awaitable[object]]:
     """One ``INCR`` of :data:`FLOOR_KEY` over extproc's pipelined connection to ``redis``
-    (host:port), to await: the round trip of the Redis floors on both transports."""
+    (host:port), to await: the round trip of the Redis floors on both transports. With
+    ``script``, the rate limiter's own script instead, for one hit as its plugin sends it at
+    1,000 req/s (a batch of one; fixed window, a limit never reached, a key per user), so
+    that the floor differs from the plugin's round trip only in the Python around it."""
     from extproc.services.redis_pipe import PipeSettings, RedisPipe, pack_command
 
     host, _, port = redis.rpartition(":")
     pipe = RedisPipe(PipeSettings(host=host, port=int(port)))
-    incr = pack_command("INCR", FLOOR_KEY)
-    return lambda: pipe.execute_packed(incr)
+    if not script:
+        incr = pack_command("INCR", FLOOR_KEY)
+        return lambda: pipe.execute_packed(incr)
+    from plugins.rate_limit.keys import Hit
+    from plugins.rate_limit.store import SCRIPT, SCRIPT_SHA, _script_args
+
+    calls = []
+    for n in range(FLOOR_SCRIPT_KEYS):
+        keys, specs, hits = _script_args([[Hit(f"{FLOOR_KEY}:{n}", False, 100_000, 1_000)]])
+        calls.append(pack_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, specs, hits))
+    turn = 0
+
+    async def evaluate() -> object:
+        nonlocal turn
+        if turn == 0:
+            await pipe.execute("SCRIPT", "LOAD", SCRIPT)
+        turn += 1
+        return await pipe.execute_packed(calls[turn % FLOOR_SCRIPT_KEYS])
+
+    return evaluate
 
 
 def _fast_process(
@@ -134,6 +160,7 @@ def _fast_process(
     until_eof: bool = False,
     redis: str | None = None,
     burn_us: float = 0.0,
+    script: bool = False,
 ) -> Any:
     """The read/write loop; with ``max_hold``, each reply first waits for its coalescing
     round (:class:`extproc.coalesce.ReplyCoalescer`). The reply to the request headers is
@@ -145,7 +172,7 @@ def _fast_process(
         from extproc.coalesce import ReplyCoalescer
 
         hold = ReplyCoalescer(max_hold).hold
-    round_trip = floor_round_trip(redis) if redis is not None else None
+    round_trip = floor_round_trip(redis, script) if redis is not None else None
 
     async def process(_: Any, context: grpc.aio.ServicerContext) -> bytes | None:
         read, write, eof, replies = context.read, context.write, grpc.aio.EOF, _REPLIES
@@ -176,10 +203,14 @@ def _fast_process(
 
 
 def _fast_handler(
-    coalesced: bool = False, until_eof: bool = False, redis: str | None = None, burn_us: float = 0.0
+    coalesced: bool = False,
+    until_eof: bool = False,
+    redis: str | None = None,
+    burn_us: float = 0.0,
+    script: bool = False,
 ) -> grpc.GenericRpcHandler:
     # no request_deserializer / response_serializer: the handler sees and writes bytes
-    process = _fast_process(0.003 if coalesced else None, until_eof, redis, burn_us)
+    process = _fast_process(0.003 if coalesced else None, until_eof, redis, burn_us, script)
     if until_eof:
         method = grpc.stream_stream_rpc_method_handler(process)
     else:
@@ -187,7 +218,9 @@ def _fast_handler(
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
 
 
-async def serve(style: str, listen: str, redis: str | None = None, burn_us: float = 0.0) -> None:
+async def serve(
+    style: str, listen: str, redis: str | None = None, burn_us: float = 0.0, script: bool = False
+) -> None:
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 10_000)]
     )
@@ -195,7 +228,7 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
         pb_grpc.add_ExternalProcessorServicer_to_server(IdiomaticServicer(), server)  # type: ignore[no-untyped-call]
     else:
         server.add_generic_rpc_handlers(
-            (_fast_handler(style == "coalesced", style == "eof", redis, burn_us),)
+            (_fast_handler(style == "coalesced", style == "eof", redis, burn_us, script),)
         )
     if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
         raise OSError(f"cannot listen on {listen}")
@@ -210,17 +243,25 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
 
 
 def parse_floor_arguments(parser: argparse.ArgumentParser, plain: str) -> argparse.Namespace:
-    """Add ``--redis`` (the Redis of style ``<plain>-redis``, needed there and only there)
+    """Add ``--redis`` (the Redis of style ``<plain>-redis``, needed there and only there),
+    ``--redis-script`` (that style's round trip is the rate limiter's script, not ``INCR``)
     and ``--burn-us`` (styles ``plain`` and ``<plain>-redis`` only) to a bare servicer's
     ``parser``, and parse."""
     floors = (plain, f"{plain}-redis")
     parser.add_argument("--redis", help=f"host:port of the Redis of --style {floors[1]}")
+    parser.add_argument(
+        "--redis-script",
+        action="store_true",
+        help="each round trip runs the rate limiter's script (one hit), not INCR",
+    )
     parser.add_argument("--burn-us", type=float, default=0.0, help="µs of Python spun per request")
     args = parser.parse_args()
     if args.burn_us and args.style not in floors:
         parser.error(f"--burn-us goes with --style {floors[0]} or {floors[1]}")
     if (args.style == floors[1]) != (args.redis is not None):
         parser.error(f"--redis goes with --style {floors[1]}, and only with it")
+    if args.redis_script and args.redis is None:
+        parser.error("--redis-script goes with --redis")
     return args
 
 
@@ -234,7 +275,7 @@ def main() -> None:
     if args.style != "idiomatic":
         import uvloop
 
-        uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us))
+        uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us, args.redis_script))
     else:
         asyncio.run(serve(args.style, args.listen))
 

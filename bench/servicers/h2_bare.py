@@ -174,11 +174,13 @@ def _handler(ask: Callable[[], Awaitable[object]] | None = None, burn_us: float 
     return process
 
 
-def _own_redis_process(redis: str, burn_us: float = 0.0) -> Any:
-    return _handler(floor_round_trip(redis), burn_us)
+def _own_redis_process(redis: str, burn_us: float = 0.0, script: bool = False) -> Any:
+    return _handler(floor_round_trip(redis, script), burn_us)
 
 
-async def serve(style: str, listen: str, redis: str | None = None, burn_us: float = 0.0) -> None:
+async def serve(
+    style: str, listen: str, redis: str | None = None, burn_us: float = 0.0, script: bool = False
+) -> None:
     loop = asyncio.get_running_loop()
     host, _, port = listen.rpartition(":")
     stop = asyncio.Event()
@@ -190,7 +192,7 @@ async def serve(style: str, listen: str, redis: str | None = None, burn_us: floa
         if style == "own-redis":
             if not redis:
                 raise SystemExit("--style own-redis needs --redis host:port")
-            handler = _own_redis_process(redis, burn_us)
+            handler = _own_redis_process(redis, burn_us, script)
         else:
             handler = _handler(burn_us=burn_us)
         own = Http2Server({f"/{SERVICE}/Process": handler})
@@ -212,7 +214,7 @@ def main() -> None:
     args = parse_floor_arguments(parser, "own")
     import uvloop
 
-    uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us))
+    uvloop.run(serve(args.style, args.listen, args.redis, args.burn_us, args.redis_script))
 
 
 if __name__ == "__main__":

@@ -80,3 +80,24 @@ async def test_burn_spins_python_before_the_request_headers_reply_only() -> None
         reply = await process(_Call([_message("request_headers")]))
         assert time.perf_counter() - t0 >= 0.050
         assert reply == bare._REPLIES[bare._REQUEST_HEADERS_TAG]
+
+
+async def test_the_script_floor_runs_the_rate_limiters_script_once_per_request() -> None:
+    """``--redis-script``: the round trip is the rate limiter's own script for one hit, on
+    both transports' handlers; the hits are counted, a key per request in turn, never INCR."""
+    with RedisServer() as server:
+        address = f"127.0.0.1:{server.port}"
+        grpc_aio = bare._fast_process(redis=address, script=True)
+        h2 = h2_bare._own_redis_process(address, script=True)
+        for process in (h2, lambda call: grpc_aio(None, call)):
+            for _ in range(3):
+                reply = await process(_Call([_message("request_headers")]))
+                assert reply == bare._REPLIES[bare._REQUEST_HEADERS_TAG]
+        stats = server.command_stats()
+        assert stats["evalsha"]["calls"] == 6
+        assert stats["hset"]["calls"] == 6  # inside the script: the hit was counted
+        assert "incr" not in stats and "eval" not in stats
+        # each handler's first round trip went to key 1, its second to key 2, ...
+        assert server.command("HGET", f"{bare.FLOOR_KEY}:1", "b") == b"$1\r\n2\r\n"
+        assert server.command("HGET", f"{bare.FLOOR_KEY}:3", "b") == b"$1\r\n2\r\n"
+        assert server.command("EXISTS", f"{bare.FLOOR_KEY}:4") == b":0\r\n"

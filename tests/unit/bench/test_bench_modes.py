@@ -189,3 +189,27 @@ def test_the_floor_and_burn_variants_are_optional_and_set_what_their_servicers_n
     # spun Python before one round trip: the floor of a Redis-backed decision plus the CPU
     s = scenario("bare-http2-redis-burn300")
     assert (s.backend, s.burn_us, s.needs_redis) == ("bare-http2-redis", 300.0, True)
+
+
+def test_the_script_floors_run_the_rate_limiters_script_and_need_a_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+
+    from bench.servicers.bare import parse_floor_arguments
+
+    for base in ("bare-http2-redis", "bare-fast-redis"):
+        s = scenario(f"{base}-script")
+        assert (s.backend, s.redis_script, s.needs_redis, s.optional) == (base, True, True, True)
+    assert not scenario("bare-http2-redis").redis_script
+
+    def parse(*argv: str) -> argparse.Namespace:
+        monkeypatch.setattr("sys.argv", ["floor", *argv])
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--style", choices=("own", "own-redis"))
+        return parse_floor_arguments(parser, "own")
+
+    assert parse("--style", "own-redis", "--redis", "h:1", "--redis-script").redis_script
+    assert not parse("--style", "own-redis", "--redis", "h:1").redis_script
+    with pytest.raises(SystemExit):
+        parse("--style", "own", "--redis-script")
