@@ -117,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,10,100")
     args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    if not all(1 <= b <= KEYS for b in batches):
+        parser.error(f"--batches: each from 1 to {KEYS} (a batch's keys are distinct)")
     with RedisServer() as server:
-        results = measure(
-            server, args.calls, args.repeats, [int(b) for b in args.batches.split(",")]
-        )
+        results = measure(server, args.calls, args.repeats, batches)
     print(table(results))
     return 0
 

@@ -20,3 +20,12 @@ def test_the_script_costs_more_than_incr_and_less_per_request_in_a_batch() -> No
     assert one["in_command_us"] > 3 * results["INCR"]["in_command_us"]
     assert fifty["in_command_us"] / 50 < one["in_command_us"]
     assert "| rate limiter, batch of 50 | 50 |" in table(results)
+
+
+def test_a_batch_larger_than_the_key_set_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.script_cost import KEYS, main
+
+    for batches in ("0", f"10,{KEYS + 1}"):
+        with pytest.raises(SystemExit):
+            main(["--batches", batches])
+        assert "each from 1 to" in capsys.readouterr().err
