@@ -15,32 +15,41 @@ of N requests of one hit each on distinct keys (fixed window, a limit never reac
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import redis
 
+from bench.procs import cpu_seconds
 from extproc.testing.redis_server import RedisServer
 from plugins.rate_limit.keys import Hit
-from plugins.rate_limit.store import SCRIPT, _script_args
+from plugins.rate_limit.store import SCRIPT, SCRIPT_SHA, _script_args
 
 #: how many keys the script's cases spread their hits over (a key per user, as in bench.run)
 KEYS = 1_000
 
 
-def _process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def script_calls(prefix: str, batch: int, limit: int = 10**9) -> list[tuple[str | int, ...]]:
+    """The rate limiter's ``EVALSHA`` arguments for :data:`KEYS` calls in turn, each a batch
+    of ``batch`` requests of one hit (fixed window, ``limit`` a second) on distinct keys
+    ``<prefix>:<n>``, packed by the store's own ``_script_args`` as ``RedisStore`` sends
+    them. Also the round trips of the benchmark's ``--redis-script`` floors."""
+    calls: list[tuple[str | int, ...]] = []
+    for j in range(KEYS):
+        requests = [
+            [Hit(f"{prefix}:{(j * batch + k) % KEYS}", False, limit, 1_000)] for k in range(batch)
+        ]
+        keys, specs, hits = _script_args(requests)
+        calls.append(("EVALSHA", SCRIPT_SHA, len(keys), *keys, specs, hits))
+    return calls
 
 
 def _cases(
     client: redis.Redis, batches: Sequence[int]
 ) -> dict[str, tuple[int, Callable[[int], object]]]:
     """Name -> (requests per call, the call for its i-th time)."""
-    sha = client.script_load(SCRIPT)
+    client.script_load(SCRIPT)
     empty = client.script_load("return 1")
     cases: dict[str, tuple[int, Callable[[int], object]]] = {
         "INCR": (1, lambda i: client.execute_command("INCR", f"bench:incr:{i % KEYS}")),
@@ -50,13 +59,7 @@ def _cases(
         ),
     }
     for n in batches:
-        calls = []
-        for j in range(KEYS):
-            batch = [
-                [Hit(f"bench:rl{n}:{(j * n + k) % KEYS}", False, 10**9, 1_000)] for k in range(n)
-            ]
-            keys, specs, hits = _script_args(batch)
-            calls.append(("EVALSHA", sha, len(keys), *keys, specs, hits))
+        calls = script_calls(f"bench:rl{n}", n)
         cases[f"rate limiter, batch of {n}"] = (
             n,
             lambda i, calls=calls: client.execute_command(*calls[i % KEYS]),
@@ -77,10 +80,10 @@ def measure(
         for _ in range(repeats):
             for name, (_, call) in cases.items():
                 client.config_resetstat()
-                cpu = _process_cpu_s(server.pid)
+                cpu = cpu_seconds([server.pid])
                 for i in range(calls):
                     call(i)
-                cpu = _process_cpu_s(server.pid) - cpu
+                cpu = cpu_seconds([server.pid]) - cpu
                 stats = client.info("commandstats")
                 command = "cmdstat_incr" if name == "INCR" else "cmdstat_evalsha"
                 seen[name].append((stats[command]["usec_per_call"], cpu / calls * 1e6))

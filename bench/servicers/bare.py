@@ -118,11 +118,6 @@ def burn(us: float) -> None:
 FLOOR_KEY = "bench:floor"
 
 
-#: how many keys the ``--redis-script`` floor spreads its hits over (the rate limiter's
-#: scenarios count a key per user, and :func:`bench.traffic.make_traffic` makes 1,000)
-FLOOR_SCRIPT_KEYS = 1_000
-
-
 def floor_round_trip(redis: str, script: bool = False) -> Callable[[], Awaitable[object]]:
     """One ``INCR`` of :data:`FLOOR_KEY` over extproc's pipelined connection to ``redis``
     (host:port), to await: the round trip of the Redis floors on both transports. With
@@ -136,13 +131,12 @@ def floor_round_trip(redis: str, script: bool = False) -> Callable[[], Awaitable
     if not script:
         incr = pack_command("INCR", FLOOR_KEY)
         return lambda: pipe.execute_packed(incr)
-    from plugins.rate_limit.keys import Hit
-    from plugins.rate_limit.store import SCRIPT, SCRIPT_SHA, _script_args
+    from bench.script_cost import script_calls
+    from plugins.rate_limit.store import SCRIPT
 
-    calls = []
-    for n in range(FLOOR_SCRIPT_KEYS):
-        keys, specs, hits = _script_args([[Hit(f"{FLOOR_KEY}:{n}", False, 100_000, 1_000)]])
-        calls.append(pack_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, specs, hits))
+    # a key per user (bench.script_cost.KEYS, as the 1,000 subjects of bench.traffic), each
+    # request's limit the scenarios' own (OPEN_LIMIT a second)
+    calls = [pack_command(*args) for args in script_calls(FLOOR_KEY, 1, limit=100_000)]
     turn = 0
 
     async def evaluate() -> object:
@@ -150,7 +144,7 @@ def floor_round_trip(redis: str, script: bool = False) -> Callable[[], Awaitable
         if turn == 0:
             await pipe.execute("SCRIPT", "LOAD", SCRIPT)
         turn += 1
-        return await pipe.execute_packed(calls[turn % FLOOR_SCRIPT_KEYS])
+        return await pipe.execute_packed(calls[turn % len(calls)])
 
     return evaluate
 
