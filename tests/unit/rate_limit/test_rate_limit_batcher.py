@@ -64,6 +64,17 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def answered_without_a_window(b: Batcher[int, int], item: int) -> int:
+    """Submit ``item`` and show it was sent at once: no window opened, and its answer came
+    within a few loop turns, which a timer-held batch cannot (it waits for its window on
+    the clock). Counted in turns rather than timed, so a slow machine cannot fail it."""
+    future = b.submit(item, FAR)
+    assert b.window == 0.0
+    await settle()
+    assert future.done()
+    return future.result()
+
+
 async def test_idle_sends_at_once_alone() -> None:
     store = GatedStore(auto=True)
     b: Batcher[int, int] = Batcher(
@@ -463,9 +474,8 @@ async def test_saturated_worker_without_a_queue_sends_at_once() -> None:
         pressure=lambda: machine["pressure"],
         min_pressure=0.5,
     )
-    async with asyncio.timeout(0.015):  # well within the 20 ms window
-        assert await b.submit(1, FAR) == 10
-    assert b.window == 0.0 and b.saturation == 1.0
+    assert await answered_without_a_window(b, 1) == 10
+    assert b.saturation == 1.0
     loop = asyncio.get_running_loop()
     for queue in ({"backlog": 8, "pressure": 0.0}, {"backlog": 0, "pressure": 0.5}):
         machine.update(queue)
@@ -490,9 +500,8 @@ async def test_worker_keeping_up_on_a_full_machine_gathers_for_the_pressure() ->
         pressure=lambda: machine["pressure"],
         min_pressure=0.5,
     )
-    async with asyncio.timeout(0.015):
-        assert await b.submit(1, FAR) == 10
-    assert b.window == 0.0 and b.saturation == 0.0
+    assert await answered_without_a_window(b, 1) == 10
+    assert b.saturation == 0.0
     machine["pressure"] = 0.5
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -508,10 +517,34 @@ async def test_worker_keeping_up_on_a_full_machine_gathers_for_the_pressure() ->
         store.send, saturation=idle, max_wait=0.04, pressure=lambda: 1.0, min_pressure=0.5
     )
     for i in range(3):  # ~20 a second x 40 ms = 0.8 < 4
-        async with asyncio.timeout(0.03):
-            assert await slow.submit(i, FAR) == i * 10
+        assert await answered_without_a_window(slow, i) == i * 10
         await asyncio.sleep(RATE_INTERVAL)
     assert slow.window == 0.0
+
+
+async def test_worker_with_spare_cpu_at_a_light_load_never_reads_the_pressure() -> None:
+    """The pressure (a PSI file read, at most every 50 ms) is asked only at an arrival rate
+    that could fill a window: a worker with spare CPU at a light load sends at once without
+    reading it; at a rate that fills the window it is read and opens one."""
+    store = GatedStore(auto=True)
+    reads: list[float] = []
+
+    def pressure() -> float:
+        reads.append(1.0)
+        return 1.0
+
+    b: Batcher[int, int] = Batcher(
+        store.send, saturation=idle, max_wait=0.04, pressure=pressure, min_pressure=0.5
+    )
+    arriving_at(b, 50.0)  # 50 a second x 40 ms = 2 < min_gather (4)
+    for i in range(3):
+        assert await answered_without_a_window(b, i) == i * 10
+    assert reads == []
+    arriving_at(b, 1000.0)  # 1,000 a second x 40 ms = 40: a window would fill
+    future = b.submit(9, FAR)
+    assert reads == [1.0]
+    assert b.window == pytest.approx(0.04)  # pressure 1.0 x max_wait
+    assert await future == 90
 
 
 async def test_saturated_worker_sends_a_full_batch_at_once() -> None:
@@ -552,8 +585,7 @@ async def test_saturated_worker_at_a_low_rate_sends_at_once() -> None:
         store.send, saturation=saturated, max_batch=100, max_wait=0.02, max_in_flight=2
     )
     for i in range(4):  # ~1 request per RATE_INTERVAL: ~20 a second, x 20 ms = 0.4 < 4
-        async with asyncio.timeout(0.015):  # answered well within the 20 ms window
-            assert await b.submit(i, FAR) == i * 10
+        assert await answered_without_a_window(b, i) == i * 10
         await asyncio.sleep(RATE_INTERVAL)
     assert 0 < b.arrival_rate < 100
     assert b.window == 0.0 and b.saturation == 1.0  # saturated, and no window all the same
