@@ -20,15 +20,18 @@ With ``--rate R`` the load is the open-loop generator at R requests/s instead (a
 ``bench.run``'s latency phase): where a request's CPU and wake-ups go below saturation, where
 the latency target is measured.
 
-With ``--trace``, ``perf record`` also traces every ``sched:sched_wakeup`` of the sidecar's
+With ``--trace``, ``perf record`` also traces every ``sched:sched_waking`` of the sidecar's
 event-loop threads (a process's main thread) and every ``sched:sched_switch`` that takes one
 off its CPU, in the middle of the measured load, and a second table says per request who woke
 them - a thread of the sidecar (grpc's poller hands completions to the loop through a socket),
 Envoy or Redis (a write on a socket the loop waits on wakes it in the writer's context), or an
 interrupt on an idle CPU (a timer expiring, or a packet delivered there) - and which task took
-the CPU when a loop was preempted. Tracing these few events costs little, but it is tracing:
-compare scenarios measured the same way. Needs ``perf`` (``linux-perf``) and root or
-``kernel.perf_event_paranoid`` <= -1.
+the CPU when a loop was preempted. ``sched_waking``, not ``sched_wakeup``: the first fires in
+the waker's context; the second, for a wake-up of a task on another CPU, often fires on that
+CPU once an inter-processor interrupt delivers it, in its idle task's context, which would
+name the idle CPU for wake-ups that Envoy, Redis or a sidecar thread raised. Tracing these
+few events costs little, but it is tracing: compare scenarios measured the same way. Needs
+``perf`` (``linux-perf``) and root or ``kernel.perf_event_paranoid`` <= -1.
 
 Run: ``python -m bench.threads [--scenarios a,b] [--rounds 3] [--duration 8] [--rate R]
 [--trace]``.
@@ -161,7 +164,7 @@ Row = tuple[str, float, float, float, Mapping[str, Figures], Traced]
 
 #: the waker of a wake-up raised in interrupt context on an idle CPU (perf's ``swapper``, tid 0)
 IDLE_CPU = "an interrupt on an idle CPU (a timer, or a packet)"
-#: a ``perf script -F comm,tid,trace`` line of ``sched:sched_wakeup``: the waker's comm and tid,
+#: a ``perf script -F comm,tid,trace`` line of ``sched:sched_waking``: the waker's comm and tid,
 #: then the woken task's pid (a thread id)
 _WAKEUP = re.compile(r"^\s*(.*?)\s+(\d+)\s+comm=.*? pid=(\d+) prio=")
 #: ... of ``sched:sched_switch``: the task leaving the CPU and its state (``R``, ``R+``:
@@ -195,7 +198,7 @@ def parse_trace(
     text: str, loops: Iterable[int], names: Mapping[int, str]
 ) -> dict[tuple[str, str], int]:
     """Counts by (:data:`WOKEN`, waker) and (:data:`PREEMPTED`, the task that took the CPU)
-    for the threads ``loops``, from ``perf script -F comm,tid,trace`` of ``sched:sched_wakeup``
+    for the threads ``loops``, from ``perf script -F comm,tid,trace`` of ``sched:sched_waking``
     and ``sched:sched_switch``. A thread in ``names`` (tid -> group, as :func:`read_threads`
     names them) counts by its group; a waker of tid 0 as :data:`IDLE_CPU`; any other as
     ``other: comm`` (digits dropped). A switch away from a loop that slept is not counted (its
@@ -253,7 +256,7 @@ def _names(threads: Iterable[str]) -> dict[int, str]:
 
 
 class LoopTrace:
-    """``perf record`` of the sidecar's loops' ``sched:sched_wakeup`` and of their
+    """``perf record`` of the sidecar's loops' ``sched:sched_waking`` and of their
     ``sched:sched_switch`` away from a CPU, from ``delay_s`` after :meth:`start` for ``span_s``
     seconds (inside the measured load, away from its edges)."""
 
@@ -266,7 +269,7 @@ class LoopTrace:
         leaving = " || ".join(f"prev_pid == {tid}" for tid in self.loops)
         record = [
             perf, "record", "-q", "-a",
-            "-e", "sched:sched_wakeup", "--filter", woken,
+            "-e", "sched:sched_waking", "--filter", woken,
             "-e", "sched:sched_switch", "--filter", leaving,
             "-o", str(out), "--", "sleep", f"{span_s:g}",
         ]  # fmt: skip
@@ -416,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(rows))
     if args.trace:
         print(
-            f"\nWake-ups and preemptions of the sidecar's event loops (perf: sched_wakeup, "
+            f"\nWake-ups and preemptions of the sidecar's event loops (perf: sched_waking, "
             f"sched_switch) per request, {args.duration - 2:g} s from 1 s into each load, "
             f"medians of {args.rounds} rounds:\n"
         )
