@@ -264,7 +264,7 @@ class LoopTrace:
         perf = shutil.which("perf")
         if perf is None:
             raise RuntimeError("--trace needs perf (apt-get install linux-perf)")
-        self.out, self.loops, self.span_s = out, list(loops), span_s
+        self.out, self.loops, self.span_s, self._perf = out, list(loops), span_s, perf
         woken = " || ".join(f"pid == {tid}" for tid in self.loops)
         leaving = " || ".join(f"prev_pid == {tid}" for tid in self.loops)
         record = [
@@ -290,7 +290,7 @@ class LoopTrace:
         if self._proc.returncode != 0:
             raise RuntimeError(f"perf record failed: {err.decode(errors='replace')[-500:]}")
         text = subprocess.run(
-            ["perf", "script", "-i", str(self.out), "-F", "comm,tid,trace"],
+            [self._perf, "script", "-i", str(self.out), "-F", "comm,tid,trace"],
             capture_output=True, check=True, text=True,
         ).stdout  # fmt: skip
         return parse_trace(text, self.loops, names)
