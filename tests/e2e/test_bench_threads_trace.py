@@ -8,49 +8,75 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.threads import WOKEN, LoopTrace, _names, read_threads
 
 #: the main thread blocks on a pipe; a thread named "waker" writes to it 40 times, 20 ms
-#: apart, starting 1 s after launch (the trace is on by then)
+#: apart, once told to go (on stdin: the trace is on by then)
 _CHILD = """
-import os, threading, time
+import os, sys, threading, time
 r, w = os.pipe()
 def wake():
     with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
         f.write("waker")
-    time.sleep(1.0)
+    print("ready", flush=True)
+    sys.stdin.readline()
     for _ in range(40):
         os.write(w, b"x")
         time.sleep(0.02)
     os.write(w, b"q")
 threading.Thread(target=wake).start()
-print("ready", flush=True)
 while os.read(r, 1) != b"q":
     pass
 """
+
+
+def _wait_for_workload(perf_pid: int, timeout: float = 60.0) -> None:
+    """Until perf has started its workload (``sleep``): perf starts it once its events are
+    on, so from then on every wake-up is recorded (a fixed wait was too short on a slow
+    machine for other tracers before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            comm = text.partition("(")[2].rpartition(")")[0]
+            if comm == "sleep" and int(text.rpartition(")")[2].split()[1]) == perf_pid:
+                return
+        time.sleep(0.05)
+    raise AssertionError("perf did not start its workload within a minute")
 
 
 def test_the_thread_that_wakes_the_loop_is_named(tmp_path: Path) -> None:
     assert shutil.which("perf"), "perf is missing: apt-get install linux-perf"
     paranoid = Path("/proc/sys/kernel/perf_event_paranoid").read_text().strip()
     assert os.geteuid() == 0 or paranoid == "-1", "perf cannot trace every CPU here"
-    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None and child.stdout is not None
     try:
-        assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        trace = LoopTrace(tmp_path / "w.data", [child.pid], delay_s=0.0, span_s=2.5)
+        assert child.stdout.readline() == "ready\n"
+        trace = LoopTrace(tmp_path / "w.data", [child.pid], delay_s=0.0, span_s=5.0)
         trace.start()
+        assert trace._proc is not None
+        _wait_for_workload(trace._proc.pid)  # sh exec'd perf: the same pid
         names = _names(read_threads({child.pid: "me"}))
         assert "me: waker" in names.values()
+        child.stdin.write("go\n")
+        child.stdin.flush()
         counts = trace.finish(names)
     finally:
+        child.stdin.close()
         child.wait(timeout=30)
-        if child.stdout is not None:
-            child.stdout.close()
+        child.stdout.close()
     assert child.returncode == 0
-    # each write wakes the reader, in the writer's context; at most a few are missed at the
-    # trace's start, and other wakers (a timer, an interrupt) are rare for a blocked read
+    # each write wakes the reader, in the writer's context (a write while the reader is
+    # still awake wakes nobody); other wakers (a timer, an interrupt) are rare for a read
     woken = {who: n for (kind, who), n in counts.items() if kind == WOKEN}
-    assert 30 <= woken.get("me: waker", 0) <= 41, counts
+    assert 35 <= woken.get("me: waker", 0) <= 41, counts
     assert sum(woken.values()) - woken["me: waker"] <= 5, counts
