@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,8 +258,10 @@ def _names(threads: Iterable[str]) -> dict[int, str]:
 
 class LoopTrace:
     """``perf record`` of the sidecar's loops' ``sched:sched_waking`` and of their
-    ``sched:sched_switch`` away from a CPU, from ``delay_s`` after :meth:`start` for ``span_s``
-    seconds (inside the measured load, away from its edges)."""
+    ``sched:sched_switch`` away from a CPU, from ``delay_s`` after :meth:`start` returns for
+    ``span_s`` seconds (inside the measured load, started right after it, away from its
+    edges). perf's ``--delay`` counts from its workload's start, and :meth:`start` returns
+    once that has begun, so a slow start-up of perf does not move the window."""
 
     def __init__(self, out: Path, loops: Sequence[int], *, delay_s: float, span_s: float) -> None:
         perf = shutil.which("perf")
@@ -267,17 +270,25 @@ class LoopTrace:
         self.out, self.loops, self.span_s, self._perf = out, list(loops), span_s, perf
         woken = " || ".join(f"pid == {tid}" for tid in self.loops)
         leaving = " || ".join(f"prev_pid == {tid}" for tid in self.loops)
-        record = [
-            perf, "record", "-q", "-a",
+        delay_ms = round(delay_s * 1000)  # perf refuses a delay of 0
+        self._cmd = [
+            perf, "record", "-q", "-a", *(["--delay", str(delay_ms)] if delay_ms > 0 else []),
             "-e", "sched:sched_waking", "--filter", woken,
             "-e", "sched:sched_switch", "--filter", leaving,
-            "-o", str(out), "--", "sleep", f"{span_s:g}",
+            "-o", str(out), "--", "sleep", f"{delay_s + span_s:g}",
         ]  # fmt: skip
-        self._cmd = ["sh", "-c", f'sleep {delay_s:g} && exec "$@"', "sh", *record]
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Start perf; return once its workload runs (its events go on ``delay_s`` later)."""
         self._proc = subprocess.Popen(self._cmd, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while not _has_child(self._proc.pid, "sleep"):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self._proc.kill()
+                _, err = self._proc.communicate()
+                raise RuntimeError(f"perf record did not start: {err.decode(errors='replace')}")
+            time.sleep(0.02)
 
     def finish(self, names: Mapping[int, str]) -> dict[tuple[str, str], int]:
         """Wait for the record to end (it ends by itself), then count (:func:`parse_trace`)."""
@@ -294,6 +305,17 @@ class LoopTrace:
             capture_output=True, check=True, text=True,
         ).stdout  # fmt: skip
         return parse_trace(text, self.loops, names)
+
+
+def _has_child(pid: int, comm: str, root: Path = Path("/proc")) -> bool:
+    """Whether a process named ``comm`` whose parent is ``pid`` runs now."""
+    for stat in root.glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            name = text.partition("(")[2].rpartition(")")[0]
+            if name == comm and int(text.rpartition(")")[2].split()[1]) == pid:
+                return True
+    return False
 
 
 def _roles(stack: Stack, key: str) -> dict[int, str]:

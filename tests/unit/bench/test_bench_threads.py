@@ -343,3 +343,18 @@ def test_the_loops_are_the_serving_processes_main_threads() -> None:
 
     assert _loops({1: "envoy", 2: "redis", 10: "sidecar"}) == [10]
     assert _loops({1: "envoy", 10: "supervisor", 11: "worker-0", 12: "worker-1"}) == [11, 12]
+
+
+def test_a_child_is_found_by_its_parent_and_name(tmp_path: Path) -> None:
+    """How ``LoopTrace.start`` knows perf has started its workload: a ``sleep`` whose parent
+    is perf (a name with spaces or parentheses parsed from the last ``)``)."""
+    from bench.threads import _has_child
+
+    for pid, comm, ppid in ((50, "sleep", 40), (51, "x) (y", 40), (52, "sleep", 41)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} 0 0\n")
+    (tmp_path / "53").mkdir()  # gone half-way: no stat
+    assert _has_child(40, "sleep", root=tmp_path)
+    assert _has_child(40, "x) (y", root=tmp_path)
+    assert not _has_child(42, "sleep", root=tmp_path)
+    assert not _has_child(41, "perf", root=tmp_path)
