@@ -257,7 +257,8 @@ class Batcher(Generic[T, R]):
             if (
                 self._backlog is not None
                 and self._backlog() < self.min_backlog
-                and self._pressed() is None
+                # at a rate no window could fill, it sends at once anyway: no PSI read
+                and (rate * level * self.max_wait < self.min_gather or self._pressed() is None)
             ):
                 level = 0.0  # a busy worker keeping up on a machine that does too: no queue
         elif rate * self.max_wait >= self.min_gather and (pressed := self._pressed()) is not None:

@@ -547,6 +547,37 @@ async def test_worker_with_spare_cpu_at_a_light_load_never_reads_the_pressure() 
     assert await future == 90
 
 
+async def test_saturated_worker_without_a_queue_at_a_light_load_never_reads_the_pressure() -> None:
+    """The same for a worker whose meter reads saturated (a slow machine) but that has no
+    queue: at a rate no window could fill, no PSI read; at one that fills it, the pressure
+    decides."""
+    store = GatedStore(auto=True)
+    reads: list[float] = []
+
+    def pressure() -> float:
+        reads.append(1.0)
+        return 1.0
+
+    b: Batcher[int, int] = Batcher(
+        store.send,
+        saturation=saturated,
+        max_wait=0.04,
+        backlog=lambda: 0,
+        min_backlog=8,
+        pressure=pressure,
+        min_pressure=0.5,
+    )
+    arriving_at(b, 50.0)  # 50 a second x 40 ms = 2 < min_gather (4)
+    for i in range(3):
+        assert await answered_without_a_window(b, i) == i * 10
+    assert reads == [] and b.saturation == 1.0
+    arriving_at(b, 1000.0)
+    future = b.submit(9, FAR)
+    assert reads == [1.0]
+    assert b.window == pytest.approx(0.04)  # saturated, no backlog, but the CPU is pressed
+    assert await future == 90
+
+
 async def test_saturated_worker_sends_a_full_batch_at_once() -> None:
     store = GatedStore(auto=True)
     b: Batcher[int, int] = Batcher(
