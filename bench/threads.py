@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.load import LoadResult, open_loop, run_wrk
-from bench.procs import CLK_TCK, machine_shares, machine_ticks
+from bench.procs import CLK_TCK, machine_shares, machine_ticks, process_tree
 from bench.run import _requests
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
@@ -307,13 +307,12 @@ class LoopTrace:
         return parse_trace(text, self.loops, names)
 
 
-def _has_child(pid: int, comm: str, root: Path = Path("/proc")) -> bool:
-    """Whether a process named ``comm`` whose parent is ``pid`` runs now."""
-    for stat in root.glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            text = stat.read_text()
-            name = text.partition("(")[2].rpartition(")")[0]
-            if name == comm and int(text.rpartition(")")[2].split()[1]) == pid:
+def _has_child(pid: int, comm: str) -> bool:
+    """Whether a descendant of ``pid`` named ``comm`` runs now (perf's workload has been
+    exec'd: before that, perf's fork of itself waits, named ``perf``)."""
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == comm:
                 return True
     return False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -345,16 +346,27 @@ def test_the_loops_are_the_serving_processes_main_threads() -> None:
     assert _loops({1: "envoy", 10: "supervisor", 11: "worker-0", 12: "worker-1"}) == [11, 12]
 
 
-def test_a_child_is_found_by_its_parent_and_name(tmp_path: Path) -> None:
-    """How ``LoopTrace.start`` knows perf has started its workload: a ``sleep`` whose parent
-    is perf (a name with spaces or parentheses parsed from the last ``)``)."""
+def test_a_child_is_found_by_its_parent_and_name() -> None:
+    """How ``LoopTrace.start`` knows perf has started its workload: a ``sleep`` below perf."""
+    import subprocess
+    import sys
+
     from bench.threads import _has_child
 
-    for pid, comm, ppid in ((50, "sleep", 40), (51, "x) (y", 40), (52, "sleep", 41)):
-        (tmp_path / str(pid)).mkdir()
-        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} 0 0\n")
-    (tmp_path / "53").mkdir()  # gone half-way: no stat
-    assert _has_child(40, "sleep", root=tmp_path)
-    assert _has_child(40, "x) (y", root=tmp_path)
-    assert not _has_child(42, "sleep", root=tmp_path)
-    assert not _has_child(41, "perf", root=tmp_path)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while not _has_child(os.getpid(), "sleep"):  # found once exec'd
+            assert time.monotonic() < deadline, "the sleep child was never seen"
+            time.sleep(0.01)
+        assert not _has_child(os.getpid(), "perf")
+        assert not _has_child(child.pid, "sleep")  # its own process is not its child
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert not _has_child(other.pid, "sleep")
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        child.kill()
+        child.wait()
