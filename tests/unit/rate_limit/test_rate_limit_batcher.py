@@ -522,35 +522,21 @@ async def test_worker_keeping_up_on_a_full_machine_gathers_for_the_pressure() ->
     assert slow.window == 0.0
 
 
-async def test_worker_with_spare_cpu_at_a_light_load_never_reads_the_pressure() -> None:
+@pytest.mark.parametrize(
+    ("meter", "backlog"),
+    [
+        (idle, None),  # spare CPU
+        (saturated, lambda: 0),  # a slow machine, no queue (min_backlog 8)
+    ],
+    ids=["spare-cpu", "saturated-without-a-queue"],
+)
+async def test_a_light_load_never_reads_the_pressure(
+    meter: Callable[[], float], backlog: Callable[[], int] | None
+) -> None:
     """The pressure (a PSI file read, at most every 50 ms) is asked only at an arrival rate
-    that could fill a window: a worker with spare CPU at a light load sends at once without
-    reading it; at a rate that fills the window it is read and opens one."""
-    store = GatedStore(auto=True)
-    reads: list[float] = []
-
-    def pressure() -> float:
-        reads.append(1.0)
-        return 1.0
-
-    b: Batcher[int, int] = Batcher(
-        store.send, saturation=idle, max_wait=0.04, pressure=pressure, min_pressure=0.5
-    )
-    arriving_at(b, 50.0)  # 50 a second x 40 ms = 2 < min_gather (4)
-    for i in range(3):
-        assert await answered_without_a_window(b, i) == i * 10
-    assert reads == []
-    arriving_at(b, 1000.0)  # 1,000 a second x 40 ms = 40: a window would fill
-    future = b.submit(9, FAR)
-    assert reads == [1.0]
-    assert b.window == pytest.approx(0.04)  # pressure 1.0 x max_wait
-    assert await future == 90
-
-
-async def test_saturated_worker_without_a_queue_at_a_light_load_never_reads_the_pressure() -> None:
-    """The same for a worker whose meter reads saturated (a slow machine) but that has no
-    queue: at a rate no window could fill, no PSI read; at one that fills it, the pressure
-    decides."""
+    that could fill a window: a worker with spare CPU, or one whose meter reads saturated
+    but that has no queue, sends at once at a light load without reading it; at a rate that
+    fills the window it is read and opens one."""
     store = GatedStore(auto=True)
     reads: list[float] = []
 
@@ -560,21 +546,22 @@ async def test_saturated_worker_without_a_queue_at_a_light_load_never_reads_the_
 
     b: Batcher[int, int] = Batcher(
         store.send,
-        saturation=saturated,
+        saturation=meter,
         max_wait=0.04,
-        backlog=lambda: 0,
-        min_backlog=8,
         pressure=pressure,
         min_pressure=0.5,
+        backlog=backlog,
+        min_backlog=8,
     )
     arriving_at(b, 50.0)  # 50 a second x 40 ms = 2 < min_gather (4)
     for i in range(3):
         assert await answered_without_a_window(b, i) == i * 10
-    assert reads == [] and b.saturation == 1.0
-    arriving_at(b, 1000.0)
+    assert reads == []
+    assert b.saturation == meter()  # the meter's own reading, for /status
+    arriving_at(b, 1000.0)  # 1,000 a second x 40 ms = 40: a window would fill
     future = b.submit(9, FAR)
     assert reads == [1.0]
-    assert b.window == pytest.approx(0.04)  # saturated, no backlog, but the CPU is pressed
+    assert b.window == pytest.approx(0.04)  # pressure 1.0 x max_wait
     assert await future == 90
 
 
