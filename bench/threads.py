@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.load import LoadResult, open_loop, run_wrk
-from bench.procs import CLK_TCK, machine_shares, machine_ticks, process_tree
+from bench.procs import machine_busy_seconds, machine_shares, machine_ticks, process_tree
 from bench.run import _requests
 from bench.stack import Stack, scenario
 from bench.traffic import make_traffic
@@ -387,7 +387,7 @@ def measure(
                     per = max(1.0, result.rps * (duration_s - 2))
                     traced = {key: n / per for key, n in counts.items()}
                 n = max(1, result.requests)
-                busy_s = (ticks_after[0] - ticks[0]) / CLK_TCK
+                busy_s = machine_busy_seconds(ticks, ticks_after)
                 rest = busy_s * 1e6 / n - sum(f[0] for f in groups.values())
                 share = machine_shares(ticks, ticks_after)["idle"]
                 row = (s.key, result.rps, share, rest, groups, traced)

@@ -4,32 +4,74 @@ and steal shares, their medians in the summary, and two columns of the latency t
 from __future__ import annotations
 
 import gzip
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from bench import report
-from bench.procs import kernel_facts, machine_shares, machine_ticks
+from bench.procs import (
+    CLK_TCK,
+    MachineReading,
+    kernel_facts,
+    machine_busy_seconds,
+    machine_shares,
+    machine_ticks,
+)
 from tests.support.bench_samples import closed_loop_sample
 
 #           user nice system idle iowait irq softirq steal guest guest_nice
-BEFORE = "cpu  1000 10 200 5000 40 0 50 100 0 0\ncpu0 500 5 100 2500 20 0 25 50 0 0\n"
-AFTER = "cpu  1600 10 300 5300 60 0 90 140 0 0\ncpu0 800 5 150 2650 30 0 45 70 0 0\n"
+BEFORE = (
+    "cpu  1000 10 200 5000 40 0 50 100 0 0\n"
+    "cpu0 500 5 100 2500 20 0 25 50 0 0\ncpu1 500 5 100 2500 20 0 25 50 0 0\nintr 1 2\n"
+)
+AFTER = (
+    "cpu  1600 10 300 5300 60 0 90 140 0 0\n"
+    "cpu0 800 5 150 2650 30 0 45 70 0 0\ncpu1 800 5 150 2650 30 0 45 70 0 0\nintr 3 4\n"
+)
+HZ = CLK_TCK
 
 
-def test_ticks_are_read_from_the_machine_line() -> None:
-    assert machine_ticks(BEFORE) == (1000 + 10 + 200 + 0 + 50, 5000 + 40, 100)
-    assert machine_ticks("cpu  1 2 3 4\n") == (6, 4, 0)  # an old kernel's shorter line
-    busy, idle, steal = machine_ticks()  # this machine's own
-    assert busy > 0 and idle >= 0 and steal >= 0
+def test_idle_steal_and_the_cpus_are_read_from_the_machines_lines() -> None:
+    assert machine_ticks(BEFORE, at=7.0) == MachineReading(5000 + 40, 100, 2, 7.0)
+    assert machine_ticks("cpu  1 2 3 4\ncpu0 1 2 3 4\n", at=1.0) == (4, 0, 1, 1.0)  # old kernel
+    idle, steal, cpus, at = machine_ticks()  # this machine's own
+    assert idle > 0 and steal >= 0 and cpus == os.cpu_count() and at > 0
 
 
-def test_shares_between_two_readings() -> None:
-    shares = machine_shares(machine_ticks(BEFORE), machine_ticks(AFTER))
-    # deltas: busy 600 + 100 + 40 = 740, idle 300 + 20 = 320, steal 40; of 1,100
+def test_shares_are_of_the_elapsed_time_busy_being_what_idle_and_steal_leave() -> None:
+    """The tick-sampled user and system fields are not used: busy is the elapsed time (x the
+    CPUs) less idle and steal, whatever the busy fields say."""
+    seconds = 1100 / (2 * HZ)  # 1,100 ticks of capacity over the two CPUs
+    before, after = machine_ticks(BEFORE, at=10.0), machine_ticks(AFTER, at=10.0 + seconds)
+    # idle 300 + 20 = 320 ticks, steal 40
+    shares = machine_shares(before, after)
     assert shares == pytest.approx({"busy": 740 / 1100, "idle": 320 / 1100, "steal": 40 / 1100})
-    same = machine_ticks(BEFORE)
-    assert machine_shares(same, same) == {"busy": 0.0, "idle": 0.0, "steal": 0.0}
+    assert machine_busy_seconds(before, after) == pytest.approx(740 / HZ)
+    lying = AFTER.replace("cpu  1600", "cpu  9600")  # the busy ticks over-counted: no matter
+    assert machine_shares(before, machine_ticks(lying, at=10.0 + seconds)) == shares
+    # more idle than elapsed (a reading's rounding): all idle, never a negative busy share
+    late = machine_ticks(AFTER, at=10.0 + 320 / (2 * HZ) / 2)
+    assert machine_shares(before, late) == {"busy": 0.0, "idle": 1.0, "steal": 0.0}
+    assert machine_shares(before, before) == {"busy": 0.0, "idle": 0.0, "steal": 0.0}
+
+
+def test_the_busy_share_agrees_with_a_process_that_spins_half_the_time() -> None:
+    """This machine's own /proc/stat, while this process alternates 2 ms of spinning and 2 ms
+    of sleep: about a quarter of two CPUs (the other processes add a little)."""
+    before = machine_ticks()
+    cpu0 = time.process_time()
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        spin = time.perf_counter() + 0.002
+        while time.perf_counter() < spin:
+            pass
+        time.sleep(0.002)
+    after = machine_ticks()
+    own = (time.process_time() - cpu0) / ((after.at - before.at) * after.cpus)
+    busy = machine_shares(before, after)["busy"]
+    assert own - 0.05 <= busy <= own + 0.5, (busy, own)
 
 
 def _latency_row(p99: float, machine: dict[str, float] | None) -> dict[str, object]:

@@ -210,6 +210,7 @@ def _fake_harness(
     monkeypatch.setattr(bench_threads, "scenario", lambda key: type("S", (), {"key": key})())
     monkeypatch.setattr(bench_threads, "machine_ticks", lambda: (0, 0))
     monkeypatch.setattr(bench_threads, "machine_shares", lambda a, b: {"idle": 0.5})
+    monkeypatch.setattr(bench_threads, "machine_busy_seconds", lambda a, b: 1.0)
 
 
 def test_each_sample_has_its_sidecar_alone_warmed_after_a_restart(
