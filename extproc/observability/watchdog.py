@@ -1,5 +1,6 @@
 """The loop-lag watchdog: names the plugin that blocked the event loop (on unless
-``server.loop_lag_threshold_ms`` is 0; it costs about 1 % of a busy worker's CPU).
+``server.loop_lag_threshold_ms`` is 0; its wake-ups cost 4-9 ms of CPU a second while work
+arrives: ~1 % of a busy grpc.aio worker's CPU, 3-4 % of an http2 worker's at 300 req/s).
 
 asyncio cannot interrupt synchronous code. A heartbeat callback on the loop records when it
 last ran; a daemon thread checks the heartbeat, and when the loop has not come back for longer
