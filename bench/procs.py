@@ -93,8 +93,8 @@ def machine_ticks(stat: str | None = None, at: float | None = None) -> MachineRe
     fields are sampled at the scheduler's tick, and on these VMs a load of short bursts (a
     sidecar at 1,000 req/s) made them read 0.5-2 % busy in rows where the stack's processes'
     own CPU time (exact, from the scheduler) added up to 10-25 % of the machine, and more
-    ticks than elapsed time in other windows. Idle, counted on entering and leaving the idle loop, matched the processes'
-    sum to within a point (2026-12-08)."""
+    ticks than elapsed time in other windows. Idle, counted on entering and leaving the idle
+    loop, matched the processes' sum to within a point (2026-12-08)."""
     text = stat if stat is not None else Path("/proc/stat").read_text()
     now = time.monotonic() if at is None else at
     lines = text.split("\n")
